@@ -1,0 +1,100 @@
+"""Folds one new token into a sequence and decides whether it finishes (and why).
+
+Checks, in order: EOS, GenGuard's stop policy, stop strings, length. Text is decoded only when a
+rule needs it (line ends for the guard, stop strings, streaming, the final result).
+"""
+from __future__ import annotations
+
+from functools import cached_property
+
+from guard.policy import StopPolicy, update_votes
+
+from engine.runner import RunnerOutput
+from engine.sequence import FinishReason, Sequence
+
+# Hold back a partial UTF-8 character in streams until the next token completes it.
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int,
+                 policy: StopPolicy | None):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.policy = policy
+
+    @cached_property
+    def newline_token_ids(self) -> frozenset[int]:
+        """Token ids whose text contains a newline: a line end is any of them, not one id."""
+        vocab_size = len(self.tokenizer)
+        texts = self.tokenizer.batch_decode([[i] for i in range(vocab_size)])
+        return frozenset(i for i, text in enumerate(texts) if "\n" in text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def process(self, seq: Sequence, output: RunnerOutput) -> None:
+        token_id = output.token_id
+        seq.append_token(token_id)
+        if token_id in self.eos_token_ids and not seq.params.ignore_eos:
+            self._finish(seq, FinishReason.EOS)
+            return
+        if self._guard_stops(seq, output.p_stop):
+            self._finish(seq, FinishReason.GUARD)
+            return
+        if seq.params.stop and self._stop_string_matches(seq):
+            return
+        if seq.num_output_tokens >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, FinishReason.LENGTH)
+
+    def _guard_stops(self, seq: Sequence, p_stop: float | None) -> bool:
+        is_line_end = seq.output_ids[-1] in self.newline_token_ids
+        guard_on = self.policy is not None and p_stop is not None and seq.params.use_guard
+        if not guard_on:
+            if is_line_end:
+                seq.line_start = seq.num_output_tokens
+            return False
+        line_text = self.decode(seq.output_ids[seq.line_start:]) if is_line_end else None
+        decision = update_votes(seq.vote_state, p_stop, line_text, self.policy,
+                                seq.params.guard_threshold)
+        seq.vote_state = decision.state
+        if decision.is_stop:
+            # The line being written when the guard fired is excess: drop it unless asked to keep.
+            if not self.policy.keep_stop_line:
+                seq.num_kept_tokens = seq.line_start
+            return True
+        if is_line_end:
+            seq.line_start = seq.num_output_tokens
+        return False
+
+    def _stop_string_matches(self, seq: Sequence) -> bool:
+        text = self.decode(seq.output_ids)
+        # Only the tail can hold a new match: earlier text was already searched.
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, len(seq.text) - longest)
+        hits = [i for i in (text.find(s, search_from) for s in seq.params.stop) if i >= 0]
+        seq.text = text
+        if not hits:
+            return False
+        self._finish(seq, FinishReason.STOP, text=text[:min(hits)])
+        return True
+
+    def _finish(self, seq: Sequence, reason: FinishReason, text: str | None = None) -> None:
+        seq.text = self.decode(seq.kept_ids) if text is None else text
+        seq.finish(reason)
+
+    def stream_delta(self, seq: Sequence) -> str:
+        """New text that is safe to send: it will not be dropped or truncated later."""
+        if seq.is_finished:
+            safe = seq.text
+        else:
+            guard_on = self.policy is not None and seq.params.use_guard and not self.policy.keep_stop_line
+            # With the guard on, the current line may still be dropped; send whole lines only.
+            ids = seq.output_ids[:seq.line_start] if guard_on else seq.output_ids
+            safe = self.decode(ids).rstrip(_REPLACEMENT_CHAR)
+            if seq.params.stop:
+                safe = safe[:max(0, len(safe) - max(len(s) for s in seq.params.stop) + 1)]
+        delta = safe[seq.num_streamed_chars:]
+        seq.num_streamed_chars = max(seq.num_streamed_chars, len(safe))
+        return delta

@@ -1,0 +1,96 @@
+"""GenGuard stop rules as pure functions over a small immutable vote state.
+
+The guard emits, for every generated token, the probability that the code now being written is
+excess (p_stop). A policy turns that stream of probabilities into one decision: stop or go on.
+
+- line voting (the default): every token of the current line casts a vote (stop when
+  p_stop >= threshold). When the line ends (a token whose text contains a newline), the sequence
+  stops if a strict majority of that line's votes say stop; a tie continues.
+- token voting: stop as soon as `num_consecutive` tokens in a row vote stop.
+- blank-line rule (both policies): stop after `max_blank_lines` consecutive empty lines, because a
+  run of blank lines means the model has finished the unit it was writing and is drifting.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+
+class PolicyKind(str, enum.Enum):
+    LINE = "line"
+    TOKEN = "token"
+
+
+@dataclass(frozen=True)
+class StopPolicy:
+    kind: PolicyKind = PolicyKind.LINE
+    stop_threshold: float = 0.5
+    num_consecutive: int = 3  # token voting only
+    max_blank_lines: int = 3  # 0 disables the blank-line rule
+    keep_stop_line: bool = False  # keep the text of the line that triggered the stop
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", PolicyKind(self.kind))
+        if not 0 < self.stop_threshold < 1:
+            raise ValueError(f"stop_threshold must be in (0, 1), got {self.stop_threshold}")
+        if self.num_consecutive < 1:
+            raise ValueError("num_consecutive must be >= 1")
+        if self.max_blank_lines < 0:
+            raise ValueError("max_blank_lines must be >= 0")
+
+
+@dataclass(frozen=True)
+class VoteState:
+    num_line_stop_votes: int = 0
+    num_line_continue_votes: int = 0
+    num_consecutive_stop_votes: int = 0
+    num_blank_lines: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: VoteState
+    is_stop: bool
+    is_line_end: bool
+
+
+def count_blank_lines(num_blank_lines: int, line_text: str) -> int:
+    """Update the run of consecutive empty lines with the lines that `line_text` completes.
+
+    `line_text` is the text since the previous line end, ending in the token that holds a newline;
+    whatever follows its last newline belongs to the next line and is not counted yet.
+    """
+    for completed_line in line_text.split("\n")[:-1]:
+        num_blank_lines = num_blank_lines + 1 if not completed_line.strip() else 0
+    return num_blank_lines
+
+
+def update_votes(
+    state: VoteState, p_stop: float, line_text: str | None, policy: StopPolicy,
+    stop_threshold: float | None = None,
+) -> Decision:
+    """Fold one token's guard probability into the vote state.
+
+    `line_text` is None for a token inside a line, else the full text of the line this token ends.
+    `stop_threshold` overrides the policy's threshold (a per-request setting).
+    """
+    threshold = policy.stop_threshold if stop_threshold is None else stop_threshold
+    votes_stop = p_stop >= threshold
+    state = replace(
+        state,
+        num_line_stop_votes=state.num_line_stop_votes + int(votes_stop),
+        num_line_continue_votes=state.num_line_continue_votes + int(not votes_stop),
+        num_consecutive_stop_votes=state.num_consecutive_stop_votes + 1 if votes_stop else 0,
+    )
+    is_stop = (policy.kind is PolicyKind.TOKEN
+               and state.num_consecutive_stop_votes >= policy.num_consecutive)
+    is_line_end = line_text is not None
+    if is_line_end:
+        if policy.kind is PolicyKind.LINE and state.num_line_stop_votes > state.num_line_continue_votes:
+            is_stop = True
+        num_blank_lines = count_blank_lines(state.num_blank_lines, line_text)
+        if policy.max_blank_lines and num_blank_lines >= policy.max_blank_lines:
+            is_stop = True
+        state = replace(state, num_line_stop_votes=0, num_line_continue_votes=0,
+                        num_blank_lines=num_blank_lines)
+    return Decision(state=state, is_stop=is_stop, is_line_end=is_line_end)

@@ -1,0 +1,96 @@
+"""GenGuard: a Linear(hidden, 2) probe over the LLM's last hidden state (after the final norm).
+
+Class index 1 = continue, 0 = stop. A guard is stored as two files in one folder:
+`guard.safetensors` (the linear layer) and `guard.json` (which model it belongs to, hidden size,
+stop policy, training report). One guard per LLM, shared across programming languages.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from guard.policy import StopPolicy
+
+WEIGHTS_FILE = "guard.safetensors"
+META_FILE = "guard.json"
+FORMAT_VERSION = 1
+STOP_INDEX, CONTINUE_INDEX = 0, 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+
+
+class GuardMismatchError(ValueError):
+    """The guard was trained on a model with another hidden size than the one it is attached to."""
+
+
+class GenGuard(torch.nn.Module):
+    def __init__(self, hidden_size: int, model_name: str = "", policy: StopPolicy | None = None,
+                 metadata: dict | None = None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.model_name = model_name
+        self.policy = policy or StopPolicy()
+        self.metadata = dict(metadata or {})
+        self.linear = torch.nn.Linear(hidden_size, 2)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[..., H] hidden states -> [..., 2] logits."""
+        return self.linear(hidden_states.to(self.linear.weight.dtype))
+
+    @torch.inference_mode()
+    def stop_probs(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, H] last hidden states -> [B] probability that each token is excess (stop)."""
+        return torch.softmax(self.forward(hidden_states).float(), dim=-1)[..., STOP_INDEX]
+
+    def check_compatible(self, hidden_size: int, model_name: str = "") -> None:
+        if hidden_size != self.hidden_size:
+            raise GuardMismatchError(
+                f"GenGuard was built for a model with hidden size {self.hidden_size}"
+                f" ({self.model_name or 'unknown model'}), but the model"
+                f" {model_name or ''} has hidden size {hidden_size}; train a guard for this model"
+                " with `python -m guard build --model ...`")
+
+    def save(self, out_dir: str | Path) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().contiguous() for k, v in self.linear.state_dict().items()}
+        save_file(state, str(out_dir / WEIGHTS_FILE))
+        policy = asdict(self.policy)
+        policy["kind"] = self.policy.kind.value
+        meta = {"format_version": FORMAT_VERSION, "model": self.model_name,
+                "hidden_size": self.hidden_size, "policy": policy, **self.metadata}
+        (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return out_dir
+
+    @classmethod
+    def load(cls, guard_dir: str | Path) -> "GenGuard":
+        guard_dir = Path(guard_dir)
+        meta_path, weights_path = guard_dir / META_FILE, guard_dir / WEIGHTS_FILE
+        if not meta_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(
+                f"no GenGuard at {guard_dir}: expected {META_FILE} and {WEIGHTS_FILE}")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported guard format {meta.get('format_version')!r} in {meta_path}")
+        state = load_file(str(weights_path))
+        hidden_size = int(meta["hidden_size"])
+        if tuple(state["weight"].shape) != (2, hidden_size):
+            raise GuardMismatchError(
+                f"{weights_path} holds a {tuple(state['weight'].shape)} layer, but {meta_path}"
+                f" says hidden size {hidden_size}")
+        extra = {k: v for k, v in meta.items()
+                 if k not in ("format_version", "model", "hidden_size", "policy")}
+        guard = cls(hidden_size, meta.get("model", ""), StopPolicy(**meta.get("policy", {})), extra)
+        guard.linear.load_state_dict(state)
+        return guard.eval()
+
+
+def shipped_guard_dir(model_name: str) -> Path | None:
+    """The guard shipped in this repo for `model_name`, if any."""
+    for meta_path in sorted(SHIPPED_DIR.glob(f"*/{META_FILE}")):
+        if json.loads(meta_path.read_text()).get("model") == model_name:
+            return meta_path.parent
+    return None
