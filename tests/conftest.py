@@ -1,0 +1,34 @@
+"""Shared fixtures. Ray starts once per test session, on 127.0.0.1, only if a test asks for it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+from scripts.ray_local import RAY_LOCAL_ENV, apply_local_env  # noqa: E402
+
+apply_local_env()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "default_model: needs the real default model (installed wheels)")
+    config.addinivalue_line("markers", "ray: starts a local Ray cluster")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole run (4 logical CPUs: Serve + Data actors deadlock on 2)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": RAY_LOCAL_ENV}, log_to_driver=False,
+             ignore_reinit_error=True)
+    yield ray
+    try:
+        from ray import serve
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()

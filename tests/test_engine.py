@@ -1,0 +1,146 @@
+"""Engine behaviour on a tiny random model: continuous batching, exactness, stops, streaming."""
+import pytest
+import torch
+
+from engine import PromptError, SamplingParams
+from engine.tiny import build_tiny_model_and_tokenizer
+from guard.policy import StopPolicy
+from guard.probe import GenGuard, GuardMismatchError
+from tests.helpers import constant_guard, tiny_engine
+
+PROMPTS = ["def add(a, b):\n", "x = 1\n", "import os\nprint(os.getcwd())\n", "hello",
+           "class Stack:\n    def __init__(self):\n", "#"]
+
+
+def test_slot_refill_finishes_mixed_lengths_in_fewer_steps():
+    lengths = [2, 30, 3, 30, 2, 30]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    continuous, static = tiny_engine(max_num_seqs=2), tiny_engine(max_num_seqs=2, refill_slots=False)
+    results_c = continuous.generate(PROMPTS, params)
+    results_s = static.generate(PROMPTS, params)
+    assert [r.num_generated_tokens for r in results_c] == lengths
+    assert [r.token_ids for r in results_c] == [r.token_ids for r in results_s]
+    assert continuous.stats.num_steps < static.stats.num_steps
+    # Static batching waits for the longest sequence of each pair: 3 pairs x 30 tokens.
+    assert static.stats.num_steps == 90
+    assert continuous.stats.max_decode_batch_size == 2
+
+
+def test_greedy_matches_hf_generate_on_mixed_length_batch():
+    model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
+    max_new_tokens = 12
+    engine = tiny_engine(max_num_seqs=3)  # fewer slots than prompts: exercises refill too
+    results = engine.generate(PROMPTS, SamplingParams(max_new_tokens=max_new_tokens))
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    prompt_len = batch["input_ids"].shape[1]
+    for row, result in enumerate(results):
+        expected = [t for t in out[row, prompt_len:].tolist() if t != tokenizer.pad_token_id]
+        assert result.token_ids == expected, f"prompt {row} differs"
+
+
+def test_guard_stopped_sequence_leaves_batch_at_next_step():
+    guard = constant_guard(10.0, StopPolicy(kind="token", num_consecutive=3, max_blank_lines=0))
+    engine = tiny_engine(guard=guard)
+    guarded = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    free = SamplingParams(max_new_tokens=6, ignore_eos=True, use_guard=False)
+    results = engine.generate(["def f(x):\n", "y = 2\n"], [guarded, free])
+    assert results[0].finish_reason == "guard" and results[0].num_generated_tokens == 3
+    assert results[1].finish_reason == "length" and results[1].num_generated_tokens == 6
+    # prefill (token 1), decode (token 2), decode (token 3 -> stop); from then on one row only.
+    assert list(engine.stats.step_batches) == [(True, 2), (False, 2), (False, 2),
+                                               (False, 1), (False, 1), (False, 1)]
+    assert engine.stats.num_guard_stops == 1
+    assert engine.runner.num_rows == 0 and engine.runner.cache is None
+
+
+def test_guard_drops_the_stop_line_unless_asked_to_keep_it():
+    drop = tiny_engine(guard=constant_guard(10.0, StopPolicy(kind="token", num_consecutive=2)))
+    keep = tiny_engine(guard=constant_guard(
+        10.0, StopPolicy(kind="token", num_consecutive=2, keep_stop_line=True)))
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    dropped, kept = drop.generate(["z = 3"], params)[0], keep.generate(["z = 3"], params)[0]
+    assert dropped.num_generated_tokens == kept.num_generated_tokens == 2
+    assert len(kept.token_ids) == 2 and kept.num_dropped_tokens == 0
+    # No line ended before the stop, so the whole excess line (both tokens) is dropped.
+    assert dropped.token_ids == [] and dropped.text == "" and dropped.num_dropped_tokens == 2
+
+
+def test_guard_that_never_votes_stop_changes_nothing():
+    guard = constant_guard(-10.0, StopPolicy(max_blank_lines=0))
+    params = SamplingParams(max_new_tokens=15)
+    with_guard = tiny_engine(guard=guard).generate(PROMPTS, params)
+    without = tiny_engine().generate(PROMPTS, params)
+    assert [r.token_ids for r in with_guard] == [r.token_ids for r in without]
+
+
+def test_guard_hidden_size_mismatch_is_a_clear_error():
+    with pytest.raises(GuardMismatchError, match="hidden size 128"):
+        tiny_engine(guard=GenGuard(128, "other-model"))
+
+
+def test_stop_string_truncates_text_and_finishes():
+    engine = tiny_engine()
+    reference = engine.generate(["def add(a, b):\n"], SamplingParams(max_new_tokens=20))[0]
+    stop = reference.text[5:7]
+    result = engine.generate(["def add(a, b):\n"], SamplingParams(max_new_tokens=20, stop=[stop]))[0]
+    assert result.finish_reason == "stop"
+    assert result.text == reference.text[:reference.text.find(stop)]
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch():
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    alone = tiny_engine().generate(["hello"], params)[0]
+    with_company = tiny_engine().generate(
+        ["x = 1\n", "hello", "#"],
+        [SamplingParams(max_new_tokens=5, temperature=1.0), params, SamplingParams(max_new_tokens=3)])[1]
+    assert alone.token_ids == with_company.token_ids
+    other_seed = tiny_engine().generate(["hello"], SamplingParams(
+        max_new_tokens=12, temperature=0.8, top_p=0.9, seed=8, ignore_eos=True))[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_abort_frees_slot_and_cache_rows():
+    engine = tiny_engine()
+    params = SamplingParams(max_new_tokens=50, ignore_eos=True)
+    engine.add_request("a = 1", params, request_id="keep")
+    engine.add_request("b = 2", params, request_id="drop")
+    engine.step()
+    engine.step()
+    assert engine.runner.num_rows == 2
+    engine.abort("drop")
+    engine.step()
+    assert engine.num_running == 1 and engine.runner.num_rows == 1
+    assert list(engine.stats.step_batches)[-1] == (False, 1)
+
+
+def test_stream_deltas_add_up_to_final_text():
+    engine = tiny_engine()
+    events = list(engine.stream("def add(a, b):\n", SamplingParams(max_new_tokens=25)))
+    assert events[-1].is_finished and all(not e.is_finished for e in events[:-1])
+    assert "".join(e.text_delta for e in events) == events[-1].result.text
+    assert engine.num_running == 0
+
+
+def test_stream_holds_back_the_line_the_guard_may_drop():
+    guard = constant_guard(10.0, StopPolicy(kind="token", num_consecutive=4, max_blank_lines=0))
+    engine = tiny_engine(guard=guard)
+    events = list(engine.stream("q = 1", SamplingParams(max_new_tokens=10, ignore_eos=True)))
+    # The whole output was one unfinished line, dropped at the stop: nothing may have been sent.
+    assert "".join(e.text_delta for e in events) == "" == events[-1].result.text
+
+
+@pytest.mark.parametrize("prompt, message", [("", "empty"), (123, "string"), ("x" * 600, "context")])
+def test_bad_prompts_are_rejected_before_queueing(prompt, message):
+    engine = tiny_engine()
+    with pytest.raises(PromptError, match=message):
+        engine.add_request(prompt, SamplingParams())
+    assert not engine.has_unfinished()
+
+
+def test_length_is_capped_by_context():
+    engine = tiny_engine(max_model_len=40)
+    result = engine.generate(["y" * 30], SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
+    assert result.finish_reason == "length" and result.num_prompt_tokens + result.num_generated_tokens == 40

@@ -1,0 +1,38 @@
+"""GenGuard files: save/load round trip, clear errors, shipped-guard lookup."""
+import json
+
+import pytest
+import torch
+
+from guard.policy import PolicyKind, StopPolicy
+from guard.probe import META_FILE, GenGuard, GuardMismatchError
+from tests.helpers import tiny_engine
+
+
+def test_guard_round_trips_weights_policy_and_metadata(tmp_path):
+    guard = GenGuard(64, "codefast/tiny-random", StopPolicy(kind="token", stop_threshold=0.7),
+                     metadata={"report": {"token_accuracy": 0.9}})
+    torch.nn.init.normal_(guard.linear.weight)
+    guard.save(tmp_path)
+    loaded = GenGuard.load(tmp_path)
+    assert torch.equal(loaded.linear.weight, guard.linear.weight)
+    assert loaded.policy.kind is PolicyKind.TOKEN and loaded.policy.stop_threshold == 0.7
+    assert loaded.model_name == "codefast/tiny-random"
+    assert loaded.metadata["report"]["token_accuracy"] == 0.9
+    hidden = torch.randn(3, 64)
+    assert torch.allclose(loaded.stop_probs(hidden), guard.stop_probs(hidden))
+    tiny_engine(guard=loaded)  # loads into the engine of the model it belongs to
+
+
+def test_loading_a_missing_guard_names_the_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=META_FILE):
+        GenGuard.load(tmp_path / "nowhere")
+
+
+def test_metadata_that_disagrees_with_weights_is_rejected(tmp_path):
+    GenGuard(64).save(tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    meta["hidden_size"] = 896
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(GuardMismatchError, match="hidden size 896"):
+        GenGuard.load(tmp_path)
