@@ -1,0 +1,58 @@
+"""MBXP problems (MBPP Python, MBJSP JavaScript, MBGP Go, MBCPP C++), CC BY 4.0.
+
+Data: Athiwaratkun et al., "Multi-lingual Evaluation of Code Generation Models", ICLR 2023.
+Read from `$CODEFAST_MBXP_DIR` (default: `../shared/data/mbxp` beside the repo). The test split is
+the last 500 records of each file, as the CodeFast paper held them out; the rest is train.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+FILES = {"python": "mbpp_release_v1.jsonl", "javascript": "mbjsp_release_v1.2.jsonl",
+         "go": "mbgp_release_v1.1.jsonl", "cpp": "mbcpp_release_v1.2.jsonl"}
+NUM_TEST = 500
+
+
+@dataclass(frozen=True)
+class Problem:
+    task_id: str
+    language: str
+    prompt: str
+    entry_point: str
+    test: str
+
+
+def data_dir() -> Path:
+    default = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mbxp"
+    return Path(os.environ.get("CODEFAST_MBXP_DIR", default))
+
+
+@lru_cache(maxsize=None)
+def _load(language: str) -> tuple[Problem, ...]:
+    if language not in FILES:
+        raise ValueError(f"unknown language {language!r}; choose from {sorted(FILES)}")
+    path = data_dir() / FILES[language]
+    if not path.is_file():
+        raise FileNotFoundError(f"MBXP file {path} not found; set CODEFAST_MBXP_DIR")
+    with path.open() as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return tuple(Problem(r["task_id"], language, r["prompt"], r["entry_point"], r["test"]) for r in rows)
+
+
+def load_problems(language: str) -> list[Problem]:
+    return list(_load(language))
+
+
+def split_problems(problems: list[Problem], split: str = "test") -> list[Problem]:
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    return problems[-NUM_TEST:] if split == "test" else problems[:-NUM_TEST]
+
+
+def build_program(problem: Problem, completion: str) -> str:
+    """The program to execute, as MXEval builds it: prompt + completion + test."""
+    return problem.prompt + completion + problem.test

@@ -1,0 +1,3 @@
+from guard.build import main
+
+main()

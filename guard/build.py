@@ -1,0 +1,114 @@
+"""`python -m guard build`: sample -> label -> features -> train -> ship, resumable.
+
+    python -m guard build --model default --languages python,javascript,go,cpp \
+        --per-language 60 --out runs/guard-qwen [--ship]
+
+Every stage writes its output atomically under --out and is skipped when that output exists, so
+re-running after a crash continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from guard.features import extract_features, label_samples, load_shard, save_shard
+from guard.policy import StopPolicy
+from guard.probe import SHIPPED_DIR
+from guard.sampling import SamplingPlan, read_jsonl, sample_language, write_jsonl_atomic
+from guard.train import TrainConfig, line_stop_errors, split_by_sample, train_guard
+
+LANGUAGES = ("python", "javascript", "go", "cpp")
+
+
+def slug(model_name: str) -> str:
+    return model_name.rstrip("/").split("/")[-1].lower().replace(".", "_")
+
+
+def build(args: argparse.Namespace) -> Path:
+    from engine import Engine, EngineConfig
+
+    out = Path(args.out)
+    languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
+    unknown = set(languages) - set(LANGUAGES)
+    if unknown:
+        raise SystemExit(f"unknown languages {sorted(unknown)}; choose from {LANGUAGES}")
+    engine = Engine.from_pretrained(args.model, guard=None,
+                                    config=EngineConfig(max_num_seqs=args.max_num_seqs, dtype=args.dtype))
+    plan = SamplingPlan(per_language=args.per_language, temperatures=tuple(args.temperatures),
+                        max_new_tokens=args.max_new_tokens)
+    model, tokenizer = engine.runner.model, engine.tokenizer
+    all_samples, shards, label_counts = [], [], {}
+    for language in languages:
+        print(f"[{language}] 1/3 sampling", flush=True)
+        samples_path = sample_language(engine, language, plan, out / "samples")
+        labeled_path = out / "labeled" / f"{language}.jsonl"
+        if not labeled_path.exists():
+            print(f"[{language}] 2/3 labeling", flush=True)
+            labeled, counts = label_samples(tokenizer, read_jsonl(samples_path))
+            labeled_path.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl_atomic(labeled_path, labeled)
+            (out / "labeled" / f"{language}.counts.json").write_text(json.dumps(counts, indent=2))
+        labeled = read_jsonl(labeled_path)
+        label_counts[language] = json.loads((out / "labeled" / f"{language}.counts.json").read_text())
+        shard_path = out / "features" / f"{language}.npz"
+        if not shard_path.exists():
+            print(f"[{language}] 3/3 features ({len(labeled)} samples)", flush=True)
+            shard_path.parent.mkdir(parents=True, exist_ok=True)
+            save_shard(shard_path, extract_features(model, tokenizer, labeled))
+        shard = load_shard(shard_path)
+        shard["sample_index"] = shard["sample_index"] + len(all_samples)
+        shards.append((language, shard))
+        all_samples += labeled
+
+    features = np.concatenate([s["features"] for _, s in shards])
+    labels = np.concatenate([s["labels"] for _, s in shards])
+    sample_index = np.concatenate([s["sample_index"] for _, s in shards])
+    is_val = split_by_sample(sample_index, TrainConfig().val_fraction, seed=0)
+    policy = StopPolicy(stop_threshold=args.threshold)
+    guard, report = train_guard(features, labels, is_val, features.shape[1],
+                                model_name=engine.model_name, policy=policy)
+    report["labeling"] = label_counts
+    report["per_language"] = {}
+    for language, shard in shards:
+        val_rows = is_val[np.isin(sample_index, shard["sample_index"])]
+        by_sample = {}
+        for i in np.unique(shard["sample_index"][val_rows]):
+            by_sample[int(i)] = features[sample_index == i]
+        report["per_language"][language] = line_stop_errors(guard, all_samples, by_sample, policy)
+    guard.metadata = {"training": report, "languages": languages,
+                      "sampling": {"per_language": plan.per_language, "temperatures": list(plan.temperatures),
+                                   "max_new_tokens": plan.max_new_tokens, "split": "train (all but last 500)"}}
+    guard_dir = guard.save(out / "guard")
+    print(json.dumps(report, indent=2))
+    if args.ship:
+        target = SHIPPED_DIR / slug(engine.model_name)
+        shutil.copytree(guard_dir, target, dirs_exist_ok=True)
+        print(f"shipped to {target}")
+    return guard_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m guard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build", help="sample, label, extract features, train and save a guard")
+    p.add_argument("--model", default="default")
+    p.add_argument("--languages", default=",".join(LANGUAGES))
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-language", type=int, default=60)
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.6])
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--ship", action="store_true", help="copy the guard into guard/weights/")
+    args = parser.parse_args(argv)
+    build(args)
+
+
+if __name__ == "__main__":
+    main()

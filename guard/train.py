@@ -1,0 +1,134 @@
+"""Step 4 of building a guard: train Linear(hidden, 2) and report how it stops.
+
+Class-balanced cross entropy (excess tokens are the minority or the majority depending on the
+model), AdamW, early stopping on a validation split made of whole samples (never tokens of a
+sample on both sides). One guard for all languages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from guard.policy import StopPolicy, VoteState, update_votes
+from guard.probe import CONTINUE_INDEX, STOP_INDEX, GenGuard
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 256
+    max_epochs: int = 30
+    patience: int = 3
+    val_fraction: float = 0.15
+    seed: int = 0
+
+
+def split_by_sample(sample_ids: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation tokens, choosing whole samples."""
+    unique = np.unique(sample_ids)
+    rng = np.random.default_rng(seed)
+    num_val = max(1, int(round(len(unique) * val_fraction)))
+    val_samples = rng.choice(unique, size=num_val, replace=False)
+    return np.isin(sample_ids, val_samples)
+
+
+def train_guard(features: np.ndarray, labels: np.ndarray, is_val: np.ndarray, hidden_size: int,
+                config: TrainConfig = TrainConfig(), model_name: str = "",
+                policy: StopPolicy | None = None) -> tuple[GenGuard, dict]:
+    torch.manual_seed(config.seed)
+    x_train = torch.from_numpy(features[~is_val]).float()
+    y_train = torch.from_numpy(labels[~is_val]).long()
+    x_val, y_val = torch.from_numpy(features[is_val]).float(), torch.from_numpy(labels[is_val]).long()
+    counts = torch.bincount(y_train, minlength=2).float().clamp(min=1)
+    class_weights = counts.sum() / (2 * counts)  # balanced: each class weighs half the loss
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights)
+    guard = GenGuard(hidden_size, model_name, policy)
+    optimizer = torch.optim.AdamW(guard.parameters(), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    best_loss, best_state, epochs_without_gain, history = float("inf"), None, 0, []
+    for epoch in range(config.max_epochs):
+        guard.train()
+        order = torch.randperm(len(x_train))
+        for start in range(0, len(order), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            loss = loss_fn(guard(x_train[idx]), y_train[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        guard.eval()
+        with torch.no_grad():
+            val_loss = float(loss_fn(guard(x_val), y_val))
+        history.append(val_loss)
+        if val_loss < best_loss - 1e-4:
+            best_loss, epochs_without_gain = val_loss, 0
+            best_state = {k: v.clone() for k, v in guard.state_dict().items()}
+        else:
+            epochs_without_gain += 1
+            if epochs_without_gain >= config.patience:
+                break
+    guard.load_state_dict(best_state)
+    guard.eval()
+    report = {"num_train_tokens": int(len(x_train)), "num_val_tokens": int(len(x_val)),
+              "epochs": len(history), "best_val_loss": best_loss,
+              "val": token_metrics(guard, x_val, y_val)}
+    return guard, report
+
+
+@torch.no_grad()
+def token_metrics(guard: GenGuard, x: torch.Tensor, y: torch.Tensor) -> dict:
+    predicted = guard(x).argmax(dim=-1)
+    is_pred_stop, is_stop = predicted == STOP_INDEX, y == STOP_INDEX
+    true_stop = int((is_pred_stop & is_stop).sum())
+    return {"token_accuracy": float((predicted == y).float().mean()),
+            "stop_precision": true_stop / max(int(is_pred_stop.sum()), 1),
+            "stop_recall": true_stop / max(int(is_stop.sum()), 1),
+            "stop_fraction": float(is_stop.float().mean())}
+
+
+def simulate_stop_line(p_stops: list[float], token_texts: list[str], policy: StopPolicy) -> int | None:
+    """Line index (0-based) at which the policy stops a completion, or None if it never does."""
+    state, line_index, line_text = VoteState(), 0, ""
+    for p_stop, text in zip(p_stops, token_texts):
+        line_text += text
+        is_line_end = "\n" in text
+        decision = update_votes(state, p_stop, line_text if is_line_end else None, policy)
+        state = decision.state
+        if decision.is_stop:
+            return line_index
+        if is_line_end:
+            line_index += text.count("\n")
+            line_text = ""
+    return None
+
+
+def line_stop_errors(guard: GenGuard, samples: list[dict], features_by_sample: dict[int, np.ndarray],
+                     policy: StopPolicy) -> dict:
+    """Per sample: stop line predicted by the policy vs the line holding the labeler's cut."""
+    early = exact = late = never = 0
+    line_errors = []
+    for index, sample in features_by_sample.items():
+        s = samples[index]
+        p_stops = guard.stop_probs(torch.from_numpy(sample).float()).tolist()
+        ends = s["char_ends"]
+        texts = [s["completion"][(ends[i - 1] if i else 0):ends[i]] for i in range(len(ends))]
+        true_line = s["completion"][:s["cut_char"]].count("\n")
+        predicted = simulate_stop_line(p_stops, texts, policy)
+        if predicted is None:
+            never += 1
+            predicted = s["completion"].count("\n") + 1
+        error = predicted - true_line
+        line_errors.append(error)
+        early += error < 0
+        exact += error == 0
+        late += error > 0
+    n = max(len(line_errors), 1)
+    return {"num_samples": len(line_errors), "stopped_early": early / n, "stopped_exact_line": exact / n,
+            "stopped_late": late / n, "never_stopped": never / n,
+            "mean_abs_line_error": float(np.mean(np.abs(line_errors))) if line_errors else 0.0}
+
+
+__all__ = ["TrainConfig", "train_guard", "split_by_sample", "token_metrics", "line_stop_errors",
+           "simulate_stop_line", "CONTINUE_INDEX"]

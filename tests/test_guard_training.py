@@ -1,0 +1,70 @@
+"""Guard building on a tiny random model: feature alignment, training, round trip into the engine."""
+import numpy as np
+import torch
+
+from engine import SamplingParams
+from engine.tiny import build_tiny_model_and_tokenizer
+from guard.features import extract_features, token_char_ends
+from guard.policy import StopPolicy
+from guard.probe import GenGuard
+from guard.train import simulate_stop_line, split_by_sample, train_guard
+from tests.helpers import tiny_engine
+
+
+def test_features_are_the_hidden_states_the_engine_votes_with():
+    model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
+    prompts = ["def f(x):\n", "int main() {\n  return 0;"]
+    samples = []
+    for prompt, n in zip(prompts, (7, 4)):
+        ids = tiny_engine().generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))[0].token_ids
+        samples.append({"prompt": prompt, "completion_ids": ids, "labels": [1] * (n - 2) + [0, 0]})
+    arrays = extract_features(model, tokenizer, samples, batch_size=2)
+    assert arrays["features"].shape == (11, 64)
+    assert arrays["labels"].tolist() == [1] * 5 + [0, 0] + [1, 1, 0, 0]
+    assert arrays["sample_index"].tolist() == [0] * 7 + [1] * 4
+    # Token i's feature is the last hidden state at the position that produced token i.
+    sample = samples[1]
+    ids = tokenizer(sample["prompt"])["input_ids"] + sample["completion_ids"]
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+    expected = hidden[len(ids) - 5:len(ids) - 1].numpy()
+    np.testing.assert_allclose(arrays["features"][7:].astype(np.float32), expected, atol=2e-2)
+
+
+def test_token_char_ends_follow_the_decoded_text():
+    _, tokenizer = build_tiny_model_and_tokenizer()
+    ids = tokenizer("ab\ncd")["input_ids"]
+    assert token_char_ends(tokenizer, ids) == [1, 2, 3, 4, 5]
+
+
+def test_training_converges_on_a_separable_set():
+    rng = np.random.default_rng(0)
+    num_samples, per_sample, hidden = 40, 30, 16
+    labels = np.tile(np.r_[np.ones(18), np.zeros(12)], num_samples).astype(np.int8)
+    direction = rng.normal(size=hidden)
+    features = rng.normal(size=(len(labels), hidden)) + np.outer(labels * 2 - 1, direction) * 1.5
+    sample_ids = np.repeat(np.arange(num_samples), per_sample)
+    is_val = split_by_sample(sample_ids, 0.2, seed=0)
+    assert not set(sample_ids[is_val]) & set(sample_ids[~is_val])  # whole samples only
+    guard, report = train_guard(features.astype(np.float32), labels, is_val, hidden)
+    assert report["val"]["token_accuracy"] > 0.95
+    assert report["val"]["stop_precision"] > 0.9 and report["val"]["stop_recall"] > 0.9
+
+
+def test_simulated_stop_line_matches_the_line_vote():
+    texts = ["  return x", "\n", "print", "(f(1))", "\n"]
+    p_stops = [0.1, 0.1, 0.9, 0.9, 0.9]
+    assert simulate_stop_line(p_stops, texts, StopPolicy()) == 1
+    assert simulate_stop_line([0.1] * 5, texts, StopPolicy()) is None
+
+
+def test_trained_guard_round_trips_into_the_engine(tmp_path):
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(200, 64)).astype(np.float32)
+    labels = (features[:, 0] > 0).astype(np.int8)
+    guard, _ = train_guard(features, labels, np.arange(200) % 5 == 0, 64, model_name="codefast/tiny-random")
+    guard.save(tmp_path)
+    engine = tiny_engine(guard=GenGuard.load(tmp_path))
+    result = engine.generate(["def f(x):\n"], SamplingParams(max_new_tokens=20))[0]
+    assert result.finish_reason in {"eos", "length", "guard"}
+    assert engine.guard.metadata == {}
