@@ -30,7 +30,8 @@ def label_samples(tokenizer, samples: list[dict]) -> tuple[list[dict], Counter]:
         if not sample["completion_ids"]:
             counts["empty"] += 1
             continue
-        cut = find_cut(sample["language"], sample["prompt"], sample["completion"], sample["entry_point"])
+        cut = find_cut(sample["language"], sample["prompt"], sample["completion"], sample["entry_point"],
+                       ends_at_eos=sample.get("finish_reason") == "eos")
         if not cut.is_parseable:
             counts[f"skipped: {cut.reason}"] += 1
             continue
