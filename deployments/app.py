@@ -1,0 +1,229 @@
+"""The CodeFast Serve application: one deployment, FastAPI ingress + one engine per replica.
+
+Why one deployment and not ingress -> engine: the engine already batches every request of its
+replica (AsyncEngine), so a separate router layer would add a handle hop per token of a stream
+and a second place where a client disconnect must be propagated, for nothing in return. Serve's
+proxy spreads requests over replicas; autoscaling adds replicas (= engines) under load.
+
+    serve run deployments/config.yaml            # or: python -m deployments.serve_cli
+"""
+# No `from __future__ import annotations`: Serve pickles the class by value, and FastAPI must see
+# real annotation objects (a string "CompletionRequest" would no longer resolve in the replica).
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import ServeConfig, check_capacity
+from deployments.errors import install_error_handlers
+from deployments.metrics import serve_metrics
+from deployments.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
+                                  ModelList, RequestError, Usage)
+from engine import Engine, EngineConfig, PromptError, Result, SamplingParams, StepEvent
+from engine.async_engine import AsyncEngine
+
+logger = logging.getLogger("ray.serve")
+
+# Our "guard" is a finish reason of its own: clients must be able to tell it from EOS.
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "guard": "guard"}
+
+api = FastAPI(title="CodeFast", description="OpenAI-compatible code completions with GenGuard")
+install_error_handlers(api)
+
+
+def usage_of(results: list[Result]) -> Usage:
+    num_prompt = sum(r.num_prompt_tokens for r in results)
+    num_completion = sum(len(r.token_ids) for r in results)
+    return Usage(prompt_tokens=num_prompt, completion_tokens=num_completion,
+                 total_tokens=num_prompt + num_completion,
+                 guard_dropped_tokens=sum(r.num_dropped_tokens for r in results
+                                          if r.finish_reason == "guard"))
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+# Serve pickles the class when it is decorated: everything it uses must be defined above it.
+def _check_live_capacity(config: ServeConfig) -> None:
+    """A `serve run` config may override max_ongoing_requests after build_app ran; re-check the
+    value this replica really got (a private field, hence the defensive lookup)."""
+    try:
+        deployment_config = getattr(serve.get_replica_context(), "_deployment_config", None)
+    except Exception:
+        return
+    limit = getattr(deployment_config, "max_ongoing_requests", None)
+    if isinstance(limit, int):
+        check_capacity(limit, config.max_num_seqs)
+
+
+@serve.deployment(name="CodeFastServer")
+@serve.ingress(api)
+class CodeFastServer:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        _check_live_capacity(config)
+        device = config.device
+        if device == "auto":
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        engine = Engine.from_pretrained(
+            config.model, guard=config.guard,
+            config=EngineConfig(max_num_seqs=config.max_num_seqs, dtype=config.dtype, device=device))
+        self.engine = engine
+        self.aengine = AsyncEngine(engine)
+        self.served_names = {engine.model_name, config.model}
+        self.created = int(time.time())
+        self.metrics = serve_metrics()
+        self.num_requests = 0  # completion requests that passed body validation
+        self.num_cancelled_requests = 0  # client went away before its completion was done
+        logger.info("CodeFast replica ready: model=%s guard=%s slots=%d device=%s",
+                    engine.model_name, engine.guard is not None, config.max_num_seqs, device)
+
+    def __del__(self):
+        aengine = getattr(self, "aengine", None)
+        if aengine is not None:
+            aengine.shutdown()
+
+    # ---- endpoints -----------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> ModelList:
+        card = ModelCard(id=self.engine.model_name, created=self.created,
+                         max_model_len=self.engine.max_model_len, has_guard=self.engine.guard is not None)
+        return ModelList(data=[card])
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict:
+        return {**self.aengine.stats(), "num_requests": self.num_requests,
+                "num_cancelled_requests": self.num_cancelled_requests,
+                "replica": serve.get_replica_context().replica_tag}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        start = time.perf_counter()
+        self.num_requests += 1
+        try:
+            if body.model is not None and body.model not in self.served_names:
+                raise RequestError(f"model {body.model!r} is not served here; this server serves"
+                                   f" {self.engine.model_name!r}", status_code=404,
+                                   code="model_not_found", param="model")
+            params = body.sampling_params(self.engine.max_model_len)
+            prompts = body.prompts
+            # Reject every bad prompt before any is queued (a stream's headers go out first).
+            # Outside AsyncEngine's lock on purpose: encoding only reads the tokenizer (no
+            # padding/truncation state is set), as the engine thread's decoding does.
+            for prompt in prompts:
+                self.engine.encode_prompt(prompt, params)
+        except (RequestError, PromptError):
+            self.metrics.record_request("client_error")
+            raise
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        events = self._events(prompts, params, request_id)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._sse(events, request_id, len(prompts), include_usage, start),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        results: list[Result | None] = [None] * len(prompts)
+        try:
+            async for index, event in events:
+                if event.is_finished:
+                    results[index] = event.result
+        except asyncio.CancelledError:  # Serve cancels the handler when the client disconnects
+            self._record_cancelled()
+            raise
+        except Exception:
+            self.metrics.record_request("server_error")
+            raise
+        finally:
+            await events.aclose()
+        self.metrics.record_results(results)
+        self.metrics.record_request("ok", time.perf_counter() - start, is_stream=False)
+        choices = [CompletionChoice(text=r.text, index=i, finish_reason=FINISH_REASONS.get(r.finish_reason))
+                   for i, r in enumerate(results)]
+        return CompletionResponse(id=request_id, created=int(time.time()), model=self.engine.model_name,
+                                  choices=choices, usage=usage_of(results))
+
+    # ---- helpers ------------------------------------------------------------------------------
+    async def _events(self, prompts: list[str], params: SamplingParams,
+                      request_id: str) -> AsyncIterator[tuple[int, StepEvent]]:
+        """Merge the engine streams of all prompts of one request, as (prompt index, event).
+
+        Closing this generator (or cancelling its consumer) cancels every prompt's stream, and
+        AsyncEngine.stream aborts a cancelled sequence, so the engine frees its slot at once.
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, prompt: str) -> None:
+            try:
+                async for event in self.aengine.stream(prompt, params, f"{request_id}-{index}"):
+                    queue.put_nowait((index, event))
+            except Exception as exc:  # hand engine errors to the consumer instead of losing them
+                queue.put_nowait((index, exc))
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+        num_finished = 0
+        try:
+            while num_finished < len(tasks):
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                num_finished += item.is_finished
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _sse(self, events: AsyncIterator[tuple[int, StepEvent]], request_id: str,
+                   num_prompts: int, include_usage: bool, start: float) -> AsyncIterator[str]:
+        created, model = int(time.time()), self.engine.model_name
+        results: list[Result | None] = [None] * num_prompts
+        try:
+            async for index, event in events:
+                if event.is_finished:
+                    results[index] = event.result
+                elif not event.text_delta:
+                    continue
+                finish_reason = FINISH_REASONS.get(event.result.finish_reason) if event.is_finished else None
+                chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[
+                    CompletionChoice(text=event.text_delta, index=index, finish_reason=finish_reason)])
+                yield sse(chunk.model_dump_json())
+            if include_usage:
+                chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[],
+                                           usage=usage_of(results))
+                yield sse(chunk.model_dump_json())
+            yield sse("[DONE]")
+            self.metrics.record_results(results)
+            self.metrics.record_request("ok", time.perf_counter() - start, is_stream=True)
+        except (asyncio.CancelledError, GeneratorExit):  # client disconnected mid-stream
+            self._record_cancelled()
+            raise
+        except Exception as exc:  # headers are gone: report in-band, as OpenAI does
+            logger.exception("stream %s failed", request_id)
+            self.metrics.record_request("server_error")
+            yield sse(f'{{"error": {{"message": "internal error: {type(exc).__name__}",'
+                      f' "type": "server_error", "code": "internal_error"}}}}')
+        finally:
+            await events.aclose()
+
+    def _record_cancelled(self) -> None:
+        self.num_cancelled_requests += 1
+        self.metrics.record_request("cancelled")
+
+
+def build_app(args: dict | ServeConfig | None = None) -> Application:
+    """Serve application builder (`import_path: deployments.app:build_app`, `args:` = ServeConfig
+    fields). Raises ValueError on a bad config, e.g. max_ongoing_requests < max_num_seqs."""
+    config = args if isinstance(args, ServeConfig) else ServeConfig.from_args(dict(args or {}))
+    return CodeFastServer.options(**config.deployment_options()).bind(config)

@@ -1,0 +1,104 @@
+"""What one CodeFast Serve application runs: model, guard, engine capacity and Serve options.
+
+Validated once at the edge (construction), so a bad `serve run` config or CLI flag fails before
+anything is deployed. The HTTP request bodies live in protocol.py (Pydantic); this is not one.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+DTYPES = ("bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+NO_GUARD_NAMES = ("none", "off", "")
+_NESTED_ARGS = {"autoscaling_config": ("min_replicas", "max_replicas", "target_ongoing_requests"),
+                "ray_actor_options": ("num_cpus", "num_gpus")}
+
+
+def check_capacity(max_ongoing_requests: int, max_num_seqs: int) -> None:
+    """Serve must let at least as many requests into a replica as the engine has batch slots,
+    else slots stay empty while requests queue in the proxy and batching never fills up."""
+    if max_ongoing_requests < max_num_seqs:
+        raise ValueError(f"max_ongoing_requests ({max_ongoing_requests}) must be >= the engine's"
+                         f" max_num_seqs ({max_num_seqs}): a replica would never fill its batch")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = "default"  # "default", "codefast/tiny-random", or a local HF folder
+    guard: str | None = "default"  # "default" (the guard shipped for the model), None/"none", or a folder
+    max_num_seqs: int = 8  # engine batch slots per replica
+    dtype: str = "bfloat16"
+    device: str = "auto"  # auto: cuda when the replica got a GPU, else cpu
+    # Serve options. None = derived: 2x slots lets a finished slot be refilled from the engine's
+    # own queue at the next step instead of waiting for a proxy round trip.
+    max_ongoing_requests: int | None = None
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float | None = None  # None: max_num_seqs (a full batch per replica)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty string, got {self.model!r}")
+        if isinstance(self.guard, str) and self.guard.lower() in NO_GUARD_NAMES:
+            object.__setattr__(self, "guard", None)
+        if self.guard is not None and not isinstance(self.guard, str):
+            raise ValueError(f"guard must be 'default', 'none' or a folder path, got {self.guard!r}")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.max_ongoing_requests is None:
+            object.__setattr__(self, "max_ongoing_requests", 2 * self.max_num_seqs)
+        check_capacity(self.max_ongoing_requests, self.max_num_seqs)
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas},"
+                             f" {self.max_replicas}")
+        if self.target_ongoing_requests is None:
+            object.__setattr__(self, "target_ongoing_requests", float(self.max_num_seqs))
+        if not 0 < self.target_ongoing_requests <= self.max_ongoing_requests:
+            raise ValueError(f"target_ongoing_requests must be in (0, max_ongoing_requests ="
+                             f" {self.max_ongoing_requests}], got {self.target_ongoing_requests}:"
+                             " a larger target could never be reached and autoscaling would never act")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("num_cpus and num_gpus must be >= 0")
+
+    @classmethod
+    def from_args(cls, args: dict) -> "ServeConfig":
+        """From a `serve run` config's `args:` mapping; unknown keys are an error, not ignored.
+
+        Serve options may be nested as Serve spells them (`autoscaling_config: {min_replicas, ...}`,
+        `ray_actor_options: {num_cpus, num_gpus}`): given here rather than as a `deployments:`
+        override, they are validated with the engine settings before anything is deployed.
+        """
+        flat = dict(args)
+        for section, keys in _NESTED_ARGS.items():
+            nested = flat.pop(section, None) or {}
+            unknown = sorted(set(nested) - set(keys))
+            if unknown:
+                raise ValueError(f"unsupported {section} keys {unknown}; supported: {list(keys)}")
+            flat.update(nested)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ValueError(f"unknown application args {unknown}; known: {sorted(known)}")
+        return cls(**flat)
+
+    def deployment_options(self) -> dict:
+        """Options for `Deployment.options(...)`."""
+        return {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            },
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+
+    def as_dict(self) -> dict:
+        return asdict(self)

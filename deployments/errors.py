@@ -1,0 +1,70 @@
+"""OpenAI-style error bodies for every failure: `{"error": {"message", "type", "code", "param"}}`.
+
+FastAPI answers validation failures with 422 and its own body; OpenAI clients expect 400 and
+this shape, so the handlers below replace FastAPI's. Nothing here stops the server: a handler
+turns the exception into a response and the replica goes on serving.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.metrics import serve_metrics
+from deployments.protocol import ErrorDetail, ErrorResponse, RequestError
+from engine.engine import PromptError
+
+logger = logging.getLogger("ray.serve")
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+                413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+
+
+def error_response(status_code: int, message: str, code: str | None = None,
+                   param: str | None = None) -> JSONResponse:
+    detail = ErrorDetail(message=message, type=_ERROR_TYPES.get(status_code, "invalid_request_error"),
+                         code=code, param=param)
+    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status_code)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable line per offending field (a union reports each branch; keep the first)."""
+    lines, params = {}, []
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+        field = loc[0] if loc else "body"
+        if error.get("type") == "json_invalid":
+            return f"request body is not valid JSON: {error.get('msg')}", None
+        if field not in lines:
+            lines[field] = f"{'.'.join(loc) or 'body'}: {error.get('msg')}"
+            params.append(field)
+    return "; ".join(lines.values()) or "invalid request", (params[0] if len(params) == 1 else None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation_error(request: Request, exc: RequestValidationError):
+        message, param = validation_message(exc)
+        serve_metrics().record_request("client_error")  # never reached the endpoint itself
+        return error_response(400, message, code="invalid_request", param=param)
+
+    @app.exception_handler(RequestError)
+    async def _on_request_error(request: Request, exc: RequestError):
+        return error_response(exc.status_code, str(exc), code=exc.code, param=exc.param)
+
+    @app.exception_handler(PromptError)
+    async def _on_prompt_error(request: Request, exc: PromptError):
+        code = "context_length_exceeded" if "context" in str(exc) else "invalid_prompt"
+        return error_response(400, str(exc), code=code, param="prompt")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), code=None)
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(request: Request, exc: Exception):
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error")

@@ -1,0 +1,133 @@
+"""HTTP bodies of the OpenAI-compatible API (Pydantic), and the request -> SamplingParams mapping.
+
+Requests are strict: unknown fields and wrong JSON types are rejected (400) rather than coerced
+or ignored, so a client typo (`max_token`) fails loudly instead of silently using a default.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.params import SamplingParams
+
+# Code generation wants room for a whole function; OpenAI's own default (16) would cut every
+# completion before the guard could ever matter. Capped by the model's context at request time.
+DEFAULT_MAX_TOKENS = 256
+MAX_PROMPTS_PER_REQUEST = 64
+MAX_STOP_STRINGS = 16
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+GuardThreshold = Annotated[float, Field(gt=0, lt=1)]
+
+
+class RequestError(ValueError):
+    """A well-formed request the server cannot honour; becomes a 4xx OpenAI error body."""
+
+    def __init__(self, message: str, status_code: int = 400, code: str | None = "invalid_value",
+                 param: str | None = None):
+        super().__init__(message)
+        self.status_code, self.code, self.param = status_code, code, param
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)]
+    model: str | None = None  # None: the served model
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None  # accepted for OpenAI compatibility, not used
+    # Extension: "on" (default) / "off" / a stop threshold in (0, 1) for this request only.
+    guard: Literal["on", "off"] | GuardThreshold | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def sampling_params(self, max_model_len: int) -> SamplingParams:
+        if self.max_tokens is not None and self.max_tokens > max_model_len:
+            raise RequestError(f"max_tokens ({self.max_tokens}) exceeds the model's context length"
+                               f" ({max_model_len} tokens)", param="max_tokens")
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        is_threshold = isinstance(self.guard, float)
+        try:
+            return SamplingParams(
+                max_new_tokens=self.max_tokens or min(DEFAULT_MAX_TOKENS, max_model_len),
+                temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
+                use_guard=self.guard != "off",
+                guard_threshold=self.guard if is_threshold else None)
+        except ValueError as exc:  # the engine's own checks, should the ranges above drift
+            raise RequestError(str(exc)) from exc
+
+
+# ---- responses ---------------------------------------------------------------------------------
+FinishReasonName = Literal["stop", "length", "guard"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int  # tokens of the returned text
+    total_tokens: int
+    # Decoded but cut from the text because the guard judged that line excess. Tokens the guard
+    # *saved* are not reported: that needs the unguarded completion, which was never generated.
+    guard_dropped_tokens: int = 0
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: FinishReasonName | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "codefast"
+    max_model_len: int
+    has_guard: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,239 @@
+"""The Ray Serve deployment over HTTP: OpenAI client, batching, errors, disconnects, the guard.
+
+One deployment for the whole module (each costs seconds on this machine): the tiny model with a
+hand-set GenGuard whose stop probability (0.73) is below its own threshold (0.9), so the guard is
+loaded but only stops a request that lowers the threshold (`guard: 0.5`).
+"""
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from deployments.app import build_app
+from deployments.config import ServeConfig, check_capacity
+from deployments.protocol import CompletionRequest, RequestError
+from engine import SamplingParams
+from engine.tiny import TINY_MODEL_NAME
+from guard.policy import StopPolicy
+from tests.helpers import constant_guard, tiny_engine
+
+pytestmark = pytest.mark.ray
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP_NAME = "codefast-test"
+HTTP_TIMEOUT_S = 60
+DEPLOY_TIMEOUT_S = 300
+PROMPT = "def f():"
+
+
+# ---- config and request mapping (no Ray) ---------------------------------------------------------
+def test_config_rejects_fewer_ongoing_requests_than_batch_slots():
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        check_capacity(4, 8)
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        build_app({"max_num_seqs": 8, "max_ongoing_requests": 4})
+    with pytest.raises(ValueError, match="unknown application args"):
+        build_app({"max_num_seq": 8})
+    with pytest.raises(ValueError, match="target_ongoing_requests"):
+        ServeConfig(max_num_seqs=4, max_ongoing_requests=8, target_ongoing_requests=16)
+    with pytest.raises(ValueError, match="dtype"):
+        ServeConfig(dtype="int8")
+    assert ServeConfig(guard="none").guard is None
+    assert ServeConfig(max_num_seqs=4).max_ongoing_requests == 8
+
+
+@pytest.mark.parametrize("path", ["deployments/config.yaml", "deployments/config.gpu.yaml"])
+def test_shipped_serve_configs_are_valid(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((REPO_ROOT / path).read_text())
+    ServeDeploySchema.model_validate(raw)
+    (application,) = raw["applications"]
+    assert application["import_path"] == "deployments.app:build_app"
+    config = ServeConfig.from_args(application["args"])
+    assert config.max_ongoing_requests >= config.max_num_seqs
+    assert (config.min_replicas, config.max_replicas) == (1, 2)
+    assert raw["http_options"]["host"] == "127.0.0.1"
+    build_app(application["args"])
+
+
+def test_request_fields_map_to_sampling_params():
+    params = CompletionRequest(prompt="x", stop="\n\n", guard="off", temperature=0).sampling_params(512)
+    assert params == SamplingParams(max_new_tokens=256, temperature=0.0, stop=("\n\n",), use_guard=False)
+    params = CompletionRequest(prompt=["x"], guard=0.3, max_tokens=512).sampling_params(512)
+    assert params.use_guard and params.guard_threshold == 0.3 and params.max_new_tokens == 512
+    assert CompletionRequest(prompt="x").sampling_params(100).max_new_tokens == 100
+    with pytest.raises(RequestError, match="context length"):
+        CompletionRequest(prompt="x", max_tokens=513).sampling_params(512)
+
+
+# ---- the deployed app ---------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from deployments.serve_cli import start_server
+
+    # p_stop = softmax([0.5, -0.5])[0] = 0.73: below the policy threshold, above a request's 0.5.
+    guard_dir = tmp_path_factory.mktemp("guard")
+    policy = StopPolicy(kind="token", stop_threshold=0.9, num_consecutive=2, max_blank_lines=0)
+    constant_guard(0.5, policy).save(guard_dir)
+    config = ServeConfig(model=TINY_MODEL_NAME, guard=str(guard_dir), max_num_seqs=4, dtype="float32",
+                         max_ongoing_requests=8, min_replicas=1, max_replicas=2,
+                         target_ongoing_requests=8, num_cpus=1)
+    port = free_port()
+    with ThreadPoolExecutor(1) as pool:  # serve.run has no timeout of its own
+        url = pool.submit(start_server, config, "127.0.0.1", port, APP_NAME).result(DEPLOY_TIMEOUT_S)
+    yield url
+    serve.delete(APP_NAME)
+    serve.shutdown()  # the next user of the shared Ray gets a fresh proxy on its own port
+
+
+def stats(url: str) -> dict:
+    response = httpx.get(f"{url}/v1/stats", timeout=HTTP_TIMEOUT_S)
+    response.raise_for_status()
+    return response.json()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=HTTP_TIMEOUT_S, max_retries=0)
+
+
+def test_app_with_autoscaling_config_is_running(server):
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    assert serve.status().applications[APP_NAME].status == ApplicationStatus.RUNNING
+    assert httpx.get(f"{server}/health", timeout=HTTP_TIMEOUT_S).json() == {"status": "ok"}
+    (card,) = client(server).models.list().data
+    assert card.id == TINY_MODEL_NAME and card.max_model_len == 512 and card.has_guard
+
+
+def test_openai_client_completion_and_stream_match_the_engine(server):
+    expected = tiny_engine().generate([PROMPT], SamplingParams(max_new_tokens=16))[0]
+    api = client(server)
+    completion = api.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=16,
+                                        temperature=0, extra_body={"guard": "off"})
+    (choice,) = completion.choices
+    assert choice.text == expected.text and choice.finish_reason == "length"
+    assert completion.usage.prompt_tokens == len(PROMPT)  # one byte, one token
+    assert completion.usage.completion_tokens == 16
+    assert completion.usage.total_tokens == len(PROMPT) + 16
+    assert completion.usage.guard_dropped_tokens == 0
+
+    chunks = list(api.completions.create(model=TINY_MODEL_NAME, prompt=[PROMPT, "x = 1\n"],
+                                         max_tokens=16, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    text_of_first = "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == 0)
+    assert text_of_first == expected.text
+    finishes = {c.choices[0].index: c.choices[0].finish_reason
+                for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finishes == {0: "length", 1: "length"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 32
+
+
+def test_concurrent_requests_share_decode_steps(server):
+    before = stats(server)
+    prompts = ["a", "bb", "ccc", "dddd"]
+
+    def complete(prompt: str):
+        return client(server).completions.create(model=TINY_MODEL_NAME, prompt=prompt, max_tokens=48,
+                                                 temperature=0, extra_body={"guard": "off"})
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        completions = list(pool.map(complete, prompts))
+    after = stats(server)
+    assert all(c.choices[0].finish_reason == "length" for c in completions)
+    num_generated = after["num_generated_tokens"] - before["num_generated_tokens"]
+    num_decode_steps = after["num_decode_steps"] - before["num_decode_steps"]
+    assert num_generated == 4 * 48
+    # One at a time, every token after the first (from prefill) costs a decode step of its own.
+    assert num_decode_steps < num_generated - len(prompts)
+    assert after["max_decode_batch_size"] > 1
+
+
+BAD_REQUESTS = [
+    ("malformed json", b'{"prompt": ', 400),
+    ("body not an object", b'["def f():"]', 400),
+    ("missing prompt", {"max_tokens": 4}, 400),
+    ("empty prompt", {"prompt": ""}, 400),
+    ("empty prompt list", {"prompt": []}, 400),
+    ("token ids prompt", {"prompt": [1, 2, 3]}, 400),
+    ("max_tokens wrong type", {"prompt": "x", "max_tokens": "8"}, 400),
+    ("negative max_tokens", {"prompt": "x", "max_tokens": -1}, 400),
+    ("zero max_tokens", {"prompt": "x", "max_tokens": 0}, 400),
+    ("huge max_tokens", {"prompt": "x", "max_tokens": 10**9}, 400),
+    ("prompt longer than context", {"prompt": "x" * 600}, 400),
+    ("unknown field", {"prompt": "x", "max_tokenz": 4}, 400),
+    ("n > 1", {"prompt": "x", "n": 2}, 400),
+    ("bad guard word", {"prompt": "x", "guard": "maybe"}, 400),
+    ("guard threshold out of range", {"prompt": "x", "guard": 1.5}, 400),
+    ("negative temperature", {"prompt": "x", "temperature": -1}, 400),
+    ("empty stop string", {"prompt": "x", "stop": [""]}, 400),
+    ("unknown model", {"prompt": "x", "model": "gpt-4"}, 404),
+]
+
+
+def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
+    with httpx.Client(base_url=server, timeout=HTTP_TIMEOUT_S) as http:
+        for name, body, status in BAD_REQUESTS:
+            if isinstance(body, bytes):
+                response = http.post("/v1/completions", content=body,
+                                     headers={"content-type": "application/json"})
+            else:
+                response = http.post("/v1/completions", json=body)
+            assert response.status_code == status, (name, response.text)
+            error = response.json()["error"]
+            assert error["message"] and error["type"] and "code" in error, name
+        assert http.get("/v1/completions").status_code == 405
+        good = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
+    assert stats(server)["num_running"] == 0
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(server):
+    before = stats(server)
+    max_tokens = 480  # ~3 s of decoding here; the tiny model emits no EOS for this prompt
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True, "guard": "off"}
+    with httpx.Client(base_url=server, timeout=HTTP_TIMEOUT_S) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            first = next(line for line in response.iter_lines() if line.startswith("data: "))
+            assert '"text_completion"' in first
+    deadline = time.monotonic() + 30
+    while (now := stats(server))["num_running"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert now["num_running"] == 0 and now["num_waiting"] == 0
+    assert now["num_cancelled_requests"] == before["num_cancelled_requests"] + 1
+    assert now["num_generated_tokens"] - before["num_generated_tokens"] < max_tokens  # aborted early
+
+
+def test_guard_stop_comes_through_http(server):
+    api = client(server)
+    before = stats(server)
+    # Token policy, every token votes stop at threshold 0.5: the second token stops the request.
+    stopped = api.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=32,
+                                     temperature=0, extra_body={"guard": 0.5})
+    assert stopped.choices[0].finish_reason == "guard"
+    usage = stopped.usage
+    assert usage.completion_tokens + usage.guard_dropped_tokens == 2
+    assert stats(server)["num_guard_stops"] == before["num_guard_stops"] + 1
+    # The guard's own threshold (0.9) is above its p_stop, and "off" skips it: both run to length.
+    for guard in ("on", "off"):
+        completion = api.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=32,
+                                            temperature=0, extra_body={"guard": guard})
+        assert completion.choices[0].finish_reason == "length", guard
+    chunks = list(api.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=32,
+                                         temperature=0, stream=True, extra_body={"guard": 0.5}))
+    assert chunks[-1].choices[0].finish_reason == "guard"
