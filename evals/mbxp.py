@@ -24,6 +24,7 @@ class Problem:
     prompt: str
     entry_point: str
     test: str
+    canonical_solution: str | None = None  # None for every MBGP record, 75 MBCPP and 28 MBJSP ones
 
 
 def data_dir() -> Path:
@@ -40,7 +41,8 @@ def _load(language: str) -> tuple[Problem, ...]:
         raise FileNotFoundError(f"MBXP file {path} not found; set CODEFAST_MBXP_DIR")
     with path.open() as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return tuple(Problem(r["task_id"], language, r["prompt"], r["entry_point"], r["test"]) for r in rows)
+    return tuple(Problem(r["task_id"], language, r["prompt"], r["entry_point"], r["test"],
+                         r.get("canonical_solution")) for r in rows)
 
 
 def load_problems(language: str) -> list[Problem]:
@@ -54,5 +56,10 @@ def split_problems(problems: list[Problem], split: str = "test") -> list[Problem
 
 
 def build_program(problem: Problem, completion: str) -> str:
-    """The program to execute, as MXEval builds it: prompt + completion + test."""
-    return problem.prompt + completion + problem.test
+    """The program to execute, as MXEval builds it: prompt + completion + test. MBPP tests only
+    define `check(candidate)`, so for Python MXEval appends the call; the other languages' tests
+    are a main program (JS top-level asserts with lodash, Go `func main`, C++ `int main`)."""
+    program = problem.prompt + completion + problem.test
+    if problem.language == "python":
+        program += f"\ncheck({problem.entry_point})\n"
+    return program

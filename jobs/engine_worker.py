@@ -1,0 +1,71 @@
+"""The Ray Data callable class that hosts one Engine per actor and generates for a batch of rows.
+
+All prompts of a batch enter `engine.generate` together: the engine keeps `max_num_seqs` of them
+decoding and refills a slot the moment a sequence ends (EOS, length, stop string or a guard stop),
+so guard stops turn directly into throughput. A prompt the engine refuses (not text, empty, too
+long: `PromptError`) becomes an error row and the batch goes on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from engine import Engine, EngineConfig, PromptError, SamplingParams
+from jobs.shards import error_row, rows_to_table
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What each actor needs to build its engine; small and picklable (sent to every actor)."""
+
+    model: str = "default"
+    guard: str | None = "default"  # "default" (shipped guard, if any), None, or a guard folder
+    config: EngineConfig = EngineConfig()
+    num_threads: int = 1  # torch CPU threads; match the CPUs reserved per actor
+
+    def __post_init__(self) -> None:
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.guard not in (None, "default") and not Path(self.guard).is_dir():
+            raise ValueError(f"guard must be 'default', None or a guard folder, got {self.guard!r}")
+
+
+def build_engine(spec: EngineSpec) -> Engine:
+    return Engine.from_pretrained(spec.model, guard=spec.guard, config=spec.config)
+
+
+class EngineWorker:
+    """map_batches(EngineWorker, compute=ActorPoolStrategy(size=n)): one engine per actor."""
+
+    def __init__(self, spec: EngineSpec, params: SamplingParams):
+        import torch
+
+        torch.set_num_threads(spec.num_threads)
+        self.engine = build_engine(spec)
+        self.params = params
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column("id").to_pylist()
+        prompts = batch.column("prompt").to_pylist()
+        prompt_types = batch.column("prompt_type").to_pylist()
+        rows: list[dict | None] = [None] * len(ids)
+        valid_positions = []
+        for i, (prompt, prompt_type) in enumerate(zip(prompts, prompt_types)):
+            try:
+                if prompt_type != "str":
+                    raise PromptError(f"prompt must be a string, got {prompt_type}")
+                self.engine.encode_prompt(prompt, self.params)
+                valid_positions.append(i)
+            except PromptError as e:
+                rows[i] = error_row(ids[i], prompt, str(e))
+        results = self.engine.generate([prompts[i] for i in valid_positions], self.params)
+        for i, result in zip(valid_positions, results):
+            rows[i] = {"id": ids[i], "prompt": prompts[i], "completion": result.text,
+                       "finish_reason": result.finish_reason,
+                       "num_prompt_tokens": result.num_prompt_tokens,
+                       "num_generated_tokens": result.num_generated_tokens,
+                       "is_guard_stop": result.finish_reason == "guard",
+                       "latency_s": result.latency_s, "error": None}
+        return rows_to_table(rows)

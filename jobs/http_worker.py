@@ -1,0 +1,120 @@
+"""The Ray Data callable class that sends a batch of rows to a running Serve deployment.
+
+Each row is one OpenAI-style `POST {serve_url}/v1/completions` with the extension field `guard`
+("on"/"off"); a thread pool keeps up to `concurrency` requests in flight per actor so the
+deployment's own continuous batching stays fed. A 400/413/422 answer means the prompt itself is
+bad (empty, too long) and becomes an error row. Anything else that is not a success fails the job:
+connection errors and 5xx after retries, other 4xx (wrong model name, auth) at once — turning an
+outage or a misconfiguration into "done" error rows would make a resumed run skip those prompts.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import pyarrow as pa
+
+from jobs.shards import error_row, rows_to_table
+
+RETRY_STATUS_CODES = {429, 500, 502, 503, 504}
+PROMPT_ERROR_STATUS_CODES = {400, 413, 422}  # the request (this prompt) is at fault
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    url: str  # e.g. http://127.0.0.1:8000 (the /v1/completions path is added)
+    model: str | None = None  # None: whatever model the deployment serves
+    max_tokens: int = 300
+    temperature: float = 0.0
+    stop: tuple[str, ...] = ()
+    use_guard: bool = True
+    concurrency: int = 8  # requests in flight per actor
+    timeout_s: float = 600.0
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"serve url must start with http:// or https://, got {self.url!r}")
+        if self.concurrency < 1 or self.max_retries < 0 or self.timeout_s <= 0:
+            raise ValueError("concurrency >= 1, max_retries >= 0 and timeout_s > 0 are required")
+
+    @property
+    def completions_url(self) -> str:
+        return self.url.rstrip("/") + "/v1/completions"
+
+
+class HttpWorker:
+    def __init__(self, spec: ServeSpec):
+        self.spec = spec
+        self.client = httpx.Client(timeout=spec.timeout_s)  # thread-safe, pools connections
+        self.pool = ThreadPoolExecutor(max_workers=spec.concurrency)
+
+    def _post(self, prompt: str) -> tuple[httpx.Response, float]:
+        spec = self.spec
+        body = {"model": spec.model, "prompt": prompt, "max_tokens": spec.max_tokens,
+                "temperature": float(spec.temperature), "stop": list(spec.stop) or None,
+                "guard": "on" if spec.use_guard else "off"}
+        for attempt in range(spec.max_retries + 1):
+            start = time.perf_counter()
+            try:
+                response = self.client.post(spec.completions_url, json=body)
+                if response.status_code not in RETRY_STATUS_CODES:
+                    return response, time.perf_counter() - start
+                failure = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.TransportError as e:
+                failure = f"{type(e).__name__}: {e}"
+            if attempt < spec.max_retries:
+                time.sleep(0.5 * 2 ** attempt)
+        raise RuntimeError(f"{spec.completions_url} failed after {spec.max_retries + 1} tries: {failure}")
+
+    def _row(self, row_id: str, prompt: str | None, prompt_type: str) -> dict:
+        if prompt_type != "str":  # JSON cannot carry every non-text value; refuse it here
+            return error_row(row_id, None, f"prompt must be a string, got {prompt_type}")
+        response, latency_s = self._post(prompt)
+        if response.is_error:
+            message = f"HTTP {response.status_code}: {_error_message(response)}"[:1000]
+            if response.status_code in PROMPT_ERROR_STATUS_CODES:
+                return error_row(row_id, prompt, message)
+            raise RuntimeError(f"{self.spec.completions_url} refused the request ({message})")
+        payload = response.json()
+        choice, usage = payload["choices"][0], payload.get("usage") or {}
+        return {"id": row_id, "prompt": prompt, "completion": choice["text"],
+                "finish_reason": choice.get("finish_reason"),
+                "num_prompt_tokens": usage.get("prompt_tokens"),
+                # Tokens decoded, as in actor mode: the returned ones plus the excess line the
+                # guard cut (the deployment reports those separately).
+                "num_generated_tokens": _num_decoded_tokens(usage),
+                "is_guard_stop": choice.get("finish_reason") == "guard",
+                "latency_s": latency_s, "error": None}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        columns = [batch.column(name).to_pylist() for name in ("id", "prompt", "prompt_type")]
+        return rows_to_table(list(self.pool.map(self._row, *columns)))
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The OpenAI error body's message when there is one, else the raw text."""
+    try:
+        payload = response.json()
+    except ValueError:
+        return response.text
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return str(error.get("message", error)) if isinstance(error, dict) else str(payload)
+
+
+def _num_decoded_tokens(usage: dict) -> int | None:
+    completion_tokens = usage.get("completion_tokens")
+    if completion_tokens is None:
+        return None
+    return completion_tokens + (usage.get("guard_dropped_tokens") or 0)
+
+
+def check_server(url: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, before any Ray start-up, when nothing answers at the Serve URL."""
+    models_url = url.rstrip("/") + "/v1/models"
+    try:
+        httpx.get(models_url, timeout=timeout_s).raise_for_status()
+    except httpx.HTTPError as e:
+        raise RuntimeError(f"no Serve deployment answers at {models_url}: {e}") from None
