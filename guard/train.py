@@ -104,31 +104,40 @@ def simulate_stop_line(p_stops: list[float], token_texts: list[str], policy: Sto
     return None
 
 
+def ideal_stop_line(token_texts: list[str], labels: list[int]) -> int | None:
+    """Line index (counted as simulate_stop_line counts) of the first token labelled stop: the
+    first excess line, which is the line a perfect line vote stops on. None if nothing is excess."""
+    line_index = 0
+    for text, label in zip(token_texts, labels):
+        if label == STOP_INDEX:
+            return line_index
+        line_index += text.count("\n")
+    return None
+
+
 def line_stop_errors(guard: GenGuard, samples: list[dict], features_by_sample: dict[int, np.ndarray],
                      policy: StopPolicy) -> dict:
-    """Per sample: stop line predicted by the policy vs the line holding the labeler's cut."""
-    early = exact = late = never = 0
-    line_errors = []
+    """Per sample: the line the policy stops on vs the first excess line from the labeler's cut.
+    Error in lines: < 0 stopped too early (cut expected code), > 0 too late (kept excess)."""
+    line_errors, never = [], 0
     for index, sample in features_by_sample.items():
         s = samples[index]
         p_stops = guard.stop_probs(torch.from_numpy(sample).float()).tolist()
         ends = s["char_ends"]
         texts = [s["completion"][(ends[i - 1] if i else 0):ends[i]] for i in range(len(ends))]
-        true_line = s["completion"][:s["cut_char"]].count("\n")
+        num_lines = s["completion"].count("\n") + 1  # "never stopped" = ran to the end
+        ideal = ideal_stop_line(texts, s["labels"])
         predicted = simulate_stop_line(p_stops, texts, policy)
-        if predicted is None:
-            never += 1
-            predicted = s["completion"].count("\n") + 1
-        error = predicted - true_line
-        line_errors.append(error)
-        early += error < 0
-        exact += error == 0
-        late += error > 0
-    n = max(len(line_errors), 1)
-    return {"num_samples": len(line_errors), "stopped_early": early / n, "stopped_exact_line": exact / n,
-            "stopped_late": late / n, "never_stopped": never / n,
-            "mean_abs_line_error": float(np.mean(np.abs(line_errors))) if line_errors else 0.0}
+        never += predicted is None
+        line_errors.append((num_lines if predicted is None else predicted)
+                           - (num_lines if ideal is None else ideal))
+    errors = np.asarray(line_errors)
+    n = max(len(errors), 1)
+    return {"num_samples": len(errors), "stopped_early": float((errors < 0).sum()) / n,
+            "stopped_exact_line": float((errors == 0).sum()) / n,
+            "stopped_late": float((errors > 0).sum()) / n, "never_stopped": never / n,
+            "mean_abs_line_error": float(np.abs(errors).mean()) if len(errors) else 0.0}
 
 
 __all__ = ["TrainConfig", "train_guard", "split_by_sample", "token_metrics", "line_stop_errors",
-           "simulate_stop_line", "CONTINUE_INDEX"]
+           "simulate_stop_line", "ideal_stop_line", "CONTINUE_INDEX"]

@@ -7,7 +7,7 @@ from engine.tiny import build_tiny_model_and_tokenizer
 from guard.features import extract_features, token_char_ends
 from guard.policy import StopPolicy
 from guard.probe import GenGuard
-from guard.train import simulate_stop_line, split_by_sample, train_guard
+from guard.train import ideal_stop_line, simulate_stop_line, split_by_sample, train_guard
 from tests.helpers import tiny_engine
 
 
@@ -56,6 +56,15 @@ def test_simulated_stop_line_matches_the_line_vote():
     p_stops = [0.1, 0.1, 0.9, 0.9, 0.9]
     assert simulate_stop_line(p_stops, texts, StopPolicy()) == 1
     assert simulate_stop_line([0.1] * 5, texts, StopPolicy()) is None
+
+
+def test_ideal_stop_line_is_the_first_excess_line_as_the_vote_counts_lines():
+    texts = ["  return x", "\n", "print", "(f(1))", "\n"]
+    # The cut falls after "  return x\n": a perfect vote stops on line 1, where the vote above does.
+    assert ideal_stop_line(texts, [1, 1, 0, 0, 0]) == 1 == simulate_stop_line([0.1, 0.1, 0.9, 0.9, 0.9],
+                                                                               texts, StopPolicy())
+    assert ideal_stop_line(texts, [1, 0, 0, 0, 0]) == 0  # the newline itself already excess
+    assert ideal_stop_line(texts, [1] * 5) is None  # nothing excess: a perfect guard never stops
 
 
 def test_trained_guard_round_trips_into_the_engine(tmp_path):
