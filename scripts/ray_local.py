@@ -10,6 +10,10 @@ RAY_LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # On 2 busy cores a starting Serve proxy can miss its 5 s readiness check three times and be
+    # killed; give it (and later health checks) room. Read by the Serve controller at start.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
 }
 
 
