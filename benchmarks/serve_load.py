@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     server.add_argument("--max-num-seqs", type=int, default=8)
     server.add_argument("--dtype", default="bfloat16")
     server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--num-cpus", type=float, default=1.0,
+                        help="replica CPUs; Ray sets the replica's torch threads from it")
     args = parser.parse_args(argv)
     if args.num_clients < 1 or args.num_requests < 1:
         parser.error("--num-clients and --num-requests must be >= 1")
@@ -151,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         from deployments.serve_cli import start_local_ray, start_server, stop_server
 
         config = ServeConfig(model=args.model, guard=args.guard, max_num_seqs=args.max_num_seqs,
-                             dtype=args.dtype)
-        start_local_ray()
+                             dtype=args.dtype, num_cpus=args.num_cpus)
+        start_local_ray(num_cpus=4)  # more logical CPUs than cores: proxy + replica never starve
         url = start_server(config, "127.0.0.1", args.port)
     try:
         model = httpx.get(f"{url}/v1/models", timeout=args.request_timeout).json()["data"][0]["id"]

@@ -63,6 +63,7 @@ class EngineWorker:
         results = self.engine.generate([prompts[i] for i in valid_positions], self.params)
         for i, result in zip(valid_positions, results):
             rows[i] = {"id": ids[i], "prompt": prompts[i], "completion": result.text,
+                       "completion_ids": list(result.token_ids),
                        "finish_reason": result.finish_reason,
                        "num_prompt_tokens": result.num_prompt_tokens,
                        "num_generated_tokens": result.num_generated_tokens,

@@ -41,6 +41,7 @@ class JobConfig:
     max_new_tokens: int = 300
     temperature: float = 0.0
     top_p: float = 1.0
+    seed: int | None = None  # sampling seed of every row (temperature > 0); None: unseeded
     stop: tuple[str, ...] = ()
     num_actors: int = 1
     batch_size: int = 16  # rows per engine.generate call; > max_num_seqs keeps slots refilled
@@ -68,7 +69,7 @@ class JobConfig:
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_p=self.top_p, stop=self.stop, use_guard=self.guard is not None)
+                              top_p=self.top_p, seed=self.seed, stop=self.stop, use_guard=self.guard is not None)
 
     def engine_spec(self) -> EngineSpec:
         device = "cuda" if self.num_gpus_per_actor > 0 else "cpu"
@@ -209,6 +210,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible sampled runs)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
@@ -227,7 +229,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
         input=args.input, output=args.output, prompt_column=args.prompt_column,
         id_column=args.id_column, split=args.split, model=args.model,
         guard=None if args.guard == "none" else args.guard, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, stop=tuple(args.stop),
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
         num_actors=args.num_actors, batch_size=args.batch_size, max_num_seqs=args.max_num_seqs,
         dtype=args.dtype, num_cpus_per_actor=args.num_cpus_per_actor,
         num_gpus_per_actor=args.num_gpus_per_actor, shard_size=args.shard_size,

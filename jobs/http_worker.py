@@ -80,7 +80,7 @@ class HttpWorker:
             raise RuntimeError(f"{self.spec.completions_url} refused the request ({message})")
         payload = response.json()
         choice, usage = payload["choices"][0], payload.get("usage") or {}
-        return {"id": row_id, "prompt": prompt, "completion": choice["text"],
+        return {"id": row_id, "prompt": prompt, "completion": choice["text"], "completion_ids": None,
                 "finish_reason": choice.get("finish_reason"),
                 "num_prompt_tokens": usage.get("prompt_tokens"),
                 # Tokens decoded, as in actor mode: the returned ones plus the excess line the

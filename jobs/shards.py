@@ -18,6 +18,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("prompt", pa.string()),  # null when the input prompt was not text
     ("completion", pa.string()),  # null on error rows
+    ("completion_ids", pa.list_(pa.int64())),  # the completion's token ids (null in Serve mode)
     ("finish_reason", pa.string()),  # eos | length | stop | guard (null on error rows)
     ("num_prompt_tokens", pa.int64()),
     ("num_generated_tokens", pa.int64()),  # tokens decoded, including any the guard cut
@@ -80,7 +81,7 @@ class ShardWriter:
 
 
 def error_row(row_id: str, prompt: str | None, message: str) -> dict:
-    return {"id": row_id, "prompt": prompt, "completion": None, "finish_reason": None,
+    return {"id": row_id, "prompt": prompt, "completion": None, "completion_ids": None, "finish_reason": None,
             "num_prompt_tokens": None, "num_generated_tokens": None, "is_guard_stop": False,
             "latency_s": None, "error": message}
 

@@ -386,3 +386,30 @@ def test_cluster_yaml_passes_rays_own_validation():
     broken["available_node_types"]["gpu_worker"]["min_wrokers"] = 1  # the validator does catch typos
     with pytest.raises(Exception, match="min_wrokers"):
         validate_config(prepare_config(broken))
+
+
+def test_guard_samples_job_writes_the_samples_guard_build_reads(ray_session, tmp_path):
+    from engine.tiny import build_tiny_tokenizer
+    from evals.mbxp import load_problems, split_problems
+    from guard.sampling import read_jsonl
+    from jobs.guard_samples import job_dir, sample_with_ray
+
+    settings = dict(model=TINY_MODEL_NAME, max_new_tokens=8, dtype="float32", batch_size=8,
+                    max_num_seqs=4, num_cpus_per_actor=0.5, progress_interval_s=1.0)
+    languages, temperatures = ["python", "cpp"], [0.0, 0.7]
+    paths = sample_with_ray(tmp_path, languages, 3, temperatures, settings, log=lambda line: None)
+    tokenizer = build_tiny_tokenizer()
+    for language in languages:
+        rows = read_jsonl(paths[language])
+        expected_ids = {p.task_id for p in split_problems(load_problems(language), "train")[:3]}
+        assert sorted(r["temperature"] for r in rows) == [0.0] * 3 + [0.7] * 3
+        assert {r["task_id"] for r in rows} == expected_ids
+        for row in rows:
+            assert row["language"] == language and row["entry_point"]
+            assert 1 <= len(row["completion_ids"]) <= 8
+            assert tokenizer.decode(row["completion_ids"], skip_special_tokens=True) == row["completion"]
+    # Each temperature was one resumable job; a rerun with the samples in place starts none.
+    assert all(read_output(job_dir(tmp_path, t)).num_rows == 6 for t in temperatures)
+    lines = []
+    sample_with_ray(tmp_path, languages, 3, temperatures, settings, log=lines.append)
+    assert lines == ["[guard_samples] every language already has its samples file"]

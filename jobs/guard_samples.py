@@ -1,0 +1,108 @@
+"""Step 1 of a guard build at cluster scale: sample the training completions with a Ray Data job.
+
+Sampling is nearly all of a guard build's time (labeling, features and training take minutes), so
+this entrypoint spreads it over engine actors — one per GPU on a cluster — and writes the very
+files `guard.sampling` would: `OUT/samples/<language>.jsonl`. `python -m guard build --out OUT`
+then finds them and goes straight on to labeling, features and training.
+
+    python -m jobs.guard_samples --model default --per-language 200 --temperatures 0.0 0.7 \
+        --out runs/guard-qwen --num-actors 4 --num-gpus-per-actor 1
+    python -m guard build --model default --per-language 200 --temperatures 0.0 0.7 --out runs/guard-qwen --ship
+    ray job submit --working-dir . -- python -m jobs.guard_samples --out "$PWD/runs/guard-qwen" ...
+
+Prompts are the MBXP *train* split (every record but the last 500 of each file) of each language.
+One generation job per temperature, all languages in one corpus, ids `<task_id>`. Each job writes
+resumable parquet shards under `OUT/sampling-jobs/t<temperature>/`, so a rerun after a crash
+generates only the ids still missing; a language whose samples file exists is left alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from evals.mbxp import load_problems, split_problems
+from guard.sampling import write_jsonl_atomic
+from jobs.generate import JobConfig, run_job
+from jobs.shards import read_output
+
+LANGUAGES = ("python", "javascript", "go", "cpp")
+
+
+def job_dir(out: Path, temperature: float) -> Path:
+    return out / "sampling-jobs" / f"t{temperature:g}"
+
+
+def sample_with_ray(out: Path, languages: list[str], per_language: int, temperatures: list[float],
+                    job_settings: dict, address: str | None = None, log=print) -> dict[str, Path]:
+    """Runs the missing sampling jobs, then writes one samples file per language not done yet."""
+    samples_dir = out / "samples"
+    todo = [lang for lang in languages if not (samples_dir / f"{lang}.jsonl").exists()]
+    if not todo:
+        log("[guard_samples] every language already has its samples file")
+        return {lang: samples_dir / f"{lang}.jsonl" for lang in languages}
+    problems = {lang: split_problems(load_problems(lang), "train")[:per_language] for lang in todo}
+    corpus = out / "sampling-jobs" / "prompts.jsonl"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(corpus, [{"id": p.task_id, "prompt": p.prompt}
+                                for lang in todo for p in problems[lang]])
+    outputs = {}
+    for t_index, temperature in enumerate(temperatures):
+        log(f"[guard_samples] temperature {temperature:g}: {sum(map(len, problems.values()))} prompts")
+        config = JobConfig(input=str(corpus), output=str(job_dir(out, temperature)), guard=None,
+                           temperature=temperature, top_p=0.95 if temperature else 1.0,
+                           seed=1000 * t_index if temperature else None, **job_settings)
+        run_job(config, address=address, log=log)
+        outputs[temperature] = {row["id"]: row for row in read_output(config.output).to_pylist()}
+    for lang in todo:
+        rows, num_errors = [], 0
+        for temperature in temperatures:
+            for problem in problems[lang]:
+                row = outputs[temperature].get(problem.task_id)
+                if row is None or row["error"] is not None:
+                    num_errors += 1  # e.g. a prompt longer than the model's context
+                    continue
+                rows.append({"task_id": problem.task_id, "language": lang,
+                             "entry_point": problem.entry_point, "temperature": temperature,
+                             "prompt": problem.prompt, "completion": row["completion"],
+                             "completion_ids": row["completion_ids"],
+                             "finish_reason": row["finish_reason"]})
+        samples_dir.mkdir(parents=True, exist_ok=True)
+        write_jsonl_atomic(samples_dir / f"{lang}.jsonl", rows)
+        log(f"[guard_samples] {lang}: {len(rows)} samples written, {num_errors} prompts not served")
+    return {lang: samples_dir / f"{lang}.jsonl" for lang in languages}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.guard_samples", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the guard build folder (same as guard build --out)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--languages", default=",".join(LANGUAGES))
+    p.add_argument("--per-language", type=int, default=60)
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.6])
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    args = p.parse_args(argv)
+    languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
+    unknown = set(languages) - set(LANGUAGES)
+    if unknown or args.per_language < 1 or any(not 0 <= t <= 1.5 for t in args.temperatures):
+        p.error(f"languages must come from {LANGUAGES}, --per-language >= 1, temperatures in [0, 1.5]")
+    settings = dict(model=args.model, max_new_tokens=args.max_new_tokens, num_actors=args.num_actors,
+                    num_gpus_per_actor=args.num_gpus_per_actor, num_cpus_per_actor=args.num_cpus_per_actor,
+                    batch_size=args.batch_size, max_num_seqs=args.max_num_seqs, dtype=args.dtype)
+    paths = sample_with_ray(Path(args.out), languages, args.per_language, args.temperatures, settings,
+                            address=args.address, log=lambda line: print(line, flush=True))
+    print(json.dumps({lang: str(path) for lang, path in paths.items()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
