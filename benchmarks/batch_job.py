@@ -48,6 +48,8 @@ def run_direct(args, guard: str | None, prompts: list[str]) -> tuple[dict, list[
         # As the actors do: prompts the engine refuses (too long for its context) are skipped.
         batch = [p for p in prompts[i:i + args.batch_size] if is_servable(engine, p, params)]
         results += engine.generate(batch, params)
+        print(f"[direct] {min(i + args.batch_size, len(prompts))}/{len(prompts)} prompts,"
+              f" {time.perf_counter() - start:.0f} s", flush=True)
     wall_s = time.perf_counter() - start
     del engine
     gc.collect()
@@ -71,7 +73,7 @@ def run_ray_job(args, guard: str | None, corpus: Path, work_dir: Path) -> tuple[
                        batch_size=args.batch_size, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
                        num_cpus_per_actor=args.threads, num_gpus_per_actor=args.num_gpus_per_actor,
                        shard_size=10**9, progress_interval_s=30.0)
-    summary = run_job(config, log=lambda line: None)
+    summary = run_job(config, log=lambda line: print(line, flush=True))
     table = read_output(output)
     texts = dict(zip(table.column("id").to_pylist(), table.column("completion").to_pylist()))
     return measure(summary["wall_s"], table.column("num_generated_tokens").to_pylist(),
@@ -100,8 +102,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch CPU threads of the direct run = CPUs reserved per actor")
+    parser.add_argument("--modes", default="guard,none",
+                        help="which halves to run: 'guard' (with --guard), 'none' (no guard), or both")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if not modes or set(modes) - {"guard", "none"}:
+        parser.error("--modes takes guard, none or guard,none")
     args.device = "cuda" if args.num_gpus_per_actor > 0 else "cpu"
     torch.set_num_threads(args.threads)
 
@@ -114,7 +121,7 @@ def main() -> None:
                 address=None)
 
     rows, checks = [], []
-    for guard in (args.guard, None):
+    for guard in [args.guard if mode == "guard" else None for mode in modes]:
         label = "with guard" if guard else "no guard"
         direct, direct_texts = run_direct(args, guard, [p for _, p in pairs])
         job, job_texts = run_ray_job(args, guard, corpus, work_dir)
@@ -123,6 +130,7 @@ def main() -> None:
         overhead = job["wall_s"] / direct["wall_s"] - 1
         rows += [{"run": f"direct engine, {label}", **direct},
                  {"run": f"Ray Data job, {label}", **job, "overhead_vs_direct": round(overhead, 4)}]
+        print(f"[done] {json.dumps(rows[-2:])}", flush=True)  # a long run keeps its halves if cut off
         checks.append(f"{label}: Ray overhead {overhead:+.1%} (target <= {OVERHEAD_TARGET:.0%}:"
                       f" {'ok' if overhead <= OVERHEAD_TARGET else 'MISSED'});"
                       f" identical completions {same}/{len(served)} served prompts")

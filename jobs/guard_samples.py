@@ -23,11 +23,10 @@ import sys
 from pathlib import Path
 
 from evals.mbxp import load_problems, split_problems
+from guard.build import LANGUAGES
 from guard.sampling import write_jsonl_atomic
 from jobs.generate import JobConfig, run_job
 from jobs.shards import read_output
-
-LANGUAGES = ("python", "javascript", "go", "cpp")
 
 
 def job_dir(out: Path, temperature: float) -> Path:
