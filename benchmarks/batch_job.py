@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--num-actors", type=int, default=1)
     parser.add_argument("--num-gpus-per-actor", type=float, default=0.0)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch CPU threads of the direct run = CPUs reserved per actor")
     parser.add_argument("--modes", default="guard,none",

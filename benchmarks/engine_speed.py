@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--skip-generate-batch", action="store_true")
     parser.add_argument("--overhead-repeats", type=int, default=3, help="alternating runs per engine")
     args = parser.parse_args()

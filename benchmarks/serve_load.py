@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     server.add_argument("--model", default="default")
     server.add_argument("--guard", default="default")
     server.add_argument("--max-num-seqs", type=int, default=8)
-    server.add_argument("--dtype", default="bfloat16")
+    server.add_argument("--dtype", default="auto")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--num-cpus", type=float, default=1.0,
                         help="replica CPUs; Ray sets the replica's torch threads from it")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 NO_GUARD_NAMES = ("none", "off", "")
 _NESTED_ARGS = {"autoscaling_config": ("min_replicas", "max_replicas", "target_ongoing_requests"),
@@ -27,7 +27,7 @@ class ServeConfig:
     model: str = "default"  # "default", "codefast/tiny-random", or a local HF folder
     guard: str | None = "default"  # "default" (the guard shipped for the model), None/"none", or a folder
     max_num_seqs: int = 8  # engine batch slots per replica
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "auto"  # auto: cuda when the replica got a GPU, else cpu
     # Serve options. None = derived: 2x slots lets a finished slot be refilled from the engine's
     # own queue at the next step instead of waiting for a proxy round trip.

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.dtypes import DTYPE_NAMES
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -16,7 +18,7 @@ class EngineConfig:
     max_num_seqs: int = 8
     max_model_len: int | None = None  # None: the model's own context length
     max_prefill_tokens: int = 4096  # cap on padded prompt tokens admitted in one prefill step
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: bf16 where the hardware has it, else float32 (engine/dtypes.py)
     device: str = "cpu"
     refill_slots: bool = True
 
@@ -27,5 +29,5 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be >= 1")
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from engine.dtypes import resolve_dtype
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
@@ -220,10 +222,11 @@ def _eos_token_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
-def load_model(name_or_path: str = "default", dtype: str = "bfloat16", device: str = "cpu") -> LoadedModel:
+def load_model(name_or_path: str = "default", dtype: str = "auto", device: str = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer (left padding, pad token set), model in eval mode."""
     from engine.tiny import TINY_MODEL_NAME, build_tiny_model_and_tokenizer
 
+    dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if name_or_path == TINY_MODEL_NAME:

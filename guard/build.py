@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--ship", action="store_true", help="copy the guard into guard/weights/")
     args = parser.parse_args(argv)
     build(args)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine import EngineConfig, SamplingParams
+from engine.dtypes import DTYPE_NAMES
 from jobs.corpus import PromptRow, load_corpus
 from jobs.engine_worker import EngineSpec, EngineWorker
 from jobs.http_worker import HttpWorker, ServeSpec, check_server
@@ -46,7 +47,7 @@ class JobConfig:
     num_actors: int = 1
     batch_size: int = 16  # rows per engine.generate call; > max_num_seqs keeps slots refilled
     max_num_seqs: int = 8
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     shard_size: int = 256  # rows per output shard: what a crash can cost at most, per shard
@@ -215,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=8)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_NAMES))
     p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     p.add_argument("--shard-size", type=int, default=256)

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from evals.mbxp import load_problems, split_problems
+from engine.dtypes import DTYPE_NAMES
 from guard.build import LANGUAGES
 from guard.sampling import write_jsonl_atomic
 from jobs.generate import JobConfig, run_job
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_NAMES))
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
     args = p.parse_args(argv)
     languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
