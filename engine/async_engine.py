@@ -1,15 +1,18 @@
-"""An asyncio front for one Engine: a background thread steps it while requests are in flight.
+"""A thread-safe front for one Engine: a background thread steps it while requests are in flight.
 
-Used by the Serve replica (and anything else with an event loop). Requests from many coroutines
-share decode steps; a coroutine that is cancelled (client gone) aborts its sequence, which frees
-its slot at the next step.
+Two ways in, sharing the same decode steps: `stream`/`generate` for asyncio callers (the Serve
+replica; a cancelled coroutine, i.e. a client gone, aborts its sequence and frees its slot at the
+next step), and `submit`, which returns a concurrent Future, for plain threads (the Ray Data
+actor, whose concurrent batch calls keep the engine's queue full while a batch's tail drains).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 
 from engine.engine import Engine, StepEvent
 from engine.params import SamplingParams
@@ -20,16 +23,23 @@ class AsyncEngine:
     def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
         self.engine = engine
         self.idle_wait_s = idle_wait_s
-        self._lock = threading.Lock()  # guards the engine: stepping vs add/abort from the loop
+        self._lock = threading.Lock()  # guards the engine: stepping vs add/abort from callers
+        # Callers waiting for the lock. threading.Lock is not fair: a loop that re-takes it right
+        # after each step could starve a caller for many steps, so the loop lets them go first.
+        self._num_callers_waiting = 0
+        self._callers_done = threading.Condition()
         self._has_work = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._futures: dict[str, Future] = {}  # submit(): request id -> its Result
         self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
         self._is_stopped = False
 
     def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-            self._thread.start()
+        with self._thread_lock:  # submit() may race from several threads; one loop thread only
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+                self._thread.start()
 
     def _run(self) -> None:
         while not self._is_stopped:
@@ -42,6 +52,7 @@ class AsyncEngine:
                         events, error = self.engine.step(), None
                     except Exception as exc:  # fail every waiter instead of hanging them
                         events, error = [], exc
+            self._let_callers_in()
             if error is not None:
                 self._fail_all(error)
                 continue
@@ -50,7 +61,33 @@ class AsyncEngine:
             for event in events:
                 self._deliver(event.request_id, event)
 
+    @contextlib.contextmanager
+    def _caller_access(self):
+        """The engine lock for a caller (not the loop), taken ahead of the loop's next step."""
+        with self._callers_done:
+            self._num_callers_waiting += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._callers_done:
+                self._num_callers_waiting -= 1
+                self._callers_done.notify_all()
+
+    def _let_callers_in(self) -> None:
+        with self._callers_done:  # bounded wait: adding or aborting a request takes microseconds
+            self._callers_done.wait_for(lambda: self._num_callers_waiting == 0, timeout=1.0)
+
     def _deliver(self, request_id: str, item) -> None:
+        future = self._futures.get(request_id)
+        if future is not None:
+            if isinstance(item, Exception):
+                self._futures.pop(request_id, None)
+                future.set_exception(item)
+            elif item.is_finished:
+                self._futures.pop(request_id, None)
+                future.set_result(item.result)
+            return
         entry = self._queues.get(request_id)
         if entry is not None:
             loop, queue = entry
@@ -58,9 +95,10 @@ class AsyncEngine:
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
-            for request_id in list(self._queues):
+            request_ids = list(self._queues) + list(self._futures)
+            for request_id in request_ids:
                 self.engine.abort(request_id)
-        for request_id in list(self._queues):
+        for request_id in request_ids:
             self._deliver(request_id, error)
 
     async def stream(self, prompt: str, params: SamplingParams = SamplingParams(),
@@ -71,7 +109,7 @@ class AsyncEngine:
         """
         request_id = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
+        with self._caller_access():
             self.engine.add_request(prompt, params, request_id=request_id, stream=True)
             self._queues[request_id] = (asyncio.get_running_loop(), queue)
         self._ensure_thread()
@@ -87,7 +125,7 @@ class AsyncEngine:
         finally:
             self._queues.pop(request_id, None)
             if not is_finished:
-                with self._lock:
+                with self._caller_access():
                     self.engine.abort(request_id)
                 self._has_work.set()
 
@@ -98,8 +136,21 @@ class AsyncEngine:
                 return event.result
         raise RuntimeError("request ended without a result")
 
+    def submit(self, prompt: str, params: SamplingParams = SamplingParams(),
+               request_id: str | None = None) -> Future:
+        """Queue one request from any thread; the Future resolves to its Result (or the step's
+        error). Raises PromptError at once, queueing nothing, for a prompt the engine cannot serve."""
+        request_id = request_id or uuid.uuid4().hex
+        future: Future = Future()
+        with self._caller_access():
+            self.engine.add_request(prompt, params, request_id=request_id)
+            self._futures[request_id] = future
+        self._ensure_thread()
+        self._has_work.set()
+        return future
+
     def stats(self) -> dict:
-        with self._lock:
+        with self._caller_access():
             return {**self.engine.stats.as_dict(), "num_running": self.engine.num_running,
                     "num_waiting": self.engine.num_waiting}
 

@@ -1,9 +1,11 @@
 """The Ray Data callable class that hosts one Engine per actor and generates for a batch of rows.
 
-All prompts of a batch enter `engine.generate` together: the engine keeps `max_num_seqs` of them
-decoding and refills a slot the moment a sequence ends (EOS, length, stop string or a guard stop),
-so guard stops turn directly into throughput. A prompt the engine refuses (not text, empty, too
-long: `PromptError`) becomes an error row and the batch goes on.
+The engine is stepped by one background thread (AsyncEngine) and each batch call only queues its
+prompts and waits for their results. Ray Data runs `CONCURRENT_BATCHES` calls per actor at once, so
+while one batch's last, longest sequences finish, the next batch's prompts already fill the slots
+that guard stops (or EOS) free. Without that overlap every batch would end with a tail of
+near-empty decode steps, and a guard stop would save no time at all. A prompt the engine refuses
+(not text, empty, too long: `PromptError`) becomes an error row and the batch goes on.
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from engine import Engine, EngineConfig, PromptError, SamplingParams
+from engine.async_engine import AsyncEngine
 from jobs.shards import error_row, rows_to_table
+
+CONCURRENT_BATCHES = 2  # batch calls in flight per actor: one generating, one queued behind it
 
 
 @dataclass(frozen=True)
@@ -37,13 +42,13 @@ def build_engine(spec: EngineSpec) -> Engine:
 
 
 class EngineWorker:
-    """map_batches(EngineWorker, compute=ActorPoolStrategy(size=n)): one engine per actor."""
+    """map_batches(EngineWorker, compute=worker_pool(n)): one engine per actor, thread-safe calls."""
 
     def __init__(self, spec: EngineSpec, params: SamplingParams):
         import torch
 
         torch.set_num_threads(spec.num_threads)
-        self.engine = build_engine(spec)
+        self.engine = AsyncEngine(build_engine(spec))
         self.params = params
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -51,17 +56,16 @@ class EngineWorker:
         prompts = batch.column("prompt").to_pylist()
         prompt_types = batch.column("prompt_type").to_pylist()
         rows: list[dict | None] = [None] * len(ids)
-        valid_positions = []
+        futures = {}
         for i, (prompt, prompt_type) in enumerate(zip(prompts, prompt_types)):
             try:
                 if prompt_type != "str":
                     raise PromptError(f"prompt must be a string, got {prompt_type}")
-                self.engine.encode_prompt(prompt, self.params)
-                valid_positions.append(i)
+                futures[i] = self.engine.submit(prompt, self.params)
             except PromptError as e:
                 rows[i] = error_row(ids[i], prompt, str(e))
-        results = self.engine.generate([prompts[i] for i in valid_positions], self.params)
-        for i, result in zip(valid_positions, results):
+        for i, future in futures.items():
+            result = future.result()
             rows[i] = {"id": ids[i], "prompt": prompts[i], "completion": result.text,
                        "completion_ids": list(result.token_ids),
                        "finish_reason": result.finish_reason,
@@ -70,3 +74,13 @@ class EngineWorker:
                        "is_guard_stop": result.finish_reason == "guard",
                        "latency_s": result.latency_s, "error": None}
         return rows_to_table(rows)
+
+
+def worker_pool(num_actors: int):
+    """A fixed actor pool whose actors each take CONCURRENT_BATCHES batch calls at once (threads;
+    the engine itself is stepped by a single thread, so one model runs at a time)."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(size=num_actors,
+                                      max_concurrent_calls_per_actor=CONCURRENT_BATCHES,
+                                      enable_true_multi_threading=True)

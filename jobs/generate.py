@@ -22,7 +22,7 @@ from pathlib import Path
 from engine import EngineConfig, SamplingParams
 from engine.dtypes import DTYPE_NAMES
 from jobs.corpus import PromptRow, load_corpus
-from jobs.engine_worker import EngineSpec, EngineWorker
+from jobs.engine_worker import EngineSpec, EngineWorker, worker_pool
 from jobs.http_worker import HttpWorker, ServeSpec, check_server
 from jobs.progress import Progress
 from jobs.shards import ShardWriter, read_done_ids, remove_stale_tmp_files
@@ -45,7 +45,7 @@ class JobConfig:
     seed: int | None = None  # sampling seed of every row (temperature > 0); None: unseeded
     stop: tuple[str, ...] = ()
     num_actors: int = 1
-    batch_size: int = 16  # rows per engine.generate call; > max_num_seqs keeps slots refilled
+    batch_size: int = 16  # rows per batch call; an actor runs two calls at once (engine_worker)
     max_num_seqs: int = 8
     dtype: str = "auto"
     num_cpus_per_actor: float = 1.0
@@ -94,14 +94,15 @@ def build_dataset(rows: list[PromptRow], config: JobConfig):
               "prompt_type": type(r.prompt).__name__} for r in rows]
     num_blocks = min(MAX_INPUT_BLOCKS, math.ceil(len(items) / config.batch_size))
     dataset = ray.data.from_items(items, override_num_blocks=num_blocks)
-    pool = ray.data.ActorPoolStrategy(size=config.num_actors)
     if config.serve_url:
         return dataset.map_batches(HttpWorker, fn_constructor_args=(config.serve_spec(),),
                                    batch_size=config.batch_size, batch_format="pyarrow",
-                                   compute=pool, num_cpus=config.num_cpus_per_actor)
+                                   compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+                                   num_cpus=config.num_cpus_per_actor)
     return dataset.map_batches(EngineWorker,
                                fn_constructor_args=(config.engine_spec(), config.sampling_params()),
-                               batch_size=config.batch_size, batch_format="pyarrow", compute=pool,
+                               batch_size=config.batch_size, batch_format="pyarrow",
+                               compute=worker_pool(config.num_actors),
                                num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor)
 
 

@@ -23,6 +23,7 @@ from engine import Engine, EngineConfig, SamplingParams
 from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
 from jobs.corpus import load_corpus, prompt_hash_id
+from jobs.engine_worker import EngineSpec, EngineWorker
 from jobs.generate import JobConfig, _stream_to_shards, parse_args, run_job
 from jobs.http_worker import HttpWorker, ServeSpec
 from jobs.progress import Progress
@@ -413,3 +414,32 @@ def test_guard_samples_job_writes_the_samples_guard_build_reads(ray_session, tmp
     lines = []
     sample_with_ray(tmp_path, languages, 3, temperatures, settings, log=lines.append)
     assert lines == ["[guard_samples] every language already has its samples file"]
+
+
+def test_engine_worker_runs_concurrent_batch_calls_in_the_same_decode_steps():
+    """Ray Data gives an actor two batches at once; the second must fill the slots the first
+    leaves free instead of waiting for the first batch's longest sequence."""
+    spec = EngineSpec(model=TINY_MODEL_NAME, guard=None,
+                      config=EngineConfig(max_num_seqs=4, dtype="float32"))
+    worker = EngineWorker(spec, SamplingParams(max_new_tokens=200, ignore_eos=True))
+
+    def batch(prefix: str, prompts: list) -> pa.Table:
+        return pa.table({"id": [f"{prefix}{i}" for i in range(len(prompts))],
+                         "prompt": [p if isinstance(p, str) else None for p in prompts],
+                         "prompt_type": [type(p).__name__ for p in prompts]})
+
+    outputs: dict[str, pa.Table] = {}
+    threads = [threading.Thread(target=lambda k=k, b=b: outputs.__setitem__(k, worker(b)))
+               for k, b in (("a", batch("a", [good_prompt(1), good_prompt(2)])),
+                            ("b", batch("b", [good_prompt(3), "", good_prompt(4)])))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    worker.engine.shutdown()
+    rows = {**rows_by_id(outputs["a"]), **rows_by_id(outputs["b"])}
+    assert sorted(rows) == ["a0", "a1", "b0", "b1", "b2"]
+    assert rows["b1"]["error"] == "prompt is empty" and rows["b1"]["completion"] is None
+    assert all(rows[i]["num_generated_tokens"] == 200 for i in ("a0", "a1", "b0", "b2"))
+    # Both batches' four sequences decoded together.
+    assert worker.engine.stats()["max_decode_batch_size"] == 4
