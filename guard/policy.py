@@ -6,6 +6,15 @@ excess (p_stop). A policy turns that stream of probabilities into one decision: 
 - line voting (the default): every token of the current line casts a vote (stop when
   p_stop >= threshold). When the line ends (a token whose text contains a newline), the sequence
   stops if a strict majority of that line's votes say stop; a tie continues.
+- line-start rule (with line voting): the first token of a line decides alone when it is sure
+  either way. Excess code starts a new top-level unit (`def check`, `# Test`, `print(`,
+  `int main`, prose), and the guard is most certain on that unit's first token:
+  p_stop >= `line_start_threshold` stops at once, because waiting for the line's end would
+  decode the whole first excess line for nothing (the stop-word heuristic stops on that same
+  token, `\ndef`). A sure continue, p_stop <= `line_keep_threshold` (the indentation of a line
+  inside the function body), keeps the line whatever its other tokens vote: prose inside a
+  string literal (`return "All tuples have same length";`) looks like excess token by token.
+  `None` disables either side (the plain end-of-line vote).
 - token voting: stop as soon as `num_consecutive` tokens in a row vote stop.
 - blank-line rule (both policies): stop after `max_blank_lines` consecutive empty lines, because a
   run of blank lines means the model has finished the unit it was writing and is drifting.
@@ -28,11 +37,18 @@ class StopPolicy:
     num_consecutive: int = 3  # token voting only
     max_blank_lines: int = 3  # 0 disables the blank-line rule
     keep_stop_line: bool = False  # keep the text of the line that triggered the stop
+    # Line voting only; None: the line's end decides alone (see the line-start rule above).
+    line_start_threshold: float | None = 0.5
+    line_keep_threshold: float | None = 0.01
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", PolicyKind(self.kind))
         if not 0 < self.stop_threshold < 1:
             raise ValueError(f"stop_threshold must be in (0, 1), got {self.stop_threshold}")
+        if self.line_start_threshold is not None and not 0 < self.line_start_threshold <= 1:
+            raise ValueError(f"line_start_threshold must be in (0, 1] or None, got {self.line_start_threshold}")
+        if self.line_keep_threshold is not None and not 0 <= self.line_keep_threshold < 1:
+            raise ValueError(f"line_keep_threshold must be in [0, 1) or None, got {self.line_keep_threshold}")
         if self.num_consecutive < 1:
             raise ValueError("num_consecutive must be >= 1")
         if self.max_blank_lines < 0:
@@ -45,6 +61,7 @@ class VoteState:
     num_line_continue_votes: int = 0
     num_consecutive_stop_votes: int = 0
     num_blank_lines: int = 0
+    is_line_kept: bool = False  # the line-start rule decided this line continues
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,7 @@ def update_votes(
     """
     threshold = policy.stop_threshold if stop_threshold is None else stop_threshold
     votes_stop = p_stop >= threshold
+    is_line_start = state.num_line_stop_votes + state.num_line_continue_votes == 0
     state = replace(
         state,
         num_line_stop_votes=state.num_line_stop_votes + int(votes_stop),
@@ -84,13 +102,19 @@ def update_votes(
     )
     is_stop = (policy.kind is PolicyKind.TOKEN
                and state.num_consecutive_stop_votes >= policy.num_consecutive)
+    if policy.kind is PolicyKind.LINE and is_line_start:
+        if policy.line_start_threshold is not None and p_stop >= max(threshold, policy.line_start_threshold):
+            is_stop = True
+        elif policy.line_keep_threshold is not None and p_stop <= policy.line_keep_threshold:
+            state = replace(state, is_line_kept=True)
     is_line_end = line_text is not None
     if is_line_end:
-        if policy.kind is PolicyKind.LINE and state.num_line_stop_votes > state.num_line_continue_votes:
+        if (policy.kind is PolicyKind.LINE and not state.is_line_kept
+                and state.num_line_stop_votes > state.num_line_continue_votes):
             is_stop = True
         num_blank_lines = count_blank_lines(state.num_blank_lines, line_text)
         if policy.max_blank_lines and num_blank_lines >= policy.max_blank_lines:
             is_stop = True
         state = replace(state, num_line_stop_votes=0, num_line_continue_votes=0,
-                        num_blank_lines=num_blank_lines)
+                        num_blank_lines=num_blank_lines, is_line_kept=False)
     return Decision(state=state, is_stop=is_stop, is_line_end=is_line_end)

@@ -68,6 +68,18 @@ def test_guard_drops_the_stop_line_unless_asked_to_keep_it():
     assert dropped.token_ids == [] and dropped.text == "" and dropped.num_dropped_tokens == 2
 
 
+def test_line_start_rule_stops_on_the_first_token_and_drops_it():
+    sure = tiny_engine(guard=constant_guard(10.0, StopPolicy(line_start_threshold=0.9, max_blank_lines=0)))
+    # p_stop = sigmoid(20) ~ 1: the first generated token starts a line and is sure enough.
+    result = sure.generate(["z = 3\n"], SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
+    assert result.finish_reason == "guard" and result.num_generated_tokens == 1
+    assert result.text == "" and result.num_dropped_tokens == 1
+    # A vote that is a stop vote but not sure enough waits for the line's end.
+    unsure = tiny_engine(guard=constant_guard(0.5, StopPolicy(line_start_threshold=0.9, max_blank_lines=0)))
+    result = unsure.generate(["z = 3\n"], SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
+    assert result.finish_reason != "guard" or result.num_generated_tokens > 1
+
+
 def test_guard_that_never_votes_stop_changes_nothing():
     guard = constant_guard(-10.0, StopPolicy(max_blank_lines=0))
     params = SamplingParams(max_new_tokens=15)

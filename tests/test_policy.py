@@ -3,7 +3,8 @@ import pytest
 
 from guard.policy import PolicyKind, StopPolicy, VoteState, count_blank_lines, update_votes
 
-LINE = StopPolicy(kind=PolicyKind.LINE, stop_threshold=0.5, max_blank_lines=3)
+# The plain end-of-line vote; the line-start rule has tests of its own below.
+LINE = StopPolicy(kind=PolicyKind.LINE, stop_threshold=0.5, max_blank_lines=3, line_start_threshold=None)
 
 
 def run_line(p_stops, line_text, policy=LINE, state=VoteState(), threshold=None):
@@ -42,6 +43,33 @@ def test_threshold_decides_the_vote():
     assert run_line([0.7, 0.7, 0.7], "y\n", policy=StopPolicy(stop_threshold=0.6))[-1].is_stop
     # A per-request threshold overrides the policy's.
     assert run_line([0.7, 0.7, 0.7], "y\n", policy=strict, threshold=0.6)[-1].is_stop
+
+
+def test_sure_first_token_of_a_line_stops_at_once():
+    policy = StopPolicy(line_start_threshold=0.9)
+    decisions = run_line([0.95, 0.2, 0.2], "def check():\n", policy=policy)
+    assert [d.is_stop for d in decisions] == [True, False, False]
+    assert not decisions[0].is_line_end  # mid-line: the output processor drops the partial line
+
+
+def test_line_start_rule_needs_a_sure_vote_on_the_first_token_only():
+    policy = StopPolicy(line_start_threshold=0.9)
+    # Not sure enough on the first token: the line's end decides (here: a majority, so stop).
+    assert [d.is_stop for d in run_line([0.85, 0.9, 0.9], "x\n", policy=policy)] == [False, False, True]
+    # A sure vote later in the line is only a vote (tokens like `_re|peated` spike mid-line).
+    assert not any(d.is_stop for d in run_line([0.1, 0.99, 0.1], "    total_repeated\n", policy=policy))
+    # The first token of the *next* line decides again.
+    first = run_line([0.1, 0.1], "    return x\n", policy=policy)
+    assert update_votes(first[-1].state, 0.97, None, policy).is_stop
+
+
+def test_line_start_rule_respects_a_stricter_request_threshold_and_can_be_disabled():
+    policy = StopPolicy(line_start_threshold=0.9)
+    assert not update_votes(VoteState(), 0.95, None, policy, stop_threshold=0.97).is_stop
+    assert update_votes(VoteState(), 0.98, None, policy, stop_threshold=0.97).is_stop
+    assert not update_votes(VoteState(), 0.99, None, LINE).is_stop
+    token = StopPolicy(kind="token", num_consecutive=2, line_start_threshold=0.9)
+    assert not update_votes(VoteState(), 0.99, None, token).is_stop
 
 
 def test_token_voting_needs_consecutive_stop_votes():
@@ -83,7 +111,8 @@ def test_blank_line_rule_can_be_disabled():
 
 @pytest.mark.parametrize("kwargs", [{"stop_threshold": 0.0}, {"stop_threshold": 1.0},
                                     {"num_consecutive": 0}, {"max_blank_lines": -1},
-                                    {"kind": "sentence"}])
+                                    {"kind": "sentence"}, {"line_start_threshold": 0.0},
+                                    {"line_start_threshold": 1.5}])
 def test_bad_policy_is_rejected(kwargs):
     with pytest.raises(ValueError):
         StopPolicy(**kwargs)

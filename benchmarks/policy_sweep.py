@@ -1,0 +1,143 @@
+"""Replay GenGuard stop policies and the stop-word heuristic over the same greedy completions.
+
+Greedy decoding is deterministic and a stop only ends a sequence, so a guarded run's output is a
+prefix of the unguarded one. This tool generates each prompt once without any stop rule, scores
+every generated token with the guard (one teacher-forced forward), then replays each policy on
+those scores to find where it would have stopped: tokens generated and pass@1 (sandbox) per
+policy, without regenerating. Use the train split to choose a policy, the test split to report.
+
+    python -m benchmarks.policy_sweep --model default --split train --offset 40 --limit 30
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.stop_words import STOP_WORDS, finish_completion
+from engine import Engine, EngineConfig, SamplingParams
+from evals.mbxp import load_problems, split_problems
+from evals.pass_at_k import evaluate, pass_at_1
+from guard.features import token_char_ends
+from guard.policy import StopPolicy, VoteState, update_votes
+
+LANGUAGES = ("python", "javascript", "go", "cpp")
+
+
+@torch.inference_mode()
+def score_tokens(engine: Engine, prompt: str, completion_ids: list[int]) -> list[float]:
+    """p_stop of every generated token, from the hidden state that produced it."""
+    prompt_ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([prompt_ids + completion_ids])
+    hidden = engine.runner.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+    first = len(prompt_ids) - 1
+    return engine.guard.stop_probs(hidden[0, first:first + len(completion_ids)]).tolist()
+
+
+def replay_policy(texts: list[str], p_stops: list[float], policy: StopPolicy) -> int | None:
+    """Number of tokens kept when `policy` stops the sequence, None when it never stops.
+
+    `texts[i]` is the decoded text of tokens [0, i]; mirrors engine/output_processor.py.
+    """
+    state, line_start = VoteState(), 0
+    for i, p_stop in enumerate(p_stops):
+        previous = texts[line_start - 1] if line_start else ""
+        token_text = texts[i][len(texts[i - 1]) if i else 0:]
+        line_text = texts[i][len(previous):] if "\n" in token_text else None
+        decision = update_votes(state, p_stop, line_text, policy)
+        state = decision.state
+        if decision.is_stop:
+            return i + 1 if policy.keep_stop_line else line_start
+        if decision.is_line_end:
+            line_start = i + 1
+    return None
+
+
+def replay_stop_words(text: str, char_ends: list[int], stop: tuple[str, ...]) -> tuple[int, str] | None:
+    """(tokens generated, truncated text) when a stop word fires, else None."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if not hits:
+        return None
+    first = min(hits)
+    end = first + next(len(s) for s in stop if text.find(s) == first)
+    num_tokens = next(i + 1 for i, e in enumerate(char_ends) if e >= end)
+    return num_tokens, text[:first]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--guard", default="default")
+    parser.add_argument("--split", default="train", choices=("train", "test"))
+    parser.add_argument("--offset", type=int, default=40, help="skip the guard's own training prompts")
+    parser.add_argument("--limit", type=int, default=30)
+    parser.add_argument("--max-new-tokens", type=int, default=300)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--out", default="runs/policy_sweep")
+    parser.add_argument("--policies", default="", help="JSON list of StopPolicy overrides to replay")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    engine = Engine.from_pretrained(args.model, guard=args.guard,
+                                    config=EngineConfig(max_num_seqs=args.max_num_seqs))
+    base_policy = engine.guard.policy
+    overrides = json.loads(args.policies) if args.policies else [{}]
+    policies = {json.dumps(o, sort_keys=True): replace(base_policy, **o) for o in overrides}
+    summary = {}
+    for language in LANGUAGES:
+        cache = out / f"{args.split}.{args.offset}.{args.limit}.{language}.json"
+        problems = split_problems(load_problems(language), args.split)[args.offset:args.offset + args.limit]
+        if cache.exists():
+            samples = json.loads(cache.read_text())
+        else:
+            results = engine.generate([p.prompt for p in problems],
+                                      SamplingParams(max_new_tokens=args.max_new_tokens, use_guard=False),
+                                      use_tqdm=True)
+            samples = []
+            for p, r in zip(problems, results):
+                texts = [engine.tokenizer.decode(r.token_ids[:i + 1], skip_special_tokens=True)
+                         for i in range(len(r.token_ids))]
+                samples.append({"task_id": p.task_id, "ids": r.token_ids, "texts": texts,
+                                "p_stop": score_tokens(engine, p.prompt, r.token_ids)})
+            cache.write_text(json.dumps(samples))
+        methods = {"baseline": [(len(s["ids"]), s["texts"][-1] if s["texts"] else "") for s in samples]}
+        rows = []
+        for s in samples:
+            text = s["texts"][-1] if s["texts"] else ""
+            hit = replay_stop_words(text, token_char_ends(engine.tokenizer, s["ids"]), STOP_WORDS[language])
+            rows.append((hit[0], finish_completion(language, hit[1], True)) if hit else (len(s["ids"]), text))
+        methods["stop_words"] = rows
+        for name, policy in policies.items():
+            rows = []
+            for s in samples:
+                kept = replay_policy(s["texts"], s["p_stop"], policy)
+                if kept is None:
+                    rows.append((len(s["ids"]), s["texts"][-1] if s["texts"] else ""))
+                else:
+                    # Tokens generated: up to the token that triggered the stop.
+                    num_generated = _trigger_index(s, policy) + 1
+                    rows.append((num_generated, s["texts"][kept - 1] if kept else ""))
+            methods[f"guard {name}"] = rows
+        for method, rows in methods.items():
+            completions = {s["task_id"]: text for s, (_, text) in zip(samples, rows)}
+            score = pass_at_1(evaluate(completions, language))
+            tokens = sum(n for n, _ in rows)
+            summary.setdefault(method, {})[language] = (tokens, score)
+            print(f"{language:10s} {method:60s} tokens {tokens:6d}  pass@1 {score * 100:5.1f}", flush=True)
+    print("\nall languages:")
+    for method, per_language in summary.items():
+        tokens = sum(t for t, _ in per_language.values())
+        score = sum(s for _, s in per_language.values()) / len(per_language)
+        print(f"{method:60s} tokens {tokens:6d}  mean pass@1 {score * 100:5.1f}")
+
+
+def _trigger_index(sample: dict, policy: StopPolicy) -> int:
+    """Index of the token whose vote stopped the sequence (replay with the stop line kept)."""
+    return replay_policy(sample["texts"], sample["p_stop"], replace(policy, keep_stop_line=True)) - 1
+
+
+if __name__ == "__main__":
+    main()
