@@ -22,7 +22,7 @@ from engine import Engine, EngineConfig, SamplingParams
 from evals.mbxp import load_problems, split_problems
 from evals.pass_at_k import evaluate, pass_at_1
 from guard.features import token_char_ends
-from guard.policy import StopPolicy, VoteState, update_votes
+from guard.policy import StopPolicy, find_stop
 
 LANGUAGES = ("python", "javascript", "go", "cpp")
 
@@ -37,23 +37,18 @@ def score_tokens(engine: Engine, prompt: str, completion_ids: list[int]) -> list
     return engine.guard.stop_probs(hidden[0, first:first + len(completion_ids)]).tolist()
 
 
-def replay_policy(texts: list[str], p_stops: list[float], policy: StopPolicy) -> int | None:
-    """Number of tokens kept when `policy` stops the sequence, None when it never stops.
+def replay_policy(texts: list[str], p_stops: list[float], policy: StopPolicy) -> tuple[int, int] | None:
+    """(tokens generated, tokens kept) when `policy` stops the sequence, None when it never does.
 
-    `texts[i]` is the decoded text of tokens [0, i]; mirrors engine/output_processor.py.
+    `texts[i]` is the decoded text of tokens [0, i] (prefix decoding keeps multi-byte characters
+    whole), so token i's own text is what it adds to texts[i - 1].
     """
-    state, line_start = VoteState(), 0
-    for i, p_stop in enumerate(p_stops):
-        previous = texts[line_start - 1] if line_start else ""
-        token_text = texts[i][len(texts[i - 1]) if i else 0:]
-        line_text = texts[i][len(previous):] if "\n" in token_text else None
-        decision = update_votes(state, p_stop, line_text, policy)
-        state = decision.state
-        if decision.is_stop:
-            return i + 1 if policy.keep_stop_line else line_start
-        if decision.is_line_end:
-            line_start = i + 1
-    return None
+    token_texts = [text[len(texts[i - 1]) if i else 0:] for i, text in enumerate(texts)]
+    stop = find_stop(p_stops, token_texts, policy)
+    if stop is None:
+        return None
+    trigger, line_start = stop
+    return trigger + 1, trigger + 1 if policy.keep_stop_line else line_start
 
 
 def replay_stop_words(text: str, char_ends: list[int], stop: tuple[str, ...]) -> tuple[int, str] | None:
@@ -113,13 +108,12 @@ def main() -> None:
         for name, policy in policies.items():
             rows = []
             for s in samples:
-                kept = replay_policy(s["texts"], s["p_stop"], policy)
-                if kept is None:
+                stop = replay_policy(s["texts"], s["p_stop"], policy)
+                if stop is None:
                     rows.append((len(s["ids"]), s["texts"][-1] if s["texts"] else ""))
                 else:
-                    # Tokens generated: up to the token that triggered the stop.
-                    num_generated = _trigger_index(s, policy) + 1
-                    rows.append((num_generated, s["texts"][kept - 1] if kept else ""))
+                    num_generated, num_kept = stop
+                    rows.append((num_generated, s["texts"][num_kept - 1] if num_kept else ""))
             methods[f"guard {name}"] = rows
         for method, rows in methods.items():
             completions = {s["task_id"]: text for s, (_, text) in zip(samples, rows)}
@@ -132,11 +126,6 @@ def main() -> None:
         tokens = sum(t for t, _ in per_language.values())
         score = sum(s for _, s in per_language.values()) / len(per_language)
         print(f"{method:60s} tokens {tokens:6d}  mean pass@1 {score * 100:5.1f}")
-
-
-def _trigger_index(sample: dict, policy: StopPolicy) -> int:
-    """Index of the token whose vote stopped the sequence (replay with the stop line kept)."""
-    return replay_policy(sample["texts"], sample["p_stop"], replace(policy, keep_stop_line=True)) - 1
 
 
 if __name__ == "__main__":

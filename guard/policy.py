@@ -118,3 +118,23 @@ def update_votes(
         state = replace(state, num_line_stop_votes=0, num_line_continue_votes=0,
                         num_blank_lines=num_blank_lines, is_line_kept=False)
     return Decision(state=state, is_stop=is_stop, is_line_end=is_line_end)
+
+
+def find_stop(p_stops: list[float], token_texts: list[str], policy: StopPolicy) -> tuple[int, int] | None:
+    """Replay a policy over a whole completion, as the engine applies it token by token.
+
+    Returns (index of the token whose vote stops the sequence, index of the first token of the
+    line it stops in), or None when the policy never stops it. Used offline: to measure a
+    trained guard and to compare policies on the same completions.
+    """
+    state, line_start, line_text = VoteState(), 0, ""
+    for i, (p_stop, text) in enumerate(zip(p_stops, token_texts)):
+        line_text += text
+        is_line_end = "\n" in text
+        decision = update_votes(state, p_stop, line_text if is_line_end else None, policy)
+        state = decision.state
+        if decision.is_stop:
+            return i, line_start
+        if is_line_end:
+            line_start, line_text = i + 1, ""
+    return None

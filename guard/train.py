@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from guard.policy import StopPolicy, VoteState, update_votes
+from guard.policy import StopPolicy, find_stop
 from guard.probe import CONTINUE_INDEX, STOP_INDEX, GenGuard
 
 
@@ -90,18 +90,8 @@ def token_metrics(guard: GenGuard, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 def simulate_stop_line(p_stops: list[float], token_texts: list[str], policy: StopPolicy) -> int | None:
     """Line index (0-based) at which the policy stops a completion, or None if it never does."""
-    state, line_index, line_text = VoteState(), 0, ""
-    for p_stop, text in zip(p_stops, token_texts):
-        line_text += text
-        is_line_end = "\n" in text
-        decision = update_votes(state, p_stop, line_text if is_line_end else None, policy)
-        state = decision.state
-        if decision.is_stop:
-            return line_index
-        if is_line_end:
-            line_index += text.count("\n")
-            line_text = ""
-    return None
+    stop = find_stop(p_stops, token_texts, policy)
+    return None if stop is None else "".join(token_texts[:stop[1]]).count("\n")
 
 
 def ideal_stop_line(token_texts: list[str], labels: list[int]) -> int | None:

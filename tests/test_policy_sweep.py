@@ -31,12 +31,13 @@ def test_replay_matches_the_engine_token_for_token():
     for prompt, full, stopped in zip(PROMPTS, free, guarded):
         ids = full.token_ids
         texts = [engine.tokenizer.decode(ids[:i + 1]) for i in range(len(ids))]
-        kept = replay_policy(texts, score_tokens(engine, prompt, ids), policy)
+        stop = replay_policy(texts, score_tokens(engine, prompt, ids), policy)
         if stopped.finish_reason == "guard":
             num_stops += 1
-            assert kept is not None and stopped.token_ids == ids[:kept]
+            assert stop == (stopped.num_generated_tokens, len(stopped.token_ids))
+            assert stopped.token_ids == ids[:len(stopped.token_ids)]
         else:
-            assert kept is None and stopped.token_ids == ids
+            assert stop is None and stopped.token_ids == ids
     assert 0 < num_stops < len(PROMPTS)  # both outcomes are compared
 
 
