@@ -25,11 +25,19 @@ class OutputProcessor:
         self.policy = policy
 
     @cached_property
+    def _vocab_texts(self) -> list[str]:
+        vocab_size = len(self.tokenizer)
+        return self.tokenizer.batch_decode([[i] for i in range(vocab_size)])
+
+    @cached_property
     def newline_token_ids(self) -> frozenset[int]:
         """Token ids whose text contains a newline: a line end is any of them, not one id."""
-        vocab_size = len(self.tokenizer)
-        texts = self.tokenizer.batch_decode([[i] for i in range(vocab_size)])
-        return frozenset(i for i, text in enumerate(texts) if "\n" in text)
+        return frozenset(i for i, text in enumerate(self._vocab_texts) if "\n" in text)
+
+    @cached_property
+    def whitespace_token_ids(self) -> frozenset[int]:
+        """Token ids that are only whitespace (indentation): they do not start a line's code."""
+        return frozenset(i for i, text in enumerate(self._vocab_texts) if text and not text.strip())
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -57,7 +65,8 @@ class OutputProcessor:
             return False
         line_text = self.decode(seq.output_ids[seq.line_start:]) if is_line_end else None
         decision = update_votes(seq.vote_state, p_stop, line_text, self.policy,
-                                seq.params.guard_threshold)
+                                seq.params.guard_threshold,
+                                is_whitespace=seq.output_ids[-1] in self.whitespace_token_ids)
         seq.vote_state = decision.state
         if decision.is_stop:
             # The line being written when the guard fired is excess: drop it unless asked to keep.

@@ -6,8 +6,9 @@ excess (p_stop). A policy turns that stream of probabilities into one decision: 
 - line voting (the default): every token of the current line casts a vote (stop when
   p_stop >= threshold). When the line ends (a token whose text contains a newline), the sequence
   stops if a strict majority of that line's votes say stop; a tie continues.
-- line-start rule (with line voting): the first token of a line decides alone when it is sure
-  either way. Excess code starts a new top-level unit (`def check`, `# Test`, `print(`,
+- line-start rule (with line voting): the first token of a line that is not only whitespace
+  decides alone when it is sure either way (indentation says little: the guard is unsure on the
+  indentation before a nested closing brace, but sure on the brace). Excess code starts a new top-level unit (`def check`, `# Test`, `print(`,
   `int main`, prose), and the guard is most certain on that unit's first token:
   p_stop >= `line_start_threshold` stops at once, because waiting for the line's end would
   decode the whole first excess line for nothing (the stop-word heuristic stops on that same
@@ -38,7 +39,7 @@ class StopPolicy:
     max_blank_lines: int = 3  # 0 disables the blank-line rule
     keep_stop_line: bool = False  # keep the text of the line that triggered the stop
     # Line voting only; None: the line's end decides alone (see the line-start rule above).
-    line_start_threshold: float | None = 0.5
+    line_start_threshold: float | None = 0.7
     line_keep_threshold: float | None = 0.01
 
     def __post_init__(self) -> None:
@@ -62,6 +63,7 @@ class VoteState:
     num_consecutive_stop_votes: int = 0
     num_blank_lines: int = 0
     is_line_kept: bool = False  # the line-start rule decided this line continues
+    is_line_started: bool = False  # a token other than whitespace was seen in this line
 
 
 @dataclass(frozen=True)
@@ -84,21 +86,23 @@ def count_blank_lines(num_blank_lines: int, line_text: str) -> int:
 
 def update_votes(
     state: VoteState, p_stop: float, line_text: str | None, policy: StopPolicy,
-    stop_threshold: float | None = None,
+    stop_threshold: float | None = None, is_whitespace: bool = False,
 ) -> Decision:
     """Fold one token's guard probability into the vote state.
 
     `line_text` is None for a token inside a line, else the full text of the line this token ends.
-    `stop_threshold` overrides the policy's threshold (a per-request setting).
+    `stop_threshold` overrides the policy's threshold (a per-request setting). `is_whitespace`:
+    the token's text is only whitespace (indentation), so it does not start the line's code.
     """
     threshold = policy.stop_threshold if stop_threshold is None else stop_threshold
     votes_stop = p_stop >= threshold
-    is_line_start = state.num_line_stop_votes + state.num_line_continue_votes == 0
+    is_line_start = not state.is_line_started and not is_whitespace
     state = replace(
         state,
         num_line_stop_votes=state.num_line_stop_votes + int(votes_stop),
         num_line_continue_votes=state.num_line_continue_votes + int(not votes_stop),
         num_consecutive_stop_votes=state.num_consecutive_stop_votes + 1 if votes_stop else 0,
+        is_line_started=state.is_line_started or not is_whitespace,
     )
     is_stop = (policy.kind is PolicyKind.TOKEN
                and state.num_consecutive_stop_votes >= policy.num_consecutive)
@@ -116,7 +120,7 @@ def update_votes(
         if policy.max_blank_lines and num_blank_lines >= policy.max_blank_lines:
             is_stop = True
         state = replace(state, num_line_stop_votes=0, num_line_continue_votes=0,
-                        num_blank_lines=num_blank_lines, is_line_kept=False)
+                        num_blank_lines=num_blank_lines, is_line_kept=False, is_line_started=False)
     return Decision(state=state, is_stop=is_stop, is_line_end=is_line_end)
 
 
@@ -131,7 +135,8 @@ def find_stop(p_stops: list[float], token_texts: list[str], policy: StopPolicy) 
     for i, (p_stop, text) in enumerate(zip(p_stops, token_texts)):
         line_text += text
         is_line_end = "\n" in text
-        decision = update_votes(state, p_stop, line_text if is_line_end else None, policy)
+        decision = update_votes(state, p_stop, line_text if is_line_end else None, policy,
+                                is_whitespace=bool(text) and not text.strip())
         state = decision.state
         if decision.is_stop:
             return i, line_start

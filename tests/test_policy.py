@@ -4,7 +4,8 @@ import pytest
 from guard.policy import PolicyKind, StopPolicy, VoteState, count_blank_lines, update_votes
 
 # The plain end-of-line vote; the line-start rule has tests of its own below.
-LINE = StopPolicy(kind=PolicyKind.LINE, stop_threshold=0.5, max_blank_lines=3, line_start_threshold=None)
+LINE = StopPolicy(kind=PolicyKind.LINE, stop_threshold=0.5, max_blank_lines=3,
+                  line_start_threshold=None, line_keep_threshold=None)
 
 
 def run_line(p_stops, line_text, policy=LINE, state=VoteState(), threshold=None):
@@ -63,11 +64,34 @@ def test_line_start_rule_needs_a_sure_vote_on_the_first_token_only():
     assert update_votes(first[-1].state, 0.97, None, policy).is_stop
 
 
+def test_indentation_does_not_start_a_line():
+    # `        }`: the guard is unsure on the indentation before a nested brace, sure on the brace.
+    policy = StopPolicy(line_start_threshold=0.7, line_keep_threshold=0.001)
+    indent = update_votes(VoteState(), 0.85, None, policy, is_whitespace=True)
+    assert not indent.is_stop and not indent.state.is_line_kept
+    brace = update_votes(indent.state, 0.0001, "        }\n", policy)
+    assert not brace.is_stop and not brace.state.is_line_started  # reset for the next line
+    # The first code token after indentation is the one that decides.
+    indent = update_votes(VoteState(), 0.0001, None, policy, is_whitespace=True)
+    assert update_votes(indent.state, 0.99, None, policy).is_stop
+
+
+def test_keep_rule_overrides_the_line_majority():
+    policy = StopPolicy(line_start_threshold=0.7, line_keep_threshold=0.001)
+    # `    return "All tuples have same length";`: a sure first token, then prose-like votes.
+    decisions = run_line([0.0005, 0.9, 0.9, 0.9, 0.4], 'return "All tuples"\n', policy=policy)
+    assert not any(d.is_stop for d in decisions)
+    without_keep = StopPolicy(line_start_threshold=0.7, line_keep_threshold=None)
+    assert run_line([0.0005, 0.9, 0.9, 0.9, 0.4], 'return "All tuples"\n', policy=without_keep)[-1].is_stop
+
+
 def test_line_start_rule_respects_a_stricter_request_threshold_and_can_be_disabled():
     policy = StopPolicy(line_start_threshold=0.9)
     assert not update_votes(VoteState(), 0.95, None, policy, stop_threshold=0.97).is_stop
     assert update_votes(VoteState(), 0.98, None, policy, stop_threshold=0.97).is_stop
     assert not update_votes(VoteState(), 0.99, None, LINE).is_stop
+    assert not update_votes(VoteState(), 0.0, None, LINE).state.is_line_kept
+    assert update_votes(VoteState(), 0.0, None, StopPolicy()).state.is_line_kept
     token = StopPolicy(kind="token", num_consecutive=2, line_start_threshold=0.9)
     assert not update_votes(VoteState(), 0.99, None, token).is_stop
 
@@ -112,7 +136,7 @@ def test_blank_line_rule_can_be_disabled():
 @pytest.mark.parametrize("kwargs", [{"stop_threshold": 0.0}, {"stop_threshold": 1.0},
                                     {"num_consecutive": 0}, {"max_blank_lines": -1},
                                     {"kind": "sentence"}, {"line_start_threshold": 0.0},
-                                    {"line_start_threshold": 1.5}])
+                                    {"line_start_threshold": 1.5}, {"line_keep_threshold": 1.0}])
 def test_bad_policy_is_rejected(kwargs):
     with pytest.raises(ValueError):
         StopPolicy(**kwargs)
