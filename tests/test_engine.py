@@ -80,6 +80,15 @@ def test_line_start_rule_stops_on_the_first_token_and_drops_it():
     assert result.finish_reason != "guard" or result.num_generated_tokens > 1
 
 
+def test_indentation_and_newline_tokens_are_classified_from_the_vocabulary():
+    processor = tiny_engine().processor
+    ids = {text: processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.tokenize(text))[0]
+           for text in (" ", "\t", "\n", "x", "}")}
+    assert {ids[" "], ids["\t"], ids["\n"]} <= processor.whitespace_token_ids
+    assert ids["x"] not in processor.whitespace_token_ids and ids["}"] not in processor.whitespace_token_ids
+    assert ids["\n"] in processor.newline_token_ids and ids[" "] not in processor.newline_token_ids
+
+
 def test_guard_that_never_votes_stop_changes_nothing():
     guard = constant_guard(-10.0, StopPolicy(max_blank_lines=0))
     params = SamplingParams(max_new_tokens=15)
