@@ -7,6 +7,11 @@ those scores to find where it would have stopped: tokens generated and pass@1 (s
 policy, without regenerating. Use the train split to choose a policy, the test split to report.
 
     python -m benchmarks.policy_sweep --model default --split train --offset 40 --limit 30
+    python -m benchmarks.policy_sweep --model default --from-cells reports/codefast/cells
+
+`--from-cells` replays over the baseline (a) completions of a `benchmarks.codefast` run instead
+of generating: the methods are then compared on identical text, free of the few greedy
+completions that differ between separate runs (bf16 numerics of other batch layouts).
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from benchmarks.stop_words import STOP_WORDS, finish_completion
+
 from engine import Engine, EngineConfig, SamplingParams
 from evals.mbxp import load_problems, split_problems
 from evals.pass_at_k import evaluate, pass_at_1
@@ -62,6 +69,36 @@ def replay_stop_words(text: str, char_ends: list[int], stop: tuple[str, ...]) ->
     return num_tokens, text[:first]
 
 
+def make_sample(engine: Engine, problem, completion_ids: list[int]) -> dict:
+    texts = [engine.tokenizer.decode(completion_ids[:i + 1], skip_special_tokens=True)
+             for i in range(len(completion_ids))]
+    return {"task_id": problem.task_id, "ids": completion_ids, "texts": texts,
+            "p_stop": score_tokens(engine, problem.prompt, completion_ids)}
+
+
+def generated_samples(engine: Engine, language: str, args, out: Path) -> list[dict]:
+    """Greedy completions with no stop rule, generated once and cached in `out`."""
+    cache = out / f"{args.split}.{args.offset}.{args.limit}.{language}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    problems = split_problems(load_problems(language), args.split)[args.offset:args.offset + args.limit]
+    results = engine.generate([p.prompt for p in problems],
+                              SamplingParams(max_new_tokens=args.max_new_tokens, use_guard=False),
+                              use_tqdm=True)
+    samples = [make_sample(engine, p, r.token_ids) for p, r in zip(problems, results)]
+    cache.write_text(json.dumps(samples))
+    return samples
+
+
+def samples_from_cells(engine: Engine, cells: Path, language: str) -> list[dict]:
+    """The baseline cell's completions, re-tokenized (the cell keeps text, not ids)."""
+    problems = {p.task_id: p for p in load_problems(language)}
+    rows = json.loads((cells / f"{language}.baseline.json").read_text())["problems"]
+    return [make_sample(engine, problems[row["task_id"]],
+                        engine.tokenizer(row["completion"], add_special_tokens=False)["input_ids"])
+            for row in tqdm(rows, desc=f"score {language}")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -73,6 +110,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--out", default="runs/policy_sweep")
     parser.add_argument("--policies", default="", help="JSON list of StopPolicy overrides to replay")
+    parser.add_argument("--from-cells", default=None,
+                        help="replay over the baseline completions of a benchmarks.codefast run")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,21 +122,10 @@ def main() -> None:
     policies = {json.dumps(o, sort_keys=True): replace(base_policy, **o) for o in overrides}
     summary = {}
     for language in LANGUAGES:
-        cache = out / f"{args.split}.{args.offset}.{args.limit}.{language}.json"
-        problems = split_problems(load_problems(language), args.split)[args.offset:args.offset + args.limit]
-        if cache.exists():
-            samples = json.loads(cache.read_text())
+        if args.from_cells:
+            samples = samples_from_cells(engine, Path(args.from_cells), language)
         else:
-            results = engine.generate([p.prompt for p in problems],
-                                      SamplingParams(max_new_tokens=args.max_new_tokens, use_guard=False),
-                                      use_tqdm=True)
-            samples = []
-            for p, r in zip(problems, results):
-                texts = [engine.tokenizer.decode(r.token_ids[:i + 1], skip_special_tokens=True)
-                         for i in range(len(r.token_ids))]
-                samples.append({"task_id": p.task_id, "ids": r.token_ids, "texts": texts,
-                                "p_stop": score_tokens(engine, p.prompt, r.token_ids)})
-            cache.write_text(json.dumps(samples))
+            samples = generated_samples(engine, language, args, out)
         methods = {"baseline": [(len(s["ids"]), s["texts"][-1] if s["texts"] else "") for s in samples]}
         rows = []
         for s in samples:
@@ -115,6 +143,9 @@ def main() -> None:
                     num_generated, num_kept = stop
                     rows.append((num_generated, s["texts"][num_kept - 1] if num_kept else ""))
             methods[f"guard {name}"] = rows
+            # (d): whichever fires first; on the same token the engine checks the guard first.
+            methods[f"guard+stop_words {name}"] = [g if g[0] <= w[0] else w
+                                                   for g, w in zip(rows, methods["stop_words"])]
         for method, rows in methods.items():
             completions = {s["task_id"]: text for s, (_, text) in zip(samples, rows)}
             score = pass_at_1(evaluate(completions, language))
