@@ -7,15 +7,15 @@ excess (p_stop). A policy turns that stream of probabilities into one decision: 
   p_stop >= threshold). When the line ends (a token whose text contains a newline), the sequence
   stops if a strict majority of that line's votes say stop; a tie continues.
 - line-start rule (with line voting): the first token of a line that is not only whitespace
-  decides alone when it is sure either way (indentation says little: the guard is unsure on the
-  indentation before a nested closing brace, but sure on the brace). Excess code starts a new top-level unit (`def check`, `# Test`, `print(`,
-  `int main`, prose), and the guard is most certain on that unit's first token:
-  p_stop >= `line_start_threshold` stops at once, because waiting for the line's end would
-  decode the whole first excess line for nothing (the stop-word heuristic stops on that same
-  token, `\ndef`). A sure continue, p_stop <= `line_keep_threshold` (the indentation of a line
-  inside the function body), keeps the line whatever its other tokens vote: prose inside a
-  string literal (`return "All tuples have same length";`) looks like excess token by token.
-  `None` disables either side (the plain end-of-line vote).
+  decides alone when the guard is sure either way (indentation says little: the guard can be
+  unsure on the indentation before a nested `}` and sure on the brace itself). Excess code
+  starts a new top-level unit (`def check`, `# Test`, `print(`, `int main`, prose), and the
+  guard is surest on that unit's first token: p_stop >= `line_start_threshold` stops at once,
+  since waiting for the line's end would decode the whole first excess line for nothing (the
+  stop-word heuristic stops on that same token, `\ndef`). A sure continue, p_stop <=
+  `line_keep_threshold` (`return` in the function body), keeps the line whatever its other
+  tokens vote: prose inside a string literal (`return "All tuples have same length";`) looks
+  like excess token by token. `None` disables either side (the plain end-of-line vote).
 - token voting: stop as soon as `num_consecutive` tokens in a row vote stop.
 - blank-line rule (both policies): stop after `max_blank_lines` consecutive empty lines, because a
   run of blank lines means the model has finished the unit it was writing and is drifting.
@@ -40,7 +40,7 @@ class StopPolicy:
     keep_stop_line: bool = False  # keep the text of the line that triggered the stop
     # Line voting only; None: the line's end decides alone (see the line-start rule above).
     line_start_threshold: float | None = 0.7
-    line_keep_threshold: float | None = 0.01
+    line_keep_threshold: float | None = 0.001
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", PolicyKind(self.kind))
