@@ -24,11 +24,9 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.stop_words import STOP_WORDS, finish_completion
-
 from engine import Engine, EngineConfig, SamplingParams
 from evals.mbxp import load_problems, split_problems
 from evals.pass_at_k import evaluate, pass_at_1
-from guard.features import token_char_ends
 from guard.policy import StopPolicy, find_stop
 
 LANGUAGES = ("python", "javascript", "go", "cpp")
@@ -99,6 +97,34 @@ def samples_from_cells(engine: Engine, cells: Path, language: str) -> list[dict]
             for row in tqdm(rows, desc=f"score {language}")]
 
 
+def full_text(sample: dict) -> str:
+    return sample["texts"][-1] if sample["texts"] else ""
+
+
+def replay_methods(samples: list[dict], language: str, policies: dict[str, StopPolicy]) -> dict:
+    """method -> one (tokens generated, text to execute) per sample."""
+    methods = {"baseline": [(len(s["ids"]), full_text(s)) for s in samples], "stop_words": []}
+    for s in samples:
+        char_ends = [len(text) for text in s["texts"]]  # prefix decodes: where each token ends
+        hit = replay_stop_words(full_text(s), char_ends, STOP_WORDS[language])
+        methods["stop_words"].append((hit[0], finish_completion(language, hit[1], True)) if hit
+                                     else (len(s["ids"]), full_text(s)))
+    for name, policy in policies.items():
+        rows = []
+        for s in samples:
+            stop = replay_policy(s["texts"], s["p_stop"], policy)
+            if stop is None:
+                rows.append((len(s["ids"]), full_text(s)))
+            else:
+                num_generated, num_kept = stop
+                rows.append((num_generated, s["texts"][num_kept - 1] if num_kept else ""))
+        methods[f"guard {name}"] = rows
+        # (d): whichever fires first; on the same token the engine checks the guard first.
+        methods[f"guard+stop_words {name}"] = [g if g[0] <= w[0] else w
+                                               for g, w in zip(rows, methods["stop_words"])]
+    return methods
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -126,26 +152,7 @@ def main() -> None:
             samples = samples_from_cells(engine, Path(args.from_cells), language)
         else:
             samples = generated_samples(engine, language, args, out)
-        methods = {"baseline": [(len(s["ids"]), s["texts"][-1] if s["texts"] else "") for s in samples]}
-        rows = []
-        for s in samples:
-            text = s["texts"][-1] if s["texts"] else ""
-            hit = replay_stop_words(text, token_char_ends(engine.tokenizer, s["ids"]), STOP_WORDS[language])
-            rows.append((hit[0], finish_completion(language, hit[1], True)) if hit else (len(s["ids"]), text))
-        methods["stop_words"] = rows
-        for name, policy in policies.items():
-            rows = []
-            for s in samples:
-                stop = replay_policy(s["texts"], s["p_stop"], policy)
-                if stop is None:
-                    rows.append((len(s["ids"]), s["texts"][-1] if s["texts"] else ""))
-                else:
-                    num_generated, num_kept = stop
-                    rows.append((num_generated, s["texts"][num_kept - 1] if num_kept else ""))
-            methods[f"guard {name}"] = rows
-            # (d): whichever fires first; on the same token the engine checks the guard first.
-            methods[f"guard+stop_words {name}"] = [g if g[0] <= w[0] else w
-                                                   for g, w in zip(rows, methods["stop_words"])]
+        methods = replay_methods(samples, language, policies)
         for method, rows in methods.items():
             completions = {s["task_id"]: text for s, (_, text) in zip(samples, rows)}
             score = pass_at_1(evaluate(completions, language))
