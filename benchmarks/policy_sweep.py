@@ -33,27 +33,28 @@ LANGUAGES = ("python", "javascript", "go", "cpp")
 
 
 @torch.inference_mode()
-def score_tokens(engine: Engine, prompt: str, completion_ids: list[int]) -> list[float]:
-    """p_stop of every generated token, from the hidden state that produced it."""
+def score_tokens(engine: Engine, prompt: str, completion_ids: list[int]) -> tuple[list[float], list[float] | None]:
+    """p_stop and p_done (None without a done head) of every generated token, from the hidden
+    state that produced it."""
     prompt_ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     input_ids = torch.tensor([prompt_ids + completion_ids])
     hidden = engine.runner.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
     first = len(prompt_ids) - 1
-    return engine.guard.stop_probs(hidden[0, first:first + len(completion_ids)]).tolist()
+    produced = hidden[0, first:first + len(completion_ids)]
+    p_dones = engine.guard.done_probs(produced)
+    return engine.guard.stop_probs(produced).tolist(), None if p_dones is None else p_dones.tolist()
 
 
-def replay_policy(texts: list[str], p_stops: list[float], policy: StopPolicy) -> tuple[int, int] | None:
+def replay_policy(texts: list[str], p_stops: list[float], policy: StopPolicy,
+                  p_dones: list[float] | None = None) -> tuple[int, int] | None:
     """(tokens generated, tokens kept) when `policy` stops the sequence, None when it never does.
 
     `texts[i]` is the decoded text of tokens [0, i] (prefix decoding keeps multi-byte characters
     whole), so token i's own text is what it adds to texts[i - 1].
     """
     token_texts = [text[len(texts[i - 1]) if i else 0:] for i, text in enumerate(texts)]
-    stop = find_stop(p_stops, token_texts, policy)
-    if stop is None:
-        return None
-    trigger, line_start = stop
-    return trigger + 1, trigger + 1 if policy.keep_stop_line else line_start
+    stop = find_stop(p_stops, token_texts, policy, p_dones)
+    return None if stop is None else (stop[0] + 1, stop[1])
 
 
 def replay_stop_words(text: str, char_ends: list[int], stop: tuple[str, ...]) -> tuple[int, str] | None:
@@ -68,24 +69,28 @@ def replay_stop_words(text: str, char_ends: list[int], stop: tuple[str, ...]) ->
 
 
 def make_sample(engine: Engine, problem, completion_ids: list[int]) -> dict:
+    """A completion, its prefix decodes, and the guard's p_stop / p_done for every token."""
     texts = [engine.tokenizer.decode(completion_ids[:i + 1], skip_special_tokens=True)
              for i in range(len(completion_ids))]
+    p_stops, p_dones = score_tokens(engine, problem.prompt, completion_ids)
     return {"task_id": problem.task_id, "ids": completion_ids, "texts": texts,
-            "p_stop": score_tokens(engine, problem.prompt, completion_ids)}
+            "p_stop": p_stops, "p_done": p_dones}
 
 
 def generated_samples(engine: Engine, language: str, args, out: Path) -> list[dict]:
-    """Greedy completions with no stop rule, generated once and cached in `out`."""
+    """Greedy completions with no stop rule, generated once and cached in `out` (token ids
+    only: the guard's scores are recomputed on every run, so another guard can be replayed)."""
     cache = out / f"{args.split}.{args.offset}.{args.limit}.{language}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
     problems = split_problems(load_problems(language), args.split)[args.offset:args.offset + args.limit]
-    results = engine.generate([p.prompt for p in problems],
-                              SamplingParams(max_new_tokens=args.max_new_tokens, use_guard=False),
-                              use_tqdm=True)
-    samples = [make_sample(engine, p, r.token_ids) for p, r in zip(problems, results)]
-    cache.write_text(json.dumps(samples))
-    return samples
+    if cache.exists():
+        ids = {row["task_id"]: row["ids"] for row in json.loads(cache.read_text())}
+    else:
+        results = engine.generate([p.prompt for p in problems],
+                                  SamplingParams(max_new_tokens=args.max_new_tokens, use_guard=False),
+                                  use_tqdm=True)
+        ids = {p.task_id: r.token_ids for p, r in zip(problems, results)}
+        cache.write_text(json.dumps([{"task_id": p.task_id, "ids": ids[p.task_id]} for p in problems]))
+    return [make_sample(engine, p, ids[p.task_id]) for p in tqdm(problems, desc=f"score {language}")]
 
 
 def samples_from_cells(engine: Engine, cells: Path, language: str) -> list[dict]:
@@ -112,7 +117,7 @@ def replay_methods(samples: list[dict], language: str, policies: dict[str, StopP
     for name, policy in policies.items():
         rows = []
         for s in samples:
-            stop = replay_policy(s["texts"], s["p_stop"], policy)
+            stop = replay_policy(s["texts"], s["p_stop"], policy, s.get("p_done"))
             if stop is None:
                 rows.append((len(s["ids"]), full_text(s)))
             else:

@@ -48,7 +48,7 @@ class OutputProcessor:
         if token_id in self.eos_token_ids and not seq.params.ignore_eos:
             self._finish(seq, FinishReason.EOS)
             return
-        if self._guard_stops(seq, output.p_stop):
+        if self._guard_stops(seq, output.p_stop, output.p_done):
             self._finish(seq, FinishReason.GUARD)
             return
         if seq.params.stop and self._stop_string_matches(seq):
@@ -56,7 +56,7 @@ class OutputProcessor:
         if seq.num_output_tokens >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, FinishReason.LENGTH)
 
-    def _guard_stops(self, seq: Sequence, p_stop: float | None) -> bool:
+    def _guard_stops(self, seq: Sequence, p_stop: float | None, p_done: float | None = None) -> bool:
         is_line_end = seq.output_ids[-1] in self.newline_token_ids
         guard_on = self.policy is not None and p_stop is not None and seq.params.use_guard
         if not guard_on:
@@ -66,11 +66,13 @@ class OutputProcessor:
         line_text = self.decode(seq.output_ids[seq.line_start:]) if is_line_end else None
         decision = update_votes(seq.vote_state, p_stop, line_text, self.policy,
                                 seq.params.guard_threshold,
-                                is_whitespace=seq.output_ids[-1] in self.whitespace_token_ids)
+                                is_whitespace=seq.output_ids[-1] in self.whitespace_token_ids,
+                                p_done=p_done)
         seq.vote_state = decision.state
         if decision.is_stop:
-            # The line being written when the guard fired is excess: drop it unless asked to keep.
-            if not self.policy.keep_stop_line:
+            # The line being written when the guard fired is excess: drop it unless asked to keep
+            # (or the done rule fired: that line was the expected code's last).
+            if not (self.policy.keep_stop_line or decision.keeps_line):
                 seq.num_kept_tokens = seq.line_start
             return True
         if is_line_end:

@@ -21,6 +21,7 @@ from guard.probe import GenGuard
 class RunnerOutput:
     token_id: int
     p_stop: float | None  # guard's probability that this token is excess; None without a guard
+    p_done: float | None = None  # ... that this token ends the expected code; None without a done head
 
 
 class ModelRunner:
@@ -92,6 +93,9 @@ class ModelRunner:
         logits = self.lm_head(hidden).float()
         token_ids = sample(logits, seqs)
         p_stops: list[float | None] = [None] * len(seqs)
+        p_dones: list[float | None] = [None] * len(seqs)
         if self.guard is not None and any(s.params.use_guard for s in seqs):
             p_stops = self.guard.stop_probs(hidden).tolist()
-        return [RunnerOutput(t, p) for t, p in zip(token_ids, p_stops)]
+            done = self.guard.done_probs(hidden)
+            p_dones = p_dones if done is None else done.tolist()
+        return [RunnerOutput(t, p, d) for t, p, d in zip(token_ids, p_stops, p_dones)]

@@ -38,8 +38,8 @@ def build(args: argparse.Namespace) -> Path:
         raise SystemExit(f"unknown languages {sorted(unknown)}; choose from {LANGUAGES}")
     engine = Engine.from_pretrained(args.model, guard=None,
                                     config=EngineConfig(max_num_seqs=args.max_num_seqs, dtype=args.dtype))
-    plan = SamplingPlan(per_language=args.per_language, temperatures=tuple(args.temperatures),
-                        max_new_tokens=args.max_new_tokens)
+    plan = SamplingPlan(per_language=args.per_language, offset=args.offset,
+                        temperatures=tuple(args.temperatures), max_new_tokens=args.max_new_tokens)
     model, tokenizer = engine.runner.model, engine.tokenizer
     all_samples, shards, label_counts = [], [], {}
     for language in languages:
@@ -66,11 +66,14 @@ def build(args: argparse.Namespace) -> Path:
 
     features = np.concatenate([s["features"] for _, s in shards])
     labels = np.concatenate([s["labels"] for _, s in shards])
+    done_labels = np.concatenate([s["done_labels"] for _, s in shards])
     sample_index = np.concatenate([s["sample_index"] for _, s in shards])
     is_val = split_by_sample(sample_index, TrainConfig().val_fraction, seed=0)
-    policy = StopPolicy(stop_threshold=args.threshold)
+    done_threshold = args.done_threshold if args.done_threshold >= 0 else None
+    policy = StopPolicy(stop_threshold=args.threshold, done_threshold=done_threshold)
     guard, report = train_guard(features, labels, is_val, features.shape[1],
-                                model_name=engine.model_name, policy=policy)
+                                model_name=engine.model_name, policy=policy,
+                                done_labels=None if done_threshold is None else done_labels)
     report["labeling"] = label_counts
     report["per_language"] = {}
     for language, shard in shards:
@@ -80,7 +83,7 @@ def build(args: argparse.Namespace) -> Path:
             by_sample[int(i)] = features[sample_index == i]
         report["per_language"][language] = line_stop_errors(guard, all_samples, by_sample, policy)
     guard.metadata = {"training": report, "languages": languages,
-                      "sampling": {"per_language": plan.per_language, "temperatures": list(plan.temperatures),
+                      "sampling": {"per_language": plan.per_language, "offset": plan.offset, "temperatures": list(plan.temperatures),
                                    "max_new_tokens": plan.max_new_tokens, "split": "train (all but last 500)"}}
     guard_dir = guard.save(out / "guard")
     print(json.dumps(report, indent=2))
@@ -100,10 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--languages", default=",".join(LANGUAGES))
     p.add_argument("--out", required=True)
     p.add_argument("--per-language", type=int, default=60)
+    p.add_argument("--offset", type=int, default=0, help="first train-split prompt to sample")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.6])
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--done-threshold", type=float, default=0.9,
+                   help="train the done head and use this threshold (set policies later with"
+                        " benchmarks.policy_sweep); pass a negative value for no done head")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--ship", action="store_true", help="copy the guard into guard/weights/")
     args = parser.parse_args(argv)

@@ -1,7 +1,9 @@
 """Steps 2-3 of building a guard: label every generated token, extract its hidden state.
 
 Label: tree-sitter finds where the function the prompt opened closes (guard/labeler.py); tokens
-before the cut are `continue` (1), after it `stop` (0).
+before the cut are `continue` (1), after it `stop` (0). Done label (for the done head): 1 on a
+line-end token after which no expected code is left, 0 on other expected line ends, -1 (not
+trained) elsewhere: the done rule is only consulted at line ends of lines the votes keep.
 Feature: the guard votes on token i with the hidden state that produced token i's logits, i.e.
 the last hidden state (after the final norm) at position prompt_len + i - 1. One batched forward
 over prompt + completion gives all of them; nothing is regenerated.
@@ -23,6 +25,19 @@ def token_char_ends(tokenizer, completion_ids: list[int]) -> list[int]:
             for i in range(len(completion_ids))]
 
 
+def done_labels(completion: str, char_ends: list[int], labels: list[int], cut_char: int) -> list[int]:
+    """Per token: 1 = an expected line end with only whitespace left before the cut (the code is
+    done), 0 = an expected line end with code still to come, -1 = not a line end or excess."""
+    done, start = [], 0
+    for end, label in zip(char_ends, labels):
+        if label != 1 or "\n" not in completion[start:end]:
+            done.append(-1)
+        else:
+            done.append(int(not completion[end:cut_char].strip()))
+        start = max(start, end)
+    return done
+
+
 def label_samples(tokenizer, samples: list[dict]) -> tuple[list[dict], Counter]:
     """Attach `labels` (one per completion token) and `cut_char`; skip unparseable completions."""
     labeled, counts = [], Counter()
@@ -36,8 +51,9 @@ def label_samples(tokenizer, samples: list[dict]) -> tuple[list[dict], Counter]:
             counts[f"skipped: {cut.reason}"] += 1
             continue
         ends = token_char_ends(tokenizer, sample["completion_ids"])
-        labeled.append({**sample, "cut_char": cut.cut_char, "labels": label_tokens(ends, cut.cut_char),
-                        "char_ends": ends})
+        labels = label_tokens(ends, cut.cut_char)
+        labeled.append({**sample, "cut_char": cut.cut_char, "labels": labels, "char_ends": ends,
+                        "done_labels": done_labels(sample["completion"], ends, labels, cut.cut_char)})
         counts["labeled"] += 1
     return labeled, counts
 
@@ -46,7 +62,7 @@ def label_samples(tokenizer, samples: list[dict]) -> tuple[list[dict], Counter]:
 def extract_features(model, tokenizer, samples: list[dict], batch_size: int = 8) -> dict[str, np.ndarray]:
     """Hidden states of all generated positions, with labels and (sample, token) indices."""
     backbone = model.base_model
-    features, labels, sample_index, token_index = [], [], [], []
+    features, labels, dones, sample_index, token_index = [], [], [], [], []
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
         sequences = [tokenizer(s["prompt"], add_special_tokens=False)["input_ids"] + s["completion_ids"]
@@ -64,9 +80,11 @@ def extract_features(model, tokenizer, samples: list[dict], batch_size: int = 8)
             first = length - num_generated - 1
             features.append(hidden[row, first:first + num_generated].float().numpy().astype(np.float16))
             labels.append(np.asarray(sample["labels"], dtype=np.int8))
+            dones.append(np.asarray(sample.get("done_labels", [-1] * num_generated), dtype=np.int8))
             sample_index.append(np.full(num_generated, start + row, dtype=np.int32))
             token_index.append(np.arange(num_generated, dtype=np.int32))
     return {"features": np.concatenate(features), "labels": np.concatenate(labels),
+            "done_labels": np.concatenate(dones),
             "sample_index": np.concatenate(sample_index), "token_index": np.concatenate(token_index)}
 
 

@@ -3,6 +3,12 @@
 Class index 1 = continue, 0 = stop. A guard is stored as two files in one folder:
 `guard.safetensors` (the linear layer) and `guard.json` (which model it belongs to, hidden size,
 stop policy, training report). One guard per LLM, shared across programming languages.
+
+Optional done head (format 2): a Linear(hidden, 1) on the same hidden state, the probability
+that the token being produced is the last one of the expected code (`p_done`). The stop head
+only learns that the code is excess once the first excess token is being produced, one decode
+step after the stop-word heuristic has seen `\n}`; a sure `p_done` on a line end stops right
+there, keeping that line.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from guard.policy import StopPolicy
 
 WEIGHTS_FILE = "guard.safetensors"
 META_FILE = "guard.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SUPPORTED_FORMATS = (1, 2)  # 1: no done head
 STOP_INDEX, CONTINUE_INDEX = 0, 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -28,13 +35,14 @@ class GuardMismatchError(ValueError):
 
 class GenGuard(torch.nn.Module):
     def __init__(self, hidden_size: int, model_name: str = "", policy: StopPolicy | None = None,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, has_done_head: bool = False):
         super().__init__()
         self.hidden_size = hidden_size
         self.model_name = model_name
         self.policy = policy or StopPolicy()
         self.metadata = dict(metadata or {})
         self.linear = torch.nn.Linear(hidden_size, 2)
+        self.done_linear = torch.nn.Linear(hidden_size, 1) if has_done_head else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., H] hidden states -> [..., 2] logits."""
@@ -44,6 +52,19 @@ class GenGuard(torch.nn.Module):
     def stop_probs(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[B, H] last hidden states -> [B] probability that each token is excess (stop)."""
         return torch.softmax(self.forward(hidden_states).float(), dim=-1)[..., STOP_INDEX]
+
+    def done_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [...] logits of "the token being produced ends the expected code"."""
+        if self.done_linear is None:
+            raise ValueError("this guard has no done head")
+        return self.done_linear(hidden_states.to(self.done_linear.weight.dtype))[..., 0]
+
+    @torch.inference_mode()
+    def done_probs(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """[B, H] -> [B] p_done, or None for a guard without a done head."""
+        if self.done_linear is None:
+            return None
+        return torch.sigmoid(self.done_logits(hidden_states).float())
 
     def check_compatible(self, hidden_size: int, model_name: str = "") -> None:
         if hidden_size != self.hidden_size:
@@ -57,6 +78,9 @@ class GenGuard(torch.nn.Module):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().contiguous() for k, v in self.linear.state_dict().items()}
+        if self.done_linear is not None:
+            state.update({f"done_{k}": v.detach().float().contiguous()
+                          for k, v in self.done_linear.state_dict().items()})
         save_file(state, str(out_dir / WEIGHTS_FILE))
         policy = asdict(self.policy)
         policy["kind"] = self.policy.kind.value
@@ -73,7 +97,7 @@ class GenGuard(torch.nn.Module):
             raise FileNotFoundError(
                 f"no GenGuard at {guard_dir}: expected {META_FILE} and {WEIGHTS_FILE}")
         meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in SUPPORTED_FORMATS:
             raise ValueError(f"unsupported guard format {meta.get('format_version')!r} in {meta_path}")
         state = load_file(str(weights_path))
         hidden_size = int(meta["hidden_size"])
@@ -83,8 +107,15 @@ class GenGuard(torch.nn.Module):
                 f" says hidden size {hidden_size}")
         extra = {k: v for k, v in meta.items()
                  if k not in ("format_version", "model", "hidden_size", "policy")}
-        guard = cls(hidden_size, meta.get("model", ""), StopPolicy(**meta.get("policy", {})), extra)
-        guard.linear.load_state_dict(state)
+        has_done_head = "done_weight" in state
+        guard = cls(hidden_size, meta.get("model", ""), StopPolicy(**meta.get("policy", {})), extra,
+                    has_done_head=has_done_head)
+        guard.linear.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
+        if has_done_head:
+            if tuple(state["done_weight"].shape) != (1, hidden_size):
+                raise GuardMismatchError(f"{weights_path}: done head shape {tuple(state['done_weight'].shape)}"
+                                         f" does not match hidden size {hidden_size}")
+            guard.done_linear.load_state_dict({"weight": state["done_weight"], "bias": state["done_bias"]})
         return guard.eval()
 
 

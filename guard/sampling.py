@@ -18,12 +18,13 @@ from evals.mbxp import load_problems, split_problems
 @dataclass(frozen=True)
 class SamplingPlan:
     per_language: int = 60  # training prompts per language (from the train split)
+    offset: int = 0  # skip this many train-split prompts first
     temperatures: tuple[float, ...] = (0.0, 0.6)  # 0.0 = greedy; others seeded sampling
     max_new_tokens: int = 300
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.per_language < 1 or self.max_new_tokens < 1 or not self.temperatures:
+        if self.per_language < 1 or self.max_new_tokens < 1 or not self.temperatures or self.offset < 0:
             raise ValueError("per_language, max_new_tokens and temperatures must be positive/non-empty")
         if any(not 0 <= t <= 1.5 for t in self.temperatures):
             raise ValueError("temperatures must lie in [0, 1.5]")
@@ -46,7 +47,7 @@ def sample_language(engine: Engine, language: str, plan: SamplingPlan, out_dir: 
     out_path = out_dir / f"{language}.jsonl"
     if out_path.exists():
         return out_path  # finished earlier: resumable by whole language shards
-    problems = split_problems(load_problems(language), "train")[:plan.per_language]
+    problems = split_problems(load_problems(language), "train")[plan.offset:plan.offset + plan.per_language]
     prompts, params, keys = [], [], []
     for t_index, temperature in enumerate(plan.temperatures):
         for p_index, problem in enumerate(problems):

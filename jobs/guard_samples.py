@@ -35,14 +35,15 @@ def job_dir(out: Path, temperature: float) -> Path:
 
 
 def sample_with_ray(out: Path, languages: list[str], per_language: int, temperatures: list[float],
-                    job_settings: dict, address: str | None = None, log=print) -> dict[str, Path]:
+                    job_settings: dict, address: str | None = None, log=print,
+                    offset: int = 0) -> dict[str, Path]:
     """Runs the missing sampling jobs, then writes one samples file per language not done yet."""
     samples_dir = out / "samples"
     todo = [lang for lang in languages if not (samples_dir / f"{lang}.jsonl").exists()]
     if not todo:
         log("[guard_samples] every language already has its samples file")
         return {lang: samples_dir / f"{lang}.jsonl" for lang in languages}
-    problems = {lang: split_problems(load_problems(lang), "train")[:per_language] for lang in todo}
+    problems = {lang: split_problems(load_problems(lang), "train")[offset:offset + per_language] for lang in todo}
     corpus = out / "sampling-jobs" / "prompts.jsonl"
     corpus.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(corpus, [{"id": p.task_id, "prompt": p.prompt}
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--languages", default=",".join(LANGUAGES))
     p.add_argument("--per-language", type=int, default=60)
+    p.add_argument("--offset", type=int, default=0, help="first train-split prompt (as guard build --offset)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.6])
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--num-actors", type=int, default=1)
@@ -93,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
     unknown = set(languages) - set(LANGUAGES)
-    if unknown or args.per_language < 1 or any(not 0 <= t <= 1.5 for t in args.temperatures):
+    if unknown or args.per_language < 1 or args.offset < 0 or any(not 0 <= t <= 1.5 for t in args.temperatures):
         p.error(f"languages must come from {LANGUAGES}, --per-language >= 1, temperatures in [0, 1.5]")
     settings = dict(model=args.model, max_new_tokens=args.max_new_tokens, num_actors=args.num_actors,
                     num_gpus_per_actor=args.num_gpus_per_actor, num_cpus_per_actor=args.num_cpus_per_actor,
                     batch_size=args.batch_size, max_num_seqs=args.max_num_seqs, dtype=args.dtype)
     paths = sample_with_ray(Path(args.out), languages, args.per_language, args.temperatures, settings,
-                            address=args.address, log=lambda line: print(line, flush=True))
+                            address=args.address, log=lambda line: print(line, flush=True), offset=args.offset)
     print(json.dumps({lang: str(path) for lang, path in paths.items()}), flush=True)
     return 0
 

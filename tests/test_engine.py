@@ -6,7 +6,7 @@ from engine import PromptError, SamplingParams
 from engine.tiny import build_tiny_model_and_tokenizer
 from guard.policy import StopPolicy
 from guard.probe import GenGuard, GuardMismatchError
-from tests.helpers import constant_guard, tiny_engine
+from tests.helpers import TINY_HIDDEN_SIZE, constant_guard, tiny_engine
 
 PROMPTS = ["def add(a, b):\n", "x = 1\n", "import os\nprint(os.getcwd())\n", "hello",
            "class Stack:\n    def __init__(self):\n", "#"]
@@ -78,6 +78,32 @@ def test_line_start_rule_stops_on_the_first_token_and_drops_it():
     unsure = tiny_engine(guard=constant_guard(0.5, StopPolicy(line_start_threshold=0.9, max_blank_lines=0)))
     result = unsure.generate(["z = 3\n"], SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
     assert result.finish_reason != "guard" or result.num_generated_tokens > 1
+
+
+def test_done_head_stops_after_the_first_line_end_and_keeps_the_line():
+    # The stop head never votes stop; the done head is sure everywhere, but only a line end
+    # consults it: the sequence ends right after its first line, which is kept.
+    guard = constant_guard(-10.0, StopPolicy(max_blank_lines=0, done_threshold=0.9))
+    guard.done_linear = torch.nn.Linear(TINY_HIDDEN_SIZE, 1)
+    with torch.no_grad():
+        guard.done_linear.weight.zero_()
+        guard.done_linear.bias.fill_(10.0)
+    engine = tiny_engine(guard=guard)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompts = ["int main() {\n", "print(1)\n", "def f(x):\n"]  # the tiny model ends a line in the first two
+    free = tiny_engine().generate(prompts, params)
+    done = engine.generate(prompts, params)
+    lines_ended = 0
+    for f, d in zip(free, done):
+        newline_at = [i for i in range(len(f.token_ids))
+                      if "\n" in engine.tokenizer.decode(f.token_ids[i:i + 1])]
+        if newline_at:
+            lines_ended += 1
+            assert d.finish_reason == "guard" and d.token_ids == f.token_ids[:newline_at[0] + 1]
+            assert d.num_dropped_tokens == 0 and d.text.endswith("\n")
+        else:
+            assert d.finish_reason == "length" and d.token_ids == f.token_ids
+    assert 0 < lines_ended < len(prompts)
 
 
 def test_indentation_and_newline_tokens_are_classified_from_the_vocabulary():

@@ -36,3 +36,24 @@ def test_metadata_that_disagrees_with_weights_is_rejected(tmp_path):
     (tmp_path / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(GuardMismatchError, match="hidden size 896"):
         GenGuard.load(tmp_path)
+
+
+def test_done_head_round_trips_and_format_1_guards_still_load(tmp_path):
+    guard = GenGuard(64, "codefast/tiny-random", StopPolicy(done_threshold=0.8), has_done_head=True)
+    torch.nn.init.normal_(guard.done_linear.weight)
+    guard.save(tmp_path / "v2")
+    loaded = GenGuard.load(tmp_path / "v2")
+    hidden = torch.randn(3, 64)
+    assert loaded.policy.done_threshold == 0.8
+    assert torch.allclose(loaded.done_probs(hidden), guard.done_probs(hidden))
+    # A format-1 guard (stop head only) loads without a done head.
+    GenGuard(64).save(tmp_path / "v1")
+    meta = json.loads((tmp_path / "v1" / META_FILE).read_text())
+    meta["format_version"] = 1
+    (tmp_path / "v1" / META_FILE).write_text(json.dumps(meta))
+    old = GenGuard.load(tmp_path / "v1")
+    assert old.done_linear is None and old.done_probs(hidden) is None
+    meta["format_version"] = 3
+    (tmp_path / "v1" / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unsupported guard format 3"):
+        GenGuard.load(tmp_path / "v1")

@@ -4,10 +4,10 @@ import torch
 
 from engine import SamplingParams
 from engine.tiny import build_tiny_model_and_tokenizer
-from guard.features import extract_features, token_char_ends
+from guard.features import done_labels, extract_features, token_char_ends
 from guard.policy import StopPolicy
 from guard.probe import GenGuard
-from guard.train import ideal_stop_line, simulate_stop_line, split_by_sample, train_guard
+from guard.train import TrainConfig, ideal_stop_line, simulate_stop_line, split_by_sample, train_guard
 from tests.helpers import tiny_engine
 
 
@@ -77,3 +77,37 @@ def test_trained_guard_round_trips_into_the_engine(tmp_path):
     result = engine.generate(["def f(x):\n"], SamplingParams(max_new_tokens=20))[0]
     assert result.finish_reason in {"eos", "length", "guard"}
     assert engine.guard.metadata == {}
+
+
+def test_done_labels_mark_the_last_expected_line_end():
+    completion = "  return x\n\ndef check():\n  pass\n"
+    tokens = ["  return", " x", "\n\n", "def", " check", "():\n", "  pass", "\n"]
+    ends = [len("".join(tokens[:i + 1])) for i in range(len(tokens))]
+    cut = completion.index("def")
+    labels = [1, 1, 1, 0, 0, 0, 0, 0]
+    # Only the expected line end with nothing but whitespace before the cut is "done".
+    assert done_labels(completion, ends, labels, cut) == [-1, -1, 1, -1, -1, -1, -1, -1]
+    two_lines = "  y = 1\n  return y\n"
+    tokens = ["  y", " = 1", "\n", "  return", " y", "\n"]
+    ends = [len("".join(tokens[:i + 1])) for i in range(len(tokens))]
+    # Nothing is excess (the cut is the end): the last line end is done, the first is not.
+    assert done_labels(two_lines, ends, [1] * 6, len(two_lines)) == [-1, -1, 0, -1, -1, 1]
+
+
+def test_done_head_learns_a_separable_line_end_signal():
+    rng = np.random.default_rng(1)
+    num_samples, per_sample, hidden = 40, 30, 16
+    labels = np.tile(np.r_[np.ones(18), np.zeros(12)], num_samples).astype(np.int8)
+    done = np.full(len(labels), -1, dtype=np.int8)
+    done[np.arange(len(labels)) % 3 == 0] = 0  # some expected line ends ...
+    done[np.arange(num_samples) * per_sample + 17] = 1  # ... and the last one of each sample
+    done[labels == 0] = -1
+    direction = rng.normal(size=hidden)
+    features = rng.normal(size=(len(labels), hidden)) + np.outer(done == 1, direction) * 3.0
+    is_val = split_by_sample(np.repeat(np.arange(num_samples), per_sample), 0.2, seed=0)
+    config = TrainConfig(batch_size=32, learning_rate=3e-2)  # ~250 line ends: enough steps to converge
+    guard, report = train_guard(features.astype(np.float32), labels, is_val, hidden, config, done_labels=done)
+    assert report["done_head"]["val_precision"] > 0.8 and report["done_head"]["val_recall"] > 0.8
+    p_done = guard.done_probs(torch.from_numpy(features[is_val]).float())
+    # Without done labels there is no done head.
+    assert train_guard(features.astype(np.float32), labels, is_val, hidden)[0].done_linear is None

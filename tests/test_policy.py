@@ -1,7 +1,7 @@
 """GenGuard stop rules, case by case (pure functions, no model)."""
 import pytest
 
-from guard.policy import PolicyKind, StopPolicy, VoteState, count_blank_lines, update_votes
+from guard.policy import PolicyKind, StopPolicy, VoteState, count_blank_lines, find_stop, update_votes
 
 # The plain end-of-line vote; the line-start rule has tests of its own below.
 LINE = StopPolicy(kind=PolicyKind.LINE, stop_threshold=0.5, max_blank_lines=3,
@@ -96,6 +96,48 @@ def test_line_start_rule_respects_a_stricter_request_threshold_and_can_be_disabl
     assert not update_votes(VoteState(), 0.99, None, token).is_stop
 
 
+def test_line_start_window_averages_the_first_code_tokens():
+    # `func main() {`: `func` alone is unsure (a helper or the test driver?), ` main` is sure.
+    window = StopPolicy(line_start_threshold=0.7, line_start_window=2)
+    assert [d.is_stop for d in run_line([0.45, 1.0, 1.0], "func main()\n", policy=window)][:2] == [False, True]
+    single = StopPolicy(line_start_threshold=0.7, line_start_window=1)
+    # With a window of one, only the line's end can stop it (a majority here).
+    assert [d.is_stop for d in run_line([0.45, 1.0, 1.0], "func main()\n", policy=single)] == [False, False, True]
+    # Past the window a late sure token is only a vote; indentation is not counted.
+    indent = update_votes(VoteState(), 0.9, None, window, is_whitespace=True)
+    decisions = [update_votes(indent.state, 0.2, None, window)]
+    decisions.append(update_votes(decisions[-1].state, 0.3, None, window))
+    decisions.append(update_votes(decisions[-1].state, 1.0, None, window))
+    assert not any(d.is_stop for d in decisions)
+    # A kept line (sure first token) is never stopped by the window.
+    kept = StopPolicy(line_start_threshold=0.7, line_keep_threshold=0.001, line_start_window=3)
+    assert not any(d.is_stop for d in run_line([0.0005, 1.0, 1.0], "return 'x'\n", policy=kept))
+
+
+def test_done_rule_stops_after_a_kept_line_end_and_keeps_it():
+    policy = StopPolicy(done_threshold=0.9)
+    last = update_votes(VoteState(), 0.0, "}\n", policy, p_done=0.95)
+    assert last.is_stop and last.keeps_line and last.is_line_end
+    assert not update_votes(VoteState(), 0.0, "}\n", policy, p_done=0.5).is_stop
+    # Only at a line end: mid-line the done head is not consulted.
+    assert not update_votes(VoteState(), 0.0, None, policy, p_done=0.99).is_stop
+    # A line the votes stop is dropped, done or not; a guard without a done head never fires it.
+    voted = run_line([0.9, 0.9], "x\n", policy=StopPolicy(line_start_threshold=None, done_threshold=0.9))
+    assert voted[-1].is_stop and not voted[-1].keeps_line
+    assert not update_votes(VoteState(), 0.0, "}\n", policy, p_done=None).is_stop
+    assert not update_votes(VoteState(), 0.0, "}\n", StopPolicy(), p_done=0.99).is_stop
+
+
+def test_find_stop_reports_what_each_rule_keeps():
+    texts = ["  return x", "\n", "print", "(1)", "\n"]
+    policy = StopPolicy(line_start_threshold=0.7, done_threshold=0.9)
+    # Line-start stop on `print`: the tokens before its line are kept.
+    assert find_stop([0.1, 0.1, 0.95, 0.9, 0.9], texts, policy) == (2, 2)
+    # Done stop on the first line end: that line is kept whole.
+    assert find_stop([0.1, 0.1, 0.95, 0.9, 0.9], texts, policy, [0.0, 0.97, 0.0, 0.0, 0.0]) == (1, 2)
+    assert find_stop([0.1] * 5, texts, policy, [0.5] * 5) is None
+
+
 def test_token_voting_needs_consecutive_stop_votes():
     policy = StopPolicy(kind="token", num_consecutive=3, max_blank_lines=0)
     state, stops = VoteState(), []
@@ -136,7 +178,10 @@ def test_blank_line_rule_can_be_disabled():
 @pytest.mark.parametrize("kwargs", [{"stop_threshold": 0.0}, {"stop_threshold": 1.0},
                                     {"num_consecutive": 0}, {"max_blank_lines": -1},
                                     {"kind": "sentence"}, {"line_start_threshold": 0.0},
-                                    {"line_start_threshold": 1.5}, {"line_keep_threshold": 1.0}])
+                                    {"line_start_threshold": 1.5}, {"line_keep_threshold": 1.0},
+                                    {"line_start_window": 0}, {"done_threshold": 0.0},
+                                    {"done_threshold": 1.2},
+                                    {"line_start_threshold": 0.5, "line_keep_threshold": 0.6}])
 def test_bad_policy_is_rejected(kwargs):
     with pytest.raises(ValueError):
         StopPolicy(**kwargs)

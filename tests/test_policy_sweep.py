@@ -1,4 +1,5 @@
 """The policy replay used to choose stop policies predicts exactly where the engine stops."""
+import pytest
 import torch
 
 from benchmarks.policy_sweep import replay_policy, replay_stop_words, score_tokens
@@ -11,34 +12,44 @@ from tests.helpers import TINY_HIDDEN_SIZE, tiny_engine
 PROMPTS = ["def f(x):\n", "int main() {\n", "x = [1, 2,\n", "// test\n", "print(1)\n", "a\nb\n"]
 
 
-def random_guard(policy: StopPolicy, seed: int) -> GenGuard:
-    guard = GenGuard(TINY_HIDDEN_SIZE, "codefast/tiny-random", policy)
+def random_guard(policy: StopPolicy, seed: int, has_done_head: bool = False) -> GenGuard:
+    guard = GenGuard(TINY_HIDDEN_SIZE, "codefast/tiny-random", policy, has_done_head=has_done_head)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         guard.linear.weight.data.normal_(0, 0.5)
+        if has_done_head:
+            guard.done_linear.weight.data.normal_(0, 0.5)
+            guard.done_linear.bias.data.fill_(3.0)  # mostly sure: most kept line ends stop
     return guard
 
 
-def test_replay_matches_the_engine_token_for_token():
+@pytest.mark.parametrize("has_done_head", [False, True])
+def test_replay_matches_the_engine_token_for_token(has_done_head):
     # Every newline-holding token ends a line in the engine; the tiny tokenizer has one per byte,
-    # so lines are short and the line-start rule, the keep rule and line votes all get exercised.
-    policy = StopPolicy(line_start_threshold=0.6, line_keep_threshold=0.2, max_blank_lines=0)
-    engine = tiny_engine(guard=random_guard(policy, seed=3))
+    # so lines are short and the line-start rule, the keep rule, line votes and (with a done
+    # head) the done rule all get exercised.
+    policy = StopPolicy(line_start_threshold=0.6, line_keep_threshold=0.2, max_blank_lines=0,
+                        line_start_window=2, done_threshold=0.6 if has_done_head else None)
+    engine = tiny_engine(guard=random_guard(policy, seed=3, has_done_head=has_done_head))
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     free = engine.generate(PROMPTS, SamplingParams(max_new_tokens=40, ignore_eos=True, use_guard=False))
     guarded = engine.generate(PROMPTS, params)
-    num_stops = 0
+    num_stops = num_done_stops = 0
     for prompt, full, stopped in zip(PROMPTS, free, guarded):
         ids = full.token_ids
         texts = [engine.tokenizer.decode(ids[:i + 1]) for i in range(len(ids))]
-        stop = replay_policy(texts, score_tokens(engine, prompt, ids), policy)
+        p_stops, p_dones = score_tokens(engine, prompt, ids)
+        assert (p_dones is not None) == has_done_head
+        stop = replay_policy(texts, p_stops, policy, p_dones)
         if stopped.finish_reason == "guard":
             num_stops += 1
             assert stop == (stopped.num_generated_tokens, len(stopped.token_ids))
+            num_done_stops += stop[0] == stop[1]  # only the done rule keeps the line it fires on
             assert stopped.token_ids == ids[:len(stopped.token_ids)]
         else:
             assert stop is None and stopped.token_ids == ids
     assert 0 < num_stops < len(PROMPTS)  # both outcomes are compared
+    assert (num_done_stops > 0) == has_done_head
 
 
 def test_replay_stop_words_counts_tokens_up_to_the_word():
