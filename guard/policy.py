@@ -49,7 +49,7 @@ class StopPolicy:
     line_start_threshold: float | None = 0.7
     line_keep_threshold: float | None = 0.001
     # The line-start stop looks at the mean p_stop of the line's first this-many code tokens.
-    line_start_window: int = 1
+    line_start_window: int = 3
     done_threshold: float | None = None  # None: the done rule is off (see above)
 
     def __post_init__(self) -> None:
