@@ -1,4 +1,5 @@
 """Guard building on a tiny random model: feature alignment, training, round trip into the engine."""
+import pytest
 import numpy as np
 import torch
 
@@ -111,3 +112,17 @@ def test_done_head_learns_a_separable_line_end_signal():
     p_done = guard.done_probs(torch.from_numpy(features[is_val]).float())
     # Without done labels there is no done head.
     assert train_guard(features.astype(np.float32), labels, is_val, hidden)[0].done_linear is None
+
+
+def test_sampling_takes_the_train_prompts_from_the_offset(tmp_path):
+    from evals.mbxp import load_problems, split_problems
+    from guard.sampling import SamplingPlan, read_jsonl, sample_language
+
+    plan = SamplingPlan(per_language=2, offset=3, temperatures=(0.0, 0.7), max_new_tokens=2)
+    rows = read_jsonl(sample_language(tiny_engine(), "python", plan, tmp_path))
+    expected = [p.task_id for p in split_problems(load_problems("python"), "train")[3:5]]
+    assert [r["task_id"] for r in rows] == expected * 2
+    assert [r["temperature"] for r in rows] == [0.0, 0.0, 0.7, 0.7]
+    assert all(len(r["completion_ids"]) <= 2 for r in rows)
+    with pytest.raises(ValueError):
+        SamplingPlan(offset=-1)
