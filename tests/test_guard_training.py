@@ -1,6 +1,6 @@
 """Guard building on a tiny random model: feature alignment, training, round trip into the engine."""
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from engine import SamplingParams
