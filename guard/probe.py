@@ -53,18 +53,14 @@ class GenGuard(torch.nn.Module):
         """[B, H] last hidden states -> [B] probability that each token is excess (stop)."""
         return torch.softmax(self.forward(hidden_states).float(), dim=-1)[..., STOP_INDEX]
 
-    def done_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> [...] logits of "the token being produced ends the expected code"."""
-        if self.done_linear is None:
-            raise ValueError("this guard has no done head")
-        return self.done_linear(hidden_states.to(self.done_linear.weight.dtype))[..., 0]
-
     @torch.inference_mode()
     def done_probs(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """[B, H] -> [B] p_done, or None for a guard without a done head."""
+        """[B, H] -> [B] p_done ("the token being produced ends the expected code"), or None for
+        a guard without a done head."""
         if self.done_linear is None:
             return None
-        return torch.sigmoid(self.done_logits(hidden_states).float())
+        logits = self.done_linear(hidden_states.to(self.done_linear.weight.dtype))[..., 0]
+        return torch.sigmoid(logits.float())
 
     def check_compatible(self, hidden_size: int, model_name: str = "") -> None:
         if hidden_size != self.hidden_size:

@@ -25,7 +25,8 @@ class SamplingPlan:
 
     def __post_init__(self) -> None:
         if self.per_language < 1 or self.max_new_tokens < 1 or not self.temperatures or self.offset < 0:
-            raise ValueError("per_language, max_new_tokens and temperatures must be positive/non-empty")
+            raise ValueError("per_language, max_new_tokens and temperatures must be positive/non-empty,"
+                             " offset >= 0")
         if any(not 0 <= t <= 1.5 for t in self.temperatures):
             raise ValueError("temperatures must lie in [0, 1.5]")
 
@@ -43,11 +44,16 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def training_problems(language: str, offset: int, per_language: int) -> list:
+    """The train-split prompts a guard is built from: `per_language` of them from `offset`."""
+    return split_problems(load_problems(language), "train")[offset:offset + per_language]
+
+
 def sample_language(engine: Engine, language: str, plan: SamplingPlan, out_dir: Path) -> Path:
     out_path = out_dir / f"{language}.jsonl"
     if out_path.exists():
         return out_path  # finished earlier: resumable by whole language shards
-    problems = split_problems(load_problems(language), "train")[plan.offset:plan.offset + plan.per_language]
+    problems = training_problems(language, plan.offset, plan.per_language)
     prompts, params, keys = [], [], []
     for t_index, temperature in enumerate(plan.temperatures):
         for p_index, problem in enumerate(problems):

@@ -22,10 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-from evals.mbxp import load_problems, split_problems
 from engine.dtypes import DTYPE_NAMES
 from guard.build import LANGUAGES
-from guard.sampling import write_jsonl_atomic
+from guard.sampling import training_problems, write_jsonl_atomic
 from jobs.generate import JobConfig, run_job
 from jobs.shards import read_output
 
@@ -43,7 +42,7 @@ def sample_with_ray(out: Path, languages: list[str], per_language: int, temperat
     if not todo:
         log("[guard_samples] every language already has its samples file")
         return {lang: samples_dir / f"{lang}.jsonl" for lang in languages}
-    problems = {lang: split_problems(load_problems(lang), "train")[offset:offset + per_language] for lang in todo}
+    problems = {lang: training_problems(lang, offset, per_language) for lang in todo}
     corpus = out / "sampling-jobs" / "prompts.jsonl"
     corpus.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(corpus, [{"id": p.task_id, "prompt": p.prompt}
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
     unknown = set(languages) - set(LANGUAGES)
     if unknown or args.per_language < 1 or args.offset < 0 or any(not 0 <= t <= 1.5 for t in args.temperatures):
-        p.error(f"languages must come from {LANGUAGES}, --per-language >= 1, temperatures in [0, 1.5]")
+        p.error(f"languages must come from {LANGUAGES}, --per-language >= 1, --offset >= 0, temperatures in [0, 1.5]")
     settings = dict(model=args.model, max_new_tokens=args.max_new_tokens, num_actors=args.num_actors,
                     num_gpus_per_actor=args.num_gpus_per_actor, num_cpus_per_actor=args.num_cpus_per_actor,
                     batch_size=args.batch_size, max_num_seqs=args.max_num_seqs, dtype=args.dtype)
