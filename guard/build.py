@@ -70,7 +70,8 @@ def build(args: argparse.Namespace) -> Path:
     sample_index = np.concatenate([s["sample_index"] for _, s in shards])
     is_val = split_by_sample(sample_index, TrainConfig().val_fraction, seed=0)
     done_threshold = args.done_threshold if args.done_threshold >= 0 else None
-    policy = StopPolicy(stop_threshold=args.threshold, done_threshold=done_threshold)
+    policy = StopPolicy(stop_threshold=args.threshold, done_threshold=done_threshold,
+                        min_code_lines=args.min_code_lines)
     guard, report = train_guard(features, labels, is_val, features.shape[1],
                                 model_name=engine.model_name, policy=policy,
                                 done_labels=None if done_threshold is None else done_labels)
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--done-threshold", type=float, default=0.9,
                    help="train the done head and use this threshold (set policies later with"
                         " benchmarks.policy_sweep); pass a negative value for no done head")
+    p.add_argument("--min-code-lines", type=int, default=1,
+                   help="the guard never stops before this many lines of code are kept")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--ship", action="store_true", help="copy the guard into guard/weights/")
     args = parser.parse_args(argv)

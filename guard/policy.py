@@ -24,6 +24,11 @@ excess (p_stop). A policy turns that stream of probabilities into one decision: 
   the sequence after that line, keeping it (the function's closing `}`, its last `return`). It
   saves the decode step the stop head needs to see the first excess token.
 - token voting: stop as soon as `num_consecutive` tokens in a row vote stop.
+- minimum code (all votes above): the guard stops only once the output it keeps holds at least
+  `min_code_lines` lines with code. The prompt opened a unit whose body is expected, so an empty
+  body is never the answer; a probe unsure on the very first line (a body that opens with an
+  indented comment, which reads like the top-level `# Test` comments of excess) would otherwise
+  cut the whole answer, while one more line costs a few tokens. 0 turns it off (the paper's rule).
 - blank-line rule (both policies): stop after `max_blank_lines` consecutive empty lines, because a
   run of blank lines means the model has finished the unit it was writing and is drifting.
 """
@@ -51,6 +56,7 @@ class StopPolicy:
     # The line-start stop looks at the mean p_stop of the line's first this-many code tokens.
     line_start_window: int = 3
     done_threshold: float | None = None  # None: the done rule is off (see above)
+    min_code_lines: int = 0  # 0: the guard may stop before any line of code is kept
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", PolicyKind(self.kind))
@@ -71,6 +77,8 @@ class StopPolicy:
             raise ValueError("num_consecutive must be >= 1")
         if self.max_blank_lines < 0:
             raise ValueError("max_blank_lines must be >= 0")
+        if self.min_code_lines < 0:
+            raise ValueError("min_code_lines must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class VoteState:
     is_line_started: bool = False  # a token other than whitespace was seen in this line
     num_line_code_tokens: int = 0  # tokens of this line that are not only whitespace
     line_code_stop_mass: float = 0.0  # sum of their p_stop
+    num_code_lines: int = 0  # completed lines with code so far (not blank), all kept
 
 
 @dataclass(frozen=True)
@@ -127,12 +136,14 @@ def update_votes(
         num_line_code_tokens=state.num_line_code_tokens + int(not is_whitespace),
         line_code_stop_mass=state.line_code_stop_mass + (0.0 if is_whitespace else p_stop),
     )
-    is_stop = (policy.kind is PolicyKind.TOKEN
+    # A vote stop drops the current line: it may fire once enough code lines are kept before it.
+    may_drop_line = state.num_code_lines >= policy.min_code_lines
+    is_stop = (policy.kind is PolicyKind.TOKEN and may_drop_line
                and state.num_consecutive_stop_votes >= policy.num_consecutive)
     if policy.kind is PolicyKind.LINE and is_line_start and policy.line_keep_threshold is not None \
             and p_stop <= policy.line_keep_threshold:
         state = replace(state, is_line_kept=True)
-    if (policy.kind is PolicyKind.LINE and not is_whitespace and not state.is_line_kept
+    if (policy.kind is PolicyKind.LINE and may_drop_line and not is_whitespace and not state.is_line_kept
             and policy.line_start_threshold is not None
             and state.num_line_code_tokens <= policy.line_start_window):
         mean_p_stop = state.line_code_stop_mass / state.num_line_code_tokens
@@ -140,18 +151,20 @@ def update_votes(
     is_line_end = line_text is not None
     keeps_line = False
     if is_line_end:
-        if (policy.kind is PolicyKind.LINE and not state.is_line_kept
+        if (policy.kind is PolicyKind.LINE and may_drop_line and not state.is_line_kept
                 and state.num_line_stop_votes > state.num_line_continue_votes):
             is_stop = True
+        # The done rule keeps the line that just ended: that line counts toward the minimum.
+        num_code_lines = state.num_code_lines + int(state.is_line_started)
         if (not is_stop and policy.done_threshold is not None and p_done is not None
-                and p_done >= policy.done_threshold):
+                and p_done >= policy.done_threshold and num_code_lines >= policy.min_code_lines):
             is_stop = keeps_line = True
         num_blank_lines = count_blank_lines(state.num_blank_lines, line_text)
         if policy.max_blank_lines and num_blank_lines >= policy.max_blank_lines:
             is_stop = True
         state = replace(state, num_line_stop_votes=0, num_line_continue_votes=0,
                         num_blank_lines=num_blank_lines, is_line_kept=False, is_line_started=False,
-                        num_line_code_tokens=0, line_code_stop_mass=0.0)
+                        num_line_code_tokens=0, line_code_stop_mass=0.0, num_code_lines=num_code_lines)
     return Decision(state=state, is_stop=is_stop, is_line_end=is_line_end, keeps_line=keeps_line)
 
 

@@ -138,6 +138,46 @@ def test_find_stop_reports_what_each_rule_keeps():
     assert find_stop([0.1] * 5, texts, policy, [0.5] * 5) is None
 
 
+def test_min_code_lines_keeps_the_first_line_whatever_the_votes():
+    policy = StopPolicy(line_start_threshold=0.7, min_code_lines=1)
+    # A body that opens with a comment the probe takes for excess: no stop on that line...
+    first = run_line([0.99, 0.99, 0.99], "  # Check the input\n", policy=policy)
+    assert not any(d.is_stop for d in first)
+    assert first[-1].state.num_code_lines == 1
+    # ...but the same votes on the next line stop at its first token.
+    second = run_line([0.99, 0.99, 0.99], "def check():\n", policy=policy, state=first[-1].state)
+    assert second[0].is_stop and not second[0].is_line_end
+    # Without the minimum the first line is cut at once (an empty answer).
+    assert run_line([0.99, 0.99, 0.99], "  # Check the input\n",
+                    policy=StopPolicy(line_start_threshold=0.7))[0].is_stop
+
+
+def test_min_code_lines_does_not_count_blank_lines():
+    policy = StopPolicy(line_start_threshold=0.7, min_code_lines=1, max_blank_lines=0)
+    blank = update_votes(VoteState(), 0.99, "\n", policy, is_whitespace=True)
+    assert not blank.is_stop and blank.state.num_code_lines == 0
+    assert not run_line([0.99, 0.99], "# Test\n", policy=policy, state=blank.state)[-1].is_stop
+
+
+def test_min_code_lines_lets_the_done_rule_keep_the_first_line():
+    # The done rule keeps the line it fires on, so that line counts toward the minimum.
+    assert update_votes(VoteState(), 0.0, "  return x\n", StopPolicy(done_threshold=0.9, min_code_lines=1),
+                        p_done=0.95).is_stop
+    assert not update_votes(VoteState(), 0.0, "  return x\n",
+                            StopPolicy(done_threshold=0.9, min_code_lines=2), p_done=0.95).is_stop
+    token = StopPolicy(kind="token", num_consecutive=1, min_code_lines=1, max_blank_lines=0)
+    assert not update_votes(VoteState(), 0.99, None, token).is_stop
+    assert update_votes(VoteState(num_code_lines=1), 0.99, None, token).is_stop
+
+
+def test_find_stop_with_min_code_lines_keeps_an_opening_comment():
+    texts = ["  #", " Check", "\n", "  return", " x", "\n", "#", " Test", "\n"]
+    p_stops = [0.99, 0.99, 0.99, 0.0, 0.0, 0.0, 0.99, 0.99, 0.99]
+    policy = StopPolicy(line_start_threshold=0.7, min_code_lines=1)
+    assert find_stop(p_stops, texts, StopPolicy(line_start_threshold=0.7)) == (0, 0)
+    assert find_stop(p_stops, texts, policy) == (6, 6)
+
+
 def test_token_voting_needs_consecutive_stop_votes():
     policy = StopPolicy(kind="token", num_consecutive=3, max_blank_lines=0)
     state, stops = VoteState(), []
@@ -180,7 +220,7 @@ def test_blank_line_rule_can_be_disabled():
                                     {"kind": "sentence"}, {"line_start_threshold": 0.0},
                                     {"line_start_threshold": 1.5}, {"line_keep_threshold": 1.0},
                                     {"line_start_window": 0}, {"done_threshold": 0.0},
-                                    {"done_threshold": 1.2},
+                                    {"done_threshold": 1.2}, {"min_code_lines": -1},
                                     {"line_start_threshold": 0.5, "line_keep_threshold": 0.6}])
 def test_bad_policy_is_rejected(kwargs):
     with pytest.raises(ValueError):

@@ -23,13 +23,14 @@ def random_guard(policy: StopPolicy, seed: int, has_done_head: bool = False) -> 
     return guard
 
 
-@pytest.mark.parametrize("has_done_head", [False, True])
-def test_replay_matches_the_engine_token_for_token(has_done_head):
+@pytest.mark.parametrize("has_done_head,min_code_lines", [(False, 0), (True, 0), (True, 1)])
+def test_replay_matches_the_engine_token_for_token(has_done_head, min_code_lines):
     # Every newline-holding token ends a line in the engine; the tiny tokenizer has one per byte,
     # so lines are short and the line-start rule, the keep rule, line votes and (with a done
     # head) the done rule all get exercised.
     policy = StopPolicy(line_start_threshold=0.6, line_keep_threshold=0.2, max_blank_lines=0,
-                        line_start_window=2, done_threshold=0.6 if has_done_head else None)
+                        line_start_window=2, done_threshold=0.6 if has_done_head else None,
+                        min_code_lines=min_code_lines)
     engine = tiny_engine(guard=random_guard(policy, seed=3, has_done_head=has_done_head))
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     free = engine.generate(PROMPTS, SamplingParams(max_new_tokens=40, ignore_eos=True, use_guard=False))
@@ -43,6 +44,8 @@ def test_replay_matches_the_engine_token_for_token(has_done_head):
         stop = replay_policy(texts, p_stops, policy, p_dones)
         if stopped.finish_reason == "guard":
             num_stops += 1
+            kept_text = engine.tokenizer.decode(stopped.token_ids)
+            assert sum(bool(line.strip()) for line in kept_text.split("\n")) >= min_code_lines
             assert stop == (stopped.num_generated_tokens, len(stopped.token_ids))
             num_done_stops += stop[0] == stop[1]  # only the done rule keeps the line it fires on
             assert stopped.token_ids == ids[:len(stopped.token_ids)]
