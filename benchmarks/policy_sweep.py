@@ -9,6 +9,7 @@ policy, without regenerating. Use the train split to choose a policy, the test s
     python -m benchmarks.policy_sweep --model default --split train --offset 40 --limit 30
     python -m benchmarks.policy_sweep --model default --from-cells reports/codefast/cells
 
+The caches under `--out` (default `reports/policy_sweep/`, committed) keep token ids only.
 `--from-cells` replays over the baseline (a) completions of a `benchmarks.codefast` run instead
 of generating: the methods are then compared on identical text, free of the few greedy
 completions that differ between separate runs (bf16 numerics of other batch layouts).
@@ -139,7 +140,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=300)
     parser.add_argument("--max-num-seqs", type=int, default=16)
-    parser.add_argument("--out", default="runs/policy_sweep")
+    # Committed: the caches are small (token ids) and cost ~5 minutes of generation per 100
+    # prompts of a language on 2 CPU cores, so a later run replays at once.
+    parser.add_argument("--out", default="reports/policy_sweep")
     parser.add_argument("--policies", default="", help="JSON list of StopPolicy overrides to replay")
     parser.add_argument("--from-cells", default=None,
                         help="replay over the baseline completions of a benchmarks.codefast run")
