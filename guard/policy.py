@@ -26,9 +26,9 @@ excess (p_stop). A policy turns that stream of probabilities into one decision: 
 - token voting: stop as soon as `num_consecutive` tokens in a row vote stop.
 - minimum code (all votes above): the guard stops only once the output it keeps holds at least
   `min_code_lines` lines with code. The prompt opened a unit whose body is expected, so an empty
-  body is never the answer; a probe unsure on the very first line (a body that opens with an
-  indented comment, which reads like the top-level `# Test` comments of excess) would otherwise
-  cut the whole answer, while one more line costs a few tokens. 0 turns it off (the paper's rule).
+  body is never the answer; a probe wrongly sure on the very first line (seen: `return` after a
+  2-space indent at p_stop 0.999) would otherwise cut the whole answer, while one more line
+  costs a few tokens. 0 turns it off (the paper's rule).
 - blank-line rule (both policies): stop after `max_blank_lines` consecutive empty lines, because a
   run of blank lines means the model has finished the unit it was writing and is drifting.
 """
