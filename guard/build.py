@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.features import extract_features, label_samples, load_shard, save_shard
+from guard.features import done_ends_opening_blank_line, extract_features, label_samples, load_shard, save_shard
 from guard.policy import StopPolicy
 from guard.probe import SHIPPED_DIR
 from guard.sampling import SamplingPlan, read_jsonl, sample_language, write_jsonl_atomic
 from guard.train import TrainConfig, line_stop_errors, split_by_sample, train_guard
 
 LANGUAGES = ("python", "javascript", "go", "cpp")
+# `--done-needs-blank-line auto` turns the requirement on when at least this share of the training
+# done line ends open a blank line: the model's own habit, not a few lucky samples.
+MIN_BLANK_LINE_DONE_SHARE = 0.95
 
 
 def slug(model_name: str) -> str:
@@ -70,12 +73,17 @@ def build(args: argparse.Namespace) -> Path:
     sample_index = np.concatenate([s["sample_index"] for _, s in shards])
     is_val = split_by_sample(sample_index, TrainConfig().val_fraction, seed=0)
     done_threshold = args.done_threshold if args.done_threshold >= 0 else None
+    num_opening, num_done = done_ends_opening_blank_line(all_samples)
+    needs_blank_line = args.done_needs_blank_line == "on" or (
+        args.done_needs_blank_line == "auto" and num_done > 0
+        and num_opening >= MIN_BLANK_LINE_DONE_SHARE * num_done)
     policy = StopPolicy(stop_threshold=args.threshold, done_threshold=done_threshold,
-                        min_code_lines=args.min_code_lines)
+                        min_code_lines=args.min_code_lines, done_needs_blank_line=needs_blank_line)
     guard, report = train_guard(features, labels, is_val, features.shape[1],
                                 model_name=engine.model_name, policy=policy,
                                 done_labels=None if done_threshold is None else done_labels)
     report["labeling"] = label_counts
+    report["done_line_ends_opening_blank_line"] = f"{num_opening}/{num_done}"
     report["per_language"] = {}
     for language, shard in shards:
         val_rows = is_val[np.isin(sample_index, shard["sample_index"])]
@@ -114,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
                         " benchmarks.policy_sweep); pass a negative value for no done head")
     p.add_argument("--min-code-lines", type=int, default=1,
                    help="the guard never stops before this many lines of code are kept")
+    p.add_argument("--done-needs-blank-line", choices=("auto", "on", "off"), default="auto",
+                   help="the done rule fires only on a line end that opens a blank line; auto: when"
+                        f" {MIN_BLANK_LINE_DONE_SHARE:.0%} of the training done line ends do")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--ship", action="store_true", help="copy the guard into guard/weights/")
     args = parser.parse_args(argv)

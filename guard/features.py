@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from guard.labeler import find_cut, label_tokens
+from guard.policy import count_blank_lines
 
 
 def token_char_ends(tokenizer, completion_ids: list[int]) -> list[int]:
@@ -36,6 +37,23 @@ def done_labels(completion: str, char_ends: list[int], labels: list[int], cut_ch
             done.append(int(not completion[end:cut_char].strip()))
         start = max(start, end)
     return done
+
+
+def done_ends_opening_blank_line(samples: list[dict]) -> tuple[int, int]:
+    """(done line ends that also open a blank line, all done line ends) over labeled samples:
+    whether the model ends a finished unit with a merged `\n\n` token, which lets the done rule
+    wait for one (StopPolicy.done_needs_blank_line; the same test on the same line text)."""
+    num_opening = num_done = 0
+    for sample in samples:
+        line_start = start = 0
+        for end, done in zip(sample["char_ends"], sample["done_labels"]):
+            if done == 1:
+                num_done += 1
+                num_opening += count_blank_lines(0, sample["completion"][line_start:end]) > 0
+            if "\n" in sample["completion"][start:end]:
+                line_start = end
+            start = max(start, end)
+    return num_opening, num_done
 
 
 def label_samples(tokenizer, samples: list[dict]) -> tuple[list[dict], Counter]:

@@ -23,6 +23,12 @@ excess (p_stop). A policy turns that stream of probabilities into one decision: 
   p_done >= `done_threshold` from the hidden state that produced the line's last token stops
   the sequence after that line, keeping it (the function's closing `}`, its last `return`). It
   saves the decode step the stop head needs to see the first excess token.
+  With `done_needs_blank_line` the line end must also open a blank line (its token holds a
+  second newline). Models whose tokenizer merges newlines (Qwen: `}\n\n`, `)\n\n`) end a
+  finished unit that way, so every done line end of the held-out completions opens one, while a
+  body line that only looks final (`print(sum)` before the `return`) ends in a single newline:
+  without a closing bracket a Python line end is a guess, and a wrong guess cuts the body.
+  `guard build` turns it on when the training data says the model works that way.
 - token voting: stop as soon as `num_consecutive` tokens in a row vote stop.
 - minimum code (all votes above): the guard stops only once the output it keeps holds at least
   `min_code_lines` lines with code. The prompt opened a unit whose body is expected, so an empty
@@ -51,12 +57,13 @@ class StopPolicy:
     max_blank_lines: int = 3  # 0 disables the blank-line rule
     keep_stop_line: bool = False  # keep the text of the line that triggered the stop
     # Line voting only; None: the line's end decides alone (see the line-start rule above).
-    line_start_threshold: float | None = 0.7
+    line_start_threshold: float | None = 0.8
     line_keep_threshold: float | None = 0.001
     # The line-start stop looks at the mean p_stop of the line's first this-many code tokens.
     line_start_window: int = 3
     done_threshold: float | None = None  # None: the done rule is off (see above)
     min_code_lines: int = 0  # 0: the guard may stop before any line of code is kept
+    done_needs_blank_line: bool = False  # the done rule fires only on a line end opening a blank line
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", PolicyKind(self.kind))
@@ -156,8 +163,10 @@ def update_votes(
             is_stop = True
         # The done rule keeps the line that just ended: that line counts toward the minimum.
         num_code_lines = state.num_code_lines + int(state.is_line_started)
+        opens_blank_line = count_blank_lines(0, line_text) > 0
         if (not is_stop and policy.done_threshold is not None and p_done is not None
-                and p_done >= policy.done_threshold and num_code_lines >= policy.min_code_lines):
+                and p_done >= policy.done_threshold and num_code_lines >= policy.min_code_lines
+                and (opens_blank_line or not policy.done_needs_blank_line)):
             is_stop = keeps_line = True
         num_blank_lines = count_blank_lines(state.num_blank_lines, line_text)
         if policy.max_blank_lines and num_blank_lines >= policy.max_blank_lines:

@@ -4,7 +4,7 @@ import torch
 
 from engine import PromptError, SamplingParams
 from engine.tiny import build_tiny_model_and_tokenizer
-from guard.policy import StopPolicy
+from guard.policy import StopPolicy, count_blank_lines
 from guard.probe import GenGuard, GuardMismatchError
 from tests.helpers import TINY_HIDDEN_SIZE, constant_guard, tiny_engine
 
@@ -104,6 +104,36 @@ def test_done_head_stops_after_the_first_line_end_and_keeps_the_line():
         else:
             assert d.finish_reason == "length" and d.token_ids == f.token_ids
     assert 0 < lines_ended < len(prompts)
+
+
+def test_done_rule_waiting_for_a_blank_line_ignores_single_line_ends():
+    guard = constant_guard(-10.0, StopPolicy(max_blank_lines=0, done_threshold=0.9, done_needs_blank_line=True))
+    guard.done_linear = torch.nn.Linear(TINY_HIDDEN_SIZE, 1)
+    with torch.no_grad():
+        guard.done_linear.weight.zero_()
+        guard.done_linear.bias.fill_(10.0)
+    engine = tiny_engine(guard=guard)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompts = ["int main() {\n", "print(1)\n", "def f(x):\n"]
+    free = tiny_engine().generate(prompts, params)
+    done = engine.generate(prompts, params)
+    num_single_line_ends = 0
+    for f, d in zip(free, done):
+        texts = [engine.tokenizer.decode(f.token_ids[i:i + 1]) for i in range(len(f.token_ids))]
+        line_start, expected_stop = 0, None
+        for i, text in enumerate(texts):
+            if "\n" in text:
+                if count_blank_lines(0, "".join(texts[line_start:i + 1])) > 0:
+                    expected_stop = i
+                    break
+                num_single_line_ends += 1
+                line_start = i + 1
+        if expected_stop is None:
+            assert d.finish_reason == "length" and d.token_ids == f.token_ids
+        else:
+            assert d.finish_reason == "guard" and d.token_ids == f.token_ids[:expected_stop + 1]
+    # The same sure done head stops at the first line end without the requirement (test above).
+    assert num_single_line_ends > 0
 
 
 def test_indentation_and_newline_tokens_are_classified_from_the_vocabulary():

@@ -5,7 +5,7 @@ import torch
 
 from engine import SamplingParams
 from engine.tiny import build_tiny_model_and_tokenizer
-from guard.features import done_labels, extract_features, token_char_ends
+from guard.features import done_ends_opening_blank_line, done_labels, extract_features, token_char_ends
 from guard.policy import StopPolicy
 from guard.probe import GenGuard
 from guard.train import TrainConfig, ideal_stop_line, simulate_stop_line, split_by_sample, train_guard
@@ -93,6 +93,20 @@ def test_done_labels_mark_the_last_expected_line_end():
     ends = [len("".join(tokens[:i + 1])) for i in range(len(tokens))]
     # Nothing is excess (the cut is the end): the last line end is done, the first is not.
     assert done_labels(two_lines, ends, [1] * 6, len(two_lines)) == [-1, -1, 0, -1, -1, 1]
+
+
+def test_done_ends_opening_blank_line_reads_the_whole_line_end():
+    def sample(tokens, done):
+        text = "".join(tokens)
+        return {"completion": text, "char_ends": [len("".join(tokens[:i + 1])) for i in range(len(tokens))],
+                "done_labels": done}
+    merged = sample(["  return", " x", "\n\n", "def"], [-1, -1, 1, -1])
+    # A lone "\n" token ends the code line: it opens no blank line, though its own text is empty
+    # before the newline; the blank line comes with the next token, too late for the rule.
+    split = sample(["  y", "\n", "  return", " y", "\n", "\n"], [-1, 0, -1, -1, 1, -1])
+    assert done_ends_opening_blank_line([merged]) == (1, 1)
+    assert done_ends_opening_blank_line([split]) == (0, 1)
+    assert done_ends_opening_blank_line([merged, split]) == (1, 2)
 
 
 def test_done_head_learns_a_separable_line_end_signal():

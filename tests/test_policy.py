@@ -128,6 +128,21 @@ def test_done_rule_stops_after_a_kept_line_end_and_keeps_it():
     assert not update_votes(VoteState(), 0.0, "}\n", StopPolicy(), p_done=0.99).is_stop
 
 
+def test_done_rule_can_wait_for_a_line_end_that_opens_a_blank_line():
+    # A Python body line that only looks final (`print(sum)` before the `return`) ends in one
+    # newline; the finished unit's last line ends in a merged `\n\n`.
+    policy = StopPolicy(done_threshold=0.9, done_needs_blank_line=True)
+    assert not update_votes(VoteState(), 0.0, "    print(sum)\n", policy, p_done=0.99).is_stop
+    last = update_votes(VoteState(), 0.0, "    return sum\n\n", policy, p_done=0.99)
+    assert last.is_stop and last.keeps_line
+    assert update_votes(VoteState(), 0.0, "}\n  \n", policy, p_done=0.99).is_stop  # spaces on the blank line
+    assert not update_votes(VoteState(), 0.0, "    return sum\n\n", policy, p_done=0.5).is_stop
+    # Off (the default): a single newline is enough.
+    assert update_votes(VoteState(), 0.0, "    print(sum)\n", StopPolicy(done_threshold=0.9), p_done=0.99).is_stop
+    # The blank line it opens still counts toward the blank-line rule.
+    assert last.state.num_blank_lines == 1
+
+
 def test_find_stop_reports_what_each_rule_keeps():
     texts = ["  return x", "\n", "print", "(1)", "\n"]
     policy = StopPolicy(line_start_threshold=0.7, done_threshold=0.9)
