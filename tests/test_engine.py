@@ -80,15 +80,20 @@ def test_line_start_rule_stops_on_the_first_token_and_drops_it():
     assert result.finish_reason != "guard" or result.num_generated_tokens > 1
 
 
-def test_done_head_stops_after_the_first_line_end_and_keeps_the_line():
-    # The stop head never votes stop; the done head is sure everywhere, but only a line end
-    # consults it: the sequence ends right after its first line, which is kept.
-    guard = constant_guard(-10.0, StopPolicy(max_blank_lines=0, done_threshold=0.9))
+def sure_done_guard(policy: StopPolicy) -> GenGuard:
+    """A stop head that never votes stop and a done head sure everywhere (p_done ~ 1)."""
+    guard = constant_guard(-10.0, policy)
     guard.done_linear = torch.nn.Linear(TINY_HIDDEN_SIZE, 1)
     with torch.no_grad():
         guard.done_linear.weight.zero_()
         guard.done_linear.bias.fill_(10.0)
-    engine = tiny_engine(guard=guard)
+    return guard
+
+
+def test_done_head_stops_after_the_first_line_end_and_keeps_the_line():
+    # The stop head never votes stop; the done head is sure everywhere, but only a line end
+    # consults it: the sequence ends right after its first line, which is kept.
+    engine = tiny_engine(guard=sure_done_guard(StopPolicy(max_blank_lines=0, done_threshold=0.9)))
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     prompts = ["int main() {\n", "print(1)\n", "def f(x):\n"]  # the tiny model ends a line in the first two
     free = tiny_engine().generate(prompts, params)
@@ -107,12 +112,8 @@ def test_done_head_stops_after_the_first_line_end_and_keeps_the_line():
 
 
 def test_done_rule_waiting_for_a_blank_line_ignores_single_line_ends():
-    guard = constant_guard(-10.0, StopPolicy(max_blank_lines=0, done_threshold=0.9, done_needs_blank_line=True))
-    guard.done_linear = torch.nn.Linear(TINY_HIDDEN_SIZE, 1)
-    with torch.no_grad():
-        guard.done_linear.weight.zero_()
-        guard.done_linear.bias.fill_(10.0)
-    engine = tiny_engine(guard=guard)
+    engine = tiny_engine(guard=sure_done_guard(
+        StopPolicy(max_blank_lines=0, done_threshold=0.9, done_needs_blank_line=True)))
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     prompts = ["int main() {\n", "print(1)\n", "def f(x):\n"]
     free = tiny_engine().generate(prompts, params)
