@@ -163,10 +163,9 @@ def update_votes(
             is_stop = True
         # The done rule keeps the line that just ended: that line counts toward the minimum.
         num_code_lines = state.num_code_lines + int(state.is_line_started)
-        opens_blank_line = count_blank_lines(0, line_text) > 0
         if (not is_stop and policy.done_threshold is not None and p_done is not None
                 and p_done >= policy.done_threshold and num_code_lines >= policy.min_code_lines
-                and (opens_blank_line or not policy.done_needs_blank_line)):
+                and (not policy.done_needs_blank_line or count_blank_lines(0, line_text) > 0)):
             is_stop = keeps_line = True
         num_blank_lines = count_blank_lines(state.num_blank_lines, line_text)
         if policy.max_blank_lines and num_blank_lines >= policy.max_blank_lines:
