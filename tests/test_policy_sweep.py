@@ -62,3 +62,17 @@ def test_replay_stop_words_counts_tokens_up_to_the_word():
     # "\ndef " is complete only once " test" is generated: the engine would have decoded 6 tokens.
     assert replay_stop_words(text, char_ends, ("\ndef ", "\n#")) == (6, "    return x\n")
     assert replay_stop_words(text, char_ends, ("\nclass ",)) is None
+
+
+def test_guard_margins_average_a_lines_first_code_tokens_like_the_policy():
+    from benchmarks.guard_margins import line_start_means
+
+    tokens = ["  ", "return", " x", "\n\n", "print", "(f", "(1", "))\n"]
+    texts = ["".join(tokens[:i + 1]) for i in range(len(tokens))]
+    sample = {"texts": texts, "p_stop": [0.9, 0.1, 0.3, 0.0, 0.8, 1.0, 0.6, 0.2]}
+    labels = [1, 1, 1, 1, 0, 0, 0, 0]
+    rows = [(round(mean, 6), n, is_expected, text) for mean, n, is_expected, text in line_start_means(sample, labels)]
+    # Whitespace tokens (the indentation, the newline) neither count nor start the window, and a
+    # new line starts a new window: the first line has two code tokens, the second three and more.
+    assert rows == [(0.1, 1, True, "return"), (0.2, 2, True, "return x"),
+                    (0.8, 1, False, "print"), (0.9, 2, False, "print(f"), (0.8, 3, False, "print(f(1")]
