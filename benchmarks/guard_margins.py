@@ -21,8 +21,8 @@ from tqdm import tqdm
 from benchmarks.policy_sweep import LANGUAGES, full_text, make_sample
 from engine import Engine, EngineConfig
 from evals.mbxp import load_problems, split_problems
-from guard.features import done_ends_opening_blank_line, done_labels
-from guard.labeler import find_cut, label_tokens
+from guard_training.features import done_ends_opening_blank_line, done_labels
+from guard_training.labeler import find_cut, label_tokens
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95)
 MAX_WINDOW = 3
@@ -87,7 +87,7 @@ def main() -> None:
             means = [row[0] for row in starts if row[1] == n and row[2] == is_expected]
             print(f"{name:8s} {n:2d} {len(means):6d}  " + "  ".join(
                 f"{sum(m >= t for m in means):{len(str(t)) + 2}d}" for t in THRESHOLDS))
-    print(f"\nhighest line-start means of expected lines:")
+    print("\nhighest line-start means of expected lines:")
     for mean, n, _, text, language, task_id in sorted((r for r in starts if r[2]), reverse=True)[:args.top]:
         print(f"  {mean:.3f}  n={n}  {language:10s} {task_id:10s} {text!r}")
 

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from evals.mbxp import load_problems
-from guard.labeler import find_cut, truncate
+from guard_training.labeler import find_cut, truncate
 
 OUTCOMES = ("early", "exact", "late", "diverged", "unparseable")
 

@@ -1,5 +1,8 @@
 """The CodeFast Serve application: one deployment, FastAPI ingress + one engine per replica.
 
+The replica holds a backend (backends/: our engine, or vLLM with GenGuard in a logits processor,
+chosen by `backend:` in the config) and talks only to the backend protocol.
+
 Why one deployment and not ingress -> engine: the engine already batches every request of its
 replica (AsyncEngine), so a separate router layer would add a handle hop per token of a stream
 and a second place where a client disconnect must be propagated, for nothing in return. Serve's
@@ -10,6 +13,7 @@ proxy spreads requests over replicas; autoscaling adds replicas (= engines) unde
 # No `from __future__ import annotations`: Serve pickles the class by value, and FastAPI must see
 # real annotation objects (a string "CompletionRequest" would no longer resolve in the replica).
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -25,8 +29,8 @@ from deployments.errors import install_error_handlers
 from deployments.metrics import serve_metrics
 from deployments.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
                                   ModelList, RequestError, Usage)
-from engine import Engine, EngineConfig, PromptError, Result, SamplingParams, StepEvent
-from engine.async_engine import AsyncEngine
+from backends import build_backend
+from engine import EngineDeadError, PromptError, Result, SamplingParams, SequenceError, StepEvent
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,42 +73,47 @@ class CodeFastServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         _check_live_capacity(config)
-        device = config.device
-        if device == "auto":
-            import torch
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        engine = Engine.from_pretrained(
-            config.model, guard=config.guard,
-            config=EngineConfig(max_num_seqs=config.max_num_seqs, dtype=config.dtype, device=device))
-        self.engine = engine
-        self.aengine = AsyncEngine(engine)
-        self.served_names = {engine.model_name, config.model}
+        self.backend = build_backend(config.backend_spec())
+        info = self.backend.info
+        self.served_names = {info.model_name, config.model}
         self.created = int(time.time())
         self.metrics = serve_metrics()
         self.num_requests = 0  # completion requests that passed body validation
         self.num_cancelled_requests = 0  # client went away before its completion was done
-        logger.info("CodeFast replica ready: model=%s guard=%s slots=%d device=%s",
-                    engine.model_name, engine.guard is not None, config.max_num_seqs, device)
+        logger.info("CodeFast replica ready: backend=%s model=%s guard=%s slots=%d", info.backend,
+                    info.model_name, info.has_guard, config.max_num_seqs)
 
     def __del__(self):
-        aengine = getattr(self, "aengine", None)
-        if aengine is not None:
-            aengine.shutdown()
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.shutdown()
+
+    async def check_health(self) -> None:
+        """What Serve calls every `health_check_period_s`: raising marks this replica unhealthy,
+        and Serve replaces it (a dead engine loop, a step loop that keeps failing, a wedged step)."""
+        await self._check_backend_health()
+
+    async def _check_backend_health(self) -> None:
+        # In a worker thread: the event loop must never wait on the engine, whatever the backend.
+        await asyncio.to_thread(self.backend.check_health)
 
     # ---- endpoints -----------------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> dict:
+        """200 {"status": "ok"}, or 503 with the reason when the engine cannot serve."""
+        await self._check_backend_health()  # EngineDeadError -> 503 (deployments/errors.py)
         return {"status": "ok"}
 
     @api.get("/v1/models")
     async def models(self) -> ModelList:
-        card = ModelCard(id=self.engine.model_name, created=self.created,
-                         max_model_len=self.engine.max_model_len, has_guard=self.engine.guard is not None)
+        info = self.backend.info
+        card = ModelCard(id=info.model_name, created=self.created, max_model_len=info.max_model_len,
+                         has_guard=info.has_guard, backend=info.backend)
         return ModelList(data=[card])
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
-        return {**self.aengine.stats(), "num_requests": self.num_requests,
+        return {**self.backend.stats(), "num_requests": self.num_requests,
                 "num_cancelled_requests": self.num_cancelled_requests,
                 "replica": serve.get_replica_context().replica_tag}
 
@@ -115,15 +124,13 @@ class CodeFastServer:
         try:
             if body.model is not None and body.model not in self.served_names:
                 raise RequestError(f"model {body.model!r} is not served here; this server serves"
-                                   f" {self.engine.model_name!r}", status_code=404,
+                                   f" {self.backend.info.model_name!r}", status_code=404,
                                    code="model_not_found", param="model")
-            params = body.sampling_params(self.engine.max_model_len)
+            params = body.sampling_params(self.backend.info.max_model_len)
             prompts = body.prompts
             # Reject every bad prompt before any is queued (a stream's headers go out first).
-            # Outside AsyncEngine's lock on purpose: encoding only reads the tokenizer (no
-            # padding/truncation state is set), as the engine thread's decoding does.
             for prompt in prompts:
-                self.engine.encode_prompt(prompt, params)
+                self.backend.encode_prompt(prompt, params)
         except (RequestError, PromptError):
             self.metrics.record_request("client_error")
             raise
@@ -151,7 +158,7 @@ class CodeFastServer:
         self.metrics.record_request("ok", time.perf_counter() - start, is_stream=False)
         choices = [CompletionChoice(text=r.text, index=i, finish_reason=FINISH_REASONS.get(r.finish_reason))
                    for i, r in enumerate(results)]
-        return CompletionResponse(id=request_id, created=int(time.time()), model=self.engine.model_name,
+        return CompletionResponse(id=request_id, created=int(time.time()), model=self.backend.info.model_name,
                                   choices=choices, usage=usage_of(results))
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -160,13 +167,13 @@ class CodeFastServer:
         """Merge the engine streams of all prompts of one request, as (prompt index, event).
 
         Closing this generator (or cancelling its consumer) cancels every prompt's stream, and
-        AsyncEngine.stream aborts a cancelled sequence, so the engine frees its slot at once.
+        the backend aborts a cancelled request, so the engine frees its slot at once.
         """
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, prompt: str) -> None:
             try:
-                async for event in self.aengine.stream(prompt, params, f"{request_id}-{index}"):
+                async for event in self.backend.stream(prompt, params, f"{request_id}-{index}"):
                     queue.put_nowait((index, event))
             except Exception as exc:  # hand engine errors to the consumer instead of losing them
                 queue.put_nowait((index, exc))
@@ -187,7 +194,7 @@ class CodeFastServer:
 
     async def _sse(self, events: AsyncIterator[tuple[int, StepEvent]], request_id: str,
                    num_prompts: int, include_usage: bool, start: float) -> AsyncIterator[str]:
-        created, model = int(time.time()), self.engine.model_name
+        created, model = int(time.time()), self.backend.info.model_name
         results: list[Result | None] = [None] * num_prompts
         try:
             async for index, event in events:
@@ -212,8 +219,12 @@ class CodeFastServer:
         except Exception as exc:  # headers are gone: report in-band, as OpenAI does
             logger.exception("stream %s failed", request_id)
             self.metrics.record_request("server_error")
-            yield sse(f'{{"error": {{"message": "internal error: {type(exc).__name__}",'
-                      f' "type": "server_error", "code": "internal_error"}}}}')
+            # Our own errors say what failed; anything else only its type (no internals leak).
+            known = isinstance(exc, (SequenceError, EngineDeadError))
+            message = str(exc) if known else f"internal error: {type(exc).__name__}"
+            code = "generation_failed" if isinstance(exc, SequenceError) else \
+                "engine_unavailable" if known else "internal_error"
+            yield sse(json.dumps({"error": {"message": message, "type": "server_error", "code": code}}))
         finally:
             await events.aclose()
 

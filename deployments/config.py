@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-DEVICES = ("auto", "cpu", "cuda")
-NO_GUARD_NAMES = ("none", "off", "")
+from backends.spec import BackendSpec
 _NESTED_ARGS = {"autoscaling_config": ("min_replicas", "max_replicas", "target_ongoing_requests"),
                 "ray_actor_options": ("num_cpus", "num_gpus")}
 
@@ -24,6 +22,7 @@ def check_capacity(max_ongoing_requests: int, max_num_seqs: int) -> None:
 
 @dataclass(frozen=True)
 class ServeConfig:
+    backend: str = "codefast"  # "codefast" (our engine, any HF causal LM) or "vllm"
     model: str = "default"  # "default", "codefast/tiny-random", or a local HF folder
     guard: str | None = "default"  # "default" (the guard shipped for the model), None/"none", or a folder
     max_num_seqs: int = 8  # engine batch slots per replica
@@ -37,20 +36,14 @@ class ServeConfig:
     target_ongoing_requests: float | None = None  # None: max_num_seqs (a full batch per replica)
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    enforce_eager: bool | None = None  # vLLM only; None: eager on CPU, compiled on GPU
+    kv_cache_gib: int = 4  # vLLM on CPU only: KV cache size in whole GiB
+    wedge_timeout_s: float = 300.0  # a step (or, on vLLM, silence) this long: the replica is unhealthy
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"model must be a non-empty string, got {self.model!r}")
-        if isinstance(self.guard, str) and self.guard.lower() in NO_GUARD_NAMES:
-            object.__setattr__(self, "guard", None)
         if self.guard is not None and not isinstance(self.guard, str):
             raise ValueError(f"guard must be 'default', 'none' or a folder path, got {self.guard!r}")
-        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        object.__setattr__(self, "guard", self.backend_spec().guard)  # validates the engine fields
         if self.max_ongoing_requests is None:
             object.__setattr__(self, "max_ongoing_requests", 2 * self.max_num_seqs)
         check_capacity(self.max_ongoing_requests, self.max_num_seqs)
@@ -99,6 +92,12 @@ class ServeConfig:
             },
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
+
+    def backend_spec(self) -> BackendSpec:
+        return BackendSpec(backend=self.backend, model=self.model, guard=self.guard,
+                           max_num_seqs=self.max_num_seqs, dtype=self.dtype, device=self.device,
+                           enforce_eager=self.enforce_eager, kv_cache_gib=self.kv_cache_gib,
+                           wedge_timeout_s=self.wedge_timeout_s)
 
     def as_dict(self) -> dict:
         return asdict(self)

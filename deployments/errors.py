@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.metrics import serve_metrics
 from deployments.protocol import ErrorDetail, ErrorResponse, RequestError
-from engine.engine import PromptError
+from engine.engine import EngineDeadError, PromptError, SequenceError
 
 logger = logging.getLogger("ray.serve")
 
@@ -38,8 +38,11 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         field = loc[0] if loc else "body"
         if error.get("type") == "json_invalid":
             return f"request body is not valid JSON: {error.get('msg')}", None
+        message = error.get("msg")
+        if error.get("type") == "string_unicode":  # JSON allows "\ud800", which is no text
+            message = "not valid Unicode text (a lone surrogate such as \\ud800 cannot be tokenized)"
         if field not in lines:
-            lines[field] = f"{'.'.join(loc) or 'body'}: {error.get('msg')}"
+            lines[field] = f"{'.'.join(loc) or 'body'}: {message}"
             params.append(field)
     return "; ".join(lines.values()) or "invalid request", (params[0] if len(params) == 1 else None)
 
@@ -59,6 +62,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _on_prompt_error(request: Request, exc: PromptError):
         code = "context_length_exceeded" if "context" in str(exc) else "invalid_prompt"
         return error_response(400, str(exc), code=code, param="prompt")
+
+    @app.exception_handler(EngineDeadError)
+    async def _on_engine_dead(request: Request, exc: EngineDeadError):
+        # 503: this replica cannot serve; its health check fails too, so Serve replaces it.
+        return error_response(503, f"engine unavailable: {exc}", code="engine_unavailable")
+
+    @app.exception_handler(SequenceError)
+    async def _on_sequence_error(request: Request, exc: SequenceError):
+        # This request's generation failed; the others on the replica go on.
+        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(500, str(exc), code="generation_failed")
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http_error(request: Request, exc: StarletteHTTPException):

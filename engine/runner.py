@@ -12,16 +12,17 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from engine import kv_cache
-from engine.sampler import sample
+from engine.sampler import SamplingError, sample
 from engine.sequence import Sequence
 from guard.probe import GenGuard
 
 
 @dataclass(frozen=True)
 class RunnerOutput:
-    token_id: int
+    token_id: int  # -1 when `error` is set
     p_stop: float | None  # guard's probability that this token is excess; None without a guard
     p_done: float | None = None  # ... that this token ends the expected code; None without a done head
+    error: SamplingError | None = None  # this sequence alone failed: no token was drawn
 
 
 class ModelRunner:
@@ -98,4 +99,5 @@ class ModelRunner:
             p_stops = self.guard.stop_probs(hidden).tolist()
             done = self.guard.done_probs(hidden)
             p_dones = p_dones if done is None else done.tolist()
-        return [RunnerOutput(t, p, d) for t, p, d in zip(token_ids, p_stops, p_dones)]
+        return [RunnerOutput(-1, p, d, t) if isinstance(t, SamplingError) else RunnerOutput(t, p, d)
+                for t, p, d in zip(token_ids, p_stops, p_dones)]

@@ -24,6 +24,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop string matched
     GUARD = "guard"  # GenGuard voted the code now being written is excess
     ABORT = "abort"  # the client went away or the request was cancelled
+    ERROR = "error"  # generation failed for this sequence (Result.error says why)
 
 
 _seq_counter = itertools.count()
@@ -48,6 +49,7 @@ class Sequence:
     num_streamed_chars: int = 0  # how much of the text a stream consumer already got
     is_streaming: bool = False
     generator: torch.Generator | None = None  # per-request RNG when a seed is given
+    error: str | None = None  # why generation failed (finish reason ERROR)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -102,6 +104,10 @@ class Result:
     num_dropped_tokens: int  # decoded but cut from `text` (the guard's excess line / stop string tail)
     latency_s: float
     time_to_first_token_s: float | None
+    error: str | None = None  # set when finish_reason is "error": why this sequence failed
+    # A guard stop: index (in the generated tokens) of the token whose vote stopped it, as
+    # guard.policy.find_stop counts; with len(token_ids) it is what the policy replay predicts.
+    guard_stop_index: int | None = None
 
     @classmethod
     def from_sequence(cls, seq: Sequence) -> "Result":
@@ -118,4 +124,6 @@ class Result:
             num_dropped_tokens=seq.num_output_tokens - len(seq.kept_ids),
             latency_s=end - seq.arrival_time,
             time_to_first_token_s=ttft,
+            error=seq.error,
+            guard_stop_index=seq.num_output_tokens - 1 if seq.finish_reason is FinishReason.GUARD else None,
         )

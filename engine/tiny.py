@@ -27,10 +27,10 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny_model(vocab_size: int, seed: int = 0, hidden_size: int = 64,
-                     num_layers: int = 2) -> Qwen2ForCausalLM:
+                     num_layers: int = 2, num_heads: int = 4) -> Qwen2ForCausalLM:
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
         max_position_embeddings=512, tie_word_embeddings=False,
         bos_token_id=None, eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1,
     )
@@ -43,7 +43,12 @@ def build_tiny_model(vocab_size: int, seed: int = 0, hidden_size: int = 64,
     return model.eval()
 
 
-def build_tiny_model_and_tokenizer(seed: int = 0, dtype: torch.dtype = torch.float32):
+def build_tiny_model_and_tokenizer(seed: int = 0, dtype: torch.dtype = torch.float32, num_heads: int = 4):
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(len(tokenizer), seed=seed).to(dtype)
+    model = build_tiny_model(len(tokenizer), seed=seed, num_heads=num_heads).to(dtype)
     return model, tokenizer
+
+
+# vLLM's CPU attention needs heads of at least 32 dimensions (64 hidden / 4 heads is 16): the
+# tiny model that vLLM tests load (guard/export.py saves it as a folder) has two heads.
+TINY_VLLM_NUM_HEADS = 2

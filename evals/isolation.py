@@ -1,26 +1,38 @@
 """Who runs an untrusted program, in which namespaces, under which rlimits, and how it all dies.
 
-One mode is detected once per process (`isolation()`), the strongest that works here:
+Every step of a run is untrusted, the compile included (a compiler reads whatever the source names:
+`#include "/etc/shadow"`), so every step gets the same isolation. One mode is detected once per
+process (`isolation()`), the strongest that works here:
 
 - "uid" (we are root): every run gets its own unused uid from a pool (`CODEFAST_SANDBOX_UID_BASE`,
   default 61000, 128 uids), held with an flock so concurrent runs, threads or processes, never
-  share one. The chain is `unshare -n --pid --fork --kill-child` (an empty network namespace: no
-  interface is up, so even 127.0.0.1 is unreachable; a pid namespace whose teardown kills and
-  reaps everything in it) -> `prlimit` -> `setpriv` (drop to the run's uid: no groups, no
-  capabilities, no_new_privs) -> `sh` as pid 1, so the program never gets pid 1's immunity to
+  share one. The chain is [`nsenter` into the run's private root] -> `unshare -n --pid --fork
+  --kill-child --mount-proc` (an empty network namespace: no interface is up, so even 127.0.0.1
+  is unreachable; a pid namespace whose teardown kills and reaps everything in it, with its own
+  /proc: no other process is visible) -> `prlimit` -> `setpriv` (drop to the run's uid: no groups,
+  no capabilities, no_new_privs) -> `sh` as pid 1, so the program never gets pid 1's immunity to
   default signals. RLIMIT_NPROC counts tasks per uid and the uid is the run's alone, so a fork
   bomb stops at `max_processes`. Afterwards `kill -KILL -1` run *as that uid* reaches every
-  process it owns, a second net under the pid namespace. The uid can write only its work dir and
-  world-writable temp dirs, which are swept of its files after the run.
-- "userns" (not root, unprivileged user namespaces allowed): `unshare -rn --pid --fork
-  --kill-child` -> `prlimit` -> `sh` -> program. In a fresh user namespace RLIMIT_NPROC counts
-  from zero (kernel >= 5.14); killing the process group kills pid 1 and so the whole namespace.
-  The program runs with the caller's file permissions.
-- "plain" (neither works): rlimits and killpg only. The network is NOT isolated, a process that
-  calls setsid() can outlive the run, and RLIMIT_NPROC (per real uid) is set to the caller's
-  current task count + `max_processes`, so a fork bomb is bounded but competes with the caller's
-  own forks; `isolation().reason` says why we fell back.
-Compilers (trusted tools) run as the caller, in the network namespace when there is one.
+  process it owns, a second net under the pid namespace.
+- "userns" (not root, unprivileged user namespaces allowed): the same chain inside a user
+  namespace where we are a fake root, with `setpriv` clearing every capability instead of
+  changing uid: the program runs with the caller's file permissions (it can read what the caller
+  can read). In a fresh user namespace RLIMIT_NPROC counts from zero (kernel >= 5.14); killing
+  the process group kills pid 1 and so the whole namespace.
+- "plain" (neither works): rlimits and killpg only. The network is NOT isolated, the filesystem
+  is the caller's (a program can write wherever the caller can), a process that calls setsid()
+  can outlive the run, and RLIMIT_NPROC (per real uid) is set to the caller's current task count
+  + `max_processes`, so a fork bomb is bounded but competes with the caller's own forks;
+  `isolation().reason` says why we fell back.
+
+The private root (`run_space`, uid and userns modes where mount namespaces work: kernel >= 5.12
+for a recursive read-only remount): each run gets a mount namespace in which the whole host
+filesystem is read-only and /tmp, /var/tmp and /dev/shm are one fresh tmpfs of `disk_bytes`
+holding the work dir: writes anywhere else fail (EROFS), the total written is bounded (ENOSPC),
+and everything vanishes with the namespace (evals/private_root.py). Without it (`has_private_root`
+False) the work dir is a host temp dir, total disk use is bounded only per file (RLIMIT_FSIZE),
+and in uid mode the top level of /tmp, /var/tmp and /dev/shm is swept of the uid's files after
+the run; anything it wrote deeper in other world-writable directories stays.
 """
 from __future__ import annotations
 
@@ -29,9 +41,13 @@ import dataclasses
 import fcntl
 import os
 import shutil
+import selectors
 import signal
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -39,10 +55,22 @@ from pathlib import Path
 UID_BASE = int(os.environ.get("CODEFAST_SANDBOX_UID_BASE", "61000"))
 NUM_UIDS = 128
 LOCK_DIR = Path.home() / ".cache" / "codefast" / "sandbox-uids"
-# World-writable places a sandbox uid can leave files in; swept after every run.
+# World-writable places a sandbox uid can leave files in without a private root; swept after a run.
 SHARED_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 PID_NS = ["--pid", "--fork", "--kill-child"]
 SH_WRAPPER = ['/bin/sh', '-c', '"$@"; exit $?', 'sh']
+# userns mode: the program is the namespace's root; with no capabilities it cannot undo the
+# read-only mounts or the network namespace (a remount needs CAP_SYS_ADMIN).
+DROP_CAPABILITIES = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+PRIVATE_ROOT_SCRIPT = Path(__file__).with_name("private_root.py")
+PRIVATE_WORK_DIR = "/tmp/work"  # as the program sees it, in its private root
+PRIVATE_SHARED_DIR = "/tmp/.shared"  # read-only toolchain caches, one numbered folder each
+PRIVATE_MAX_INODES = 16384  # files in the run's tmpfs: empty files cost kernel memory, not bytes
+HOLDER_START_S = 20.0  # the holder is a python that mounts three things; ~50 ms when idle
+PROBE_DISK_BYTES = 1 << 20
+# Queued signals and POSIX timers (each holds one preallocated): without a bound a program can
+# pin kernel memory with a million timers. Go and node use a handful.
+MAX_PENDING_SIGNALS = 1024
 
 
 @dataclass(frozen=True)
@@ -51,6 +79,7 @@ class Isolation:
     is_network_isolated: bool
     has_pid_namespace: bool
     reason: str
+    has_private_root: bool = False  # read-only host, one size-limited tmpfs per run (run_space)
 
 
 @dataclass(frozen=True)
@@ -60,11 +89,14 @@ class RLimits:
     as_bytes: int | None
     file_bytes: int
     max_processes: int | None
+    max_open_files: int | None = None
 
     def prlimit_args(self) -> list[str]:
         # Soft CPU limit sends SIGXCPU; the hard one a second later SIGKILLs a program that ignores it.
         args = [f"--cpu={self.cpu_s}:{self.cpu_s + 1}", f"--data={self.data_bytes}",
-                f"--fsize={self.file_bytes}", "--core=0"]
+                f"--fsize={self.file_bytes}", "--core=0", f"--sigpending={MAX_PENDING_SIGNALS}"]
+        if self.max_open_files is not None:
+            args.append(f"--nofile={self.max_open_files}")
         if self.as_bytes is not None:
             args.append(f"--as={self.as_bytes}")
         if self.max_processes is not None:
@@ -82,7 +114,7 @@ def _works(argv: list[str]) -> bool:
 
 @lru_cache(maxsize=None)
 def isolation() -> Isolation:
-    tools = {name: shutil.which(name) for name in ("unshare", "prlimit", "setpriv")}
+    tools = {name: shutil.which(name) for name in ("unshare", "prlimit", "setpriv", "nsenter")}
     if not tools["prlimit"]:
         raise RuntimeError("prlimit (util-linux) not found; run scripts/setup_system.sh")
     if os.geteuid() == 0 and tools["setpriv"]:
@@ -91,11 +123,34 @@ def isolation() -> Isolation:
             return Isolation("plain", False, False, "setpriv could not drop to an unprivileged uid")
         is_net = bool(tools["unshare"]) and _works(["unshare", "-n", "--"] + drop)
         has_pid = bool(tools["unshare"]) and _works(["unshare", *PID_NS, "--"] + drop)
-        return Isolation("uid", is_net, has_pid, f"root: per-run uid, network namespace: {is_net}, "
-                                                 f"pid namespace: {has_pid}")
-    if tools["unshare"] and _works(["unshare", "-rn", *PID_NS, "--"] + SH_WRAPPER + ["true"]):
-        return Isolation("userns", True, True, "user + network + pid namespace")
-    return Isolation("plain", False, False, "no user namespaces and not root: network NOT isolated")
+        mode = Isolation("uid", is_net, has_pid, "")
+        why_no_root = _private_root_problem(mode, tools, UID_BASE + NUM_UIDS - 1)
+        return dataclasses.replace(mode, has_private_root=why_no_root is None, reason=(
+            f"root: per-run uid, network namespace: {is_net}, pid namespace: {has_pid},"
+            f" private root: {why_no_root or True}"))
+    if tools["unshare"] and tools["setpriv"] and \
+            _works(["unshare", "-rn", *PID_NS, "--"] + DROP_CAPABILITIES + SH_WRAPPER + ["true"]):
+        mode = Isolation("userns", True, True, "")
+        why_no_root = _private_root_problem(mode, tools, None)
+        return dataclasses.replace(mode, has_private_root=why_no_root is None, reason=(
+            f"user + network + pid namespace, private root: {why_no_root or True}"))
+    return Isolation("plain", False, False, "no user namespaces and not root: network and filesystem NOT isolated")
+
+
+def _private_root_problem(mode: Isolation, tools: dict, uid: int | None) -> str | None:
+    """None when a run can get a private root here, else why not (for `reason`)."""
+    if not (tools["nsenter"] and tools["unshare"]):
+        return "no nsenter/unshare"
+    try:
+        with _holder(mode, PROBE_DISK_BYTES, uid, ()) as (_, enter_argv):
+            step = wrap(["touch", f"{PRIVATE_WORK_DIR}/x", "/dev/shm/x"],
+                        RLimits(10, 256 << 20, None, 1 << 20, 64), uid,
+                        RunSpace(PRIVATE_WORK_DIR, "", "/", enter_argv, {}, None), mode)
+            if not _works(step):
+                return "a step in it failed"
+    except (OSError, RuntimeError) as exc:
+        return str(exc)
+    return None
 
 
 def _drop_privileges(uid: int) -> list[str]:
@@ -103,22 +158,109 @@ def _drop_privileges(uid: int) -> list[str]:
             "--inh-caps=-all", "--bounding-set=-all", "--"]
 
 
-def wrap(argv: list[str], rlimits: RLimits, uid: int | None, is_untrusted: bool = True) -> list[str]:
-    """The full command line: namespaces, then rlimits, then (uid mode) the unprivileged uid.
-    `is_untrusted=False` (compilers): network namespace and rlimits only."""
+@dataclass(frozen=True)
+class RunSpace:
+    """Where one run's files live and how its commands get there (see `run_space`)."""
+
+    dir: str  # the work dir as the program sees it: its cwd, HOME and TMPDIR
+    host_dir: str  # the same folder as this process sees it: write the sources here
+    popen_cwd: str  # cwd to start the command line from (nsenter sets the real one)
+    enter_argv: tuple[str, ...]  # command prefix into the run's mount namespace; () without one
+    shared_dirs: dict[str, str]  # host folder -> where the run sees it, read-only
+    disk_path: str | None  # the run's tmpfs, seen from here; None: disk use bounded per file only
+
+    def path_of(self, host_dir: str | Path) -> str | None:
+        """Where the run sees a host folder given to `run_space`; None if it cannot see it."""
+        return self.shared_dirs.get(str(host_dir))
+
+    def free_bytes(self) -> int | None:
+        if self.disk_path is None:
+            return None
+        stats = os.statvfs(self.disk_path)
+        return stats.f_bavail * stats.f_frsize
+
+
+@contextlib.contextmanager
+def run_space(uid: int | None, disk_bytes: int, shared_dirs: tuple[str, ...] = ()) -> Iterator[RunSpace]:
+    """One run's files: a private root (read-only host, a tmpfs of `disk_bytes` for /tmp,
+    /var/tmp, /dev/shm and the work dir, `shared_dirs` bound read-only) where this machine allows
+    it, else a host temp dir owned by the run's uid. Gone, with all the run wrote, on exit."""
     mode = isolation()
+    if mode.has_private_root:
+        with _holder(mode, disk_bytes, uid, shared_dirs) as (holder_pid, enter_argv):
+            root = f"/proc/{holder_pid}/root"  # the tree as the holder sees it, from here
+            shared = {path: f"{PRIVATE_SHARED_DIR}/{index}" for index, path in enumerate(shared_dirs)}
+            yield RunSpace(PRIVATE_WORK_DIR, root + PRIVATE_WORK_DIR, "/", enter_argv, shared, root + "/tmp")
+        return
+    with tempfile.TemporaryDirectory(prefix="codefast-", dir=os.environ.get("CODEFAST_SANDBOX_TMP")) as directory:
+        if uid is not None:
+            os.chown(directory, uid, uid)
+        # A run uid cannot be assumed to traverse to the caller's caches (often under a 0700 home).
+        shared = {} if uid is not None else {path: path for path in shared_dirs}
+        yield RunSpace(directory, directory, directory, (), shared, None)
+
+
+@contextlib.contextmanager
+def _holder(mode: Isolation, disk_bytes: int, uid: int | None,
+            shared_dirs: tuple[str, ...]) -> Iterator[tuple[int, tuple[str, ...]]]:
+    """Start evals/private_root.py in a new mount namespace; yield its pid and the nsenter
+    prefix into that namespace."""
+    userns = ["-r"] if mode.mode == "userns" else []
+    argv = ["unshare", *userns, "-m", "--propagation", "private", "--", sys.executable, "-I",
+            str(PRIVATE_ROOT_SCRIPT), str(disk_bytes), str(PRIVATE_MAX_INODES),
+            str(-1 if uid is None else uid), *map(str, shared_dirs)]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        line = _first_line(proc, HOLDER_START_S)
+        if line != "ready":
+            raise RuntimeError(f"private root not set up: {line or 'no answer'}")
+        # userns: entering the holder's user namespace makes us its root (our uid maps to 0 there;
+        # --preserve-credentials: setgroups is denied in it), whose capabilities the step needs
+        # for its own network/pid namespaces; setpriv drops them before the program runs.
+        into_userns = ["--user", "--preserve-credentials"] if mode.mode == "userns" else []
+        yield proc.pid, ("nsenter", f"--target={proc.pid}", *into_userns, "--mount", "--wd", "--")
+    finally:
+        proc.stdin.close()  # EOF: the holder exits, and the namespace goes with its last process
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            kill_group(proc.pid)
+            proc.wait()
+        proc.stdout.close()
+
+
+def _first_line(proc: subprocess.Popen, timeout_s: float) -> str:
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout_s):
+            return f"no answer in {timeout_s}s"
+    return proc.stdout.readline().decode(errors="replace").strip()
+
+
+def wrap(argv: list[str], rlimits: RLimits, uid: int | None, space: RunSpace,
+         mode: Isolation | None = None) -> list[str]:
+    """The full command line of one step (compile or run): into the run's private root, new
+    network and pid namespaces, rlimits, then the unprivileged uid (uid mode) or no capabilities
+    (userns mode). `mode` defaults to `isolation()`."""
+    mode = mode or isolation()
     if mode.mode == "plain":
         rlimits = _plain_nproc(rlimits)
     limits = ["prlimit", *rlimits.prlimit_args(), "--"]
-    flags = (["-n"] if mode.is_network_isolated else []) + (PID_NS if is_untrusted and mode.has_pid_namespace else [])
-    if mode.mode == "userns":
-        flags = ["-r"] + flags
+    is_private = bool(space.enter_argv)
+    flags = (["-n"] if mode.is_network_isolated else []) + (PID_NS if mode.has_pid_namespace else [])
+    if is_private and mode.has_pid_namespace:
+        flags.append("--mount-proc")  # a /proc of the run's pid namespace: no other process visible
+    if mode.mode == "userns" and not is_private:
+        flags = ["-r"] + flags  # else nsenter already put us in the holder's user namespace
     unshare = ["unshare", *flags, "--"] if flags else []
-    if mode.mode == "uid" and is_untrusted:
+    if mode.mode == "uid":
         if uid is None:
             raise ValueError("uid mode runs untrusted programs under a sandbox uid")
-        return unshare + limits + _drop_privileges(uid) + SH_WRAPPER + argv
-    return unshare + limits + (SH_WRAPPER if is_untrusted else []) + argv
+        drop = _drop_privileges(uid)
+    else:
+        drop = DROP_CAPABILITIES if mode.mode == "userns" else []
+    return [*space.enter_argv, *unshare, *limits, *drop, *SH_WRAPPER, *argv]
 
 
 def _plain_nproc(rlimits: RLimits) -> RLimits:
@@ -161,7 +303,8 @@ def sandbox_uid():
             yield uid
         finally:
             kill_uid(uid)
-            remove_files_of_uid(uid)
+            if not isolation().has_private_root:  # a private root took all it wrote with it
+                remove_files_of_uid(uid)
             os.close(fd)  # releases the flock
         return
     raise RuntimeError(f"all {NUM_UIDS} sandbox uids are busy")

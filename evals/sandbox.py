@@ -1,12 +1,15 @@
 """Run untrusted generated code (python, javascript, go, cpp) and say how it ended.
 
-Every run: its own temp directory (removed after), its own session and process group, stdin from
-/dev/null, a wall-clock timeout, rlimits (CPU seconds, memory, file size, process count, no core
-files) and a cap on captured stdout+stderr, read incrementally: the run is killed when exceeded.
+Every run: its own files (a private root where the machine allows it: the host read-only, one
+tmpfs of `max_disk_mb` for the work dir, /tmp, /var/tmp and /dev/shm; else a temp directory), its
+own session and process group, stdin from /dev/null, a wall-clock timeout, rlimits (CPU seconds,
+memory, file size, open files, process count, no core files) and a cap on captured stdout+stderr,
+read incrementally: the run is killed when exceeded. Nothing it wrote survives it.
 Who runs it, its network, and how stragglers die is `evals/isolation.py` (its docstring lists the
 modes and their guarantees); the per-language commands are `evals/toolchains.py`. Compiled
-languages are built first under their own, larger limits; compilers run as the caller (they never
-execute the submitted code: CGO is off, no go:generate).
+languages are built first, under their own, larger limits but with the same isolation as the
+program: a compiler reads whatever the source names (`#include "/etc/shadow"`), so it runs as the
+run's uid, without network, in the run's private root.
 
 Memory: the limit is RLIMIT_DATA, which (Linux >= 4.7) counts heap and private writable mappings
 but not address space that is only reserved. RLIMIT_AS alone would kill go (~650 MiB of arena
@@ -15,7 +18,6 @@ backstop at memory + per-language headroom; it bounds MAP_SHARED memory, which D
 """
 from __future__ import annotations
 
-import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +28,15 @@ from evals import isolation, toolchains
 from evals.process import Outcome, execute
 
 MiB = 1 << 20
-STATUSES = ("passed", "failed", "timeout", "memory", "output_limit", "compile_error", "error")
+STATUSES = ("passed", "failed", "timeout", "memory", "output_limit", "disk_limit", "compile_error", "error")
 COMPILE_OUTPUT_BYTES = 1 * MiB
-COMPILE_FILE_BYTES = 512 * MiB
+COMPILE_FILE_BYTES = 512 * MiB  # still within max_disk_mb where there is a private root
+COMPILE_MAX_PROCESSES = 256  # tasks: go build runs a compiler per package, each with threads
+COMPILE_MAX_OPEN_FILES = 1024
+# A run that failed with less than this free in its tmpfs ran out of disk: a write that does not
+# fit fails whole or in part, so the last one can leave up to its own size unused.
+DISK_FULL_MARGIN_BYTES = 1 * MiB
+DISK_FULL_MARKERS = (b"No space left on device", b"ENOSPC")
 MEMORY_MARKERS = (b"MemoryError", b"std::bad_alloc", b"out of memory", b"Cannot allocate memory")
 
 
@@ -40,6 +48,10 @@ class Limits:
     max_output_bytes: int = 1 * MiB
     max_file_bytes: int = 16 * MiB
     max_processes: int = 64  # tasks, threads included: node needs ~5, a go binary ~6
+    max_open_files: int = 256
+    # Everything the run writes, compile output included: work dir, /tmp, /var/tmp, /dev/shm
+    # (one tmpfs, so RAM). Without a private root only max_file_bytes per file holds.
+    max_disk_mb: int = 256
     compile_timeout_s: float = 60.0
     compile_memory_mb: int = 2048
 
@@ -73,13 +85,22 @@ class Job:
     limits: Limits = field(default_factory=Limits)
 
 
-def _status(outcome: Outcome, limits: Limits) -> str:
+def _is_disk_full(space: isolation.RunSpace, stderr: bytes) -> bool:
+    free_bytes = space.free_bytes()
+    if free_bytes is None:
+        return False
+    return free_bytes < DISK_FULL_MARGIN_BYTES or any(marker in stderr for marker in DISK_FULL_MARKERS)
+
+
+def _status(outcome: Outcome, limits: Limits, is_disk_full: bool = False) -> str:
     if outcome.is_timed_out:
         return "timeout"
     if outcome.is_output_exceeded:
         return "output_limit"
     if outcome.returncode == 0:
         return "passed"
+    if is_disk_full:
+        return "disk_limit"
     sig = isolation.exit_signal(outcome.returncode)
     if sig == signal.SIGXCPU or (sig == signal.SIGKILL and outcome.cpu_s >= limits.cpu_s):
         return "timeout"  # the soft CPU limit, or the hard one a second later
@@ -98,12 +119,18 @@ def _program_stderr(data: bytes) -> str:
                    if not line.startswith("unshare: sigprocmask"))
 
 
-def _compile(spec: toolchains.LanguageSpec, workdir: str, limits: Limits) -> Outcome:
+def _disk_note(limits: Limits) -> str:
+    return (f"\n[sandbox] disk limit: the run's files (work dir, /tmp, /var/tmp, /dev/shm) reached"
+            f" {limits.max_disk_mb} MiB or {isolation.PRIVATE_MAX_INODES} files")
+
+
+def _compile(spec: toolchains.LanguageSpec, space: isolation.RunSpace, uid: int | None,
+             limits: Limits) -> Outcome:
     rlimits = isolation.RLimits(int(limits.compile_timeout_s) + 1, limits.compile_memory_mb * MiB, None,
-                                COMPILE_FILE_BYTES, None)
-    return execute(isolation.wrap(list(spec.compile_argv), rlimits, None, is_untrusted=False), workdir,
-                   toolchains.environment(workdir, limits.memory_mb, is_compile=True), limits.compile_timeout_s,
-                   COMPILE_OUTPUT_BYTES, kill=lambda pid: isolation.kill_run(pid, None))
+                                COMPILE_FILE_BYTES, COMPILE_MAX_PROCESSES, COMPILE_MAX_OPEN_FILES)
+    return execute(isolation.wrap(list(spec.compile_argv), rlimits, uid, space), space.popen_cwd,
+                   toolchains.environment(space, limits.memory_mb, is_compile=True), limits.compile_timeout_s,
+                   COMPILE_OUTPUT_BYTES, kill=lambda pid: isolation.kill_run(pid, uid))
 
 
 def run_program(language: str, source: str, limits: Limits = Limits()) -> ExecResult:
@@ -112,27 +139,31 @@ def run_program(language: str, source: str, limits: Limits = Limits()) -> ExecRe
         return ExecResult("error", None, "", missing, 0.0)
     start = time.monotonic()
     try:
-        spec = toolchains.language_spec(language)
-        with isolation.sandbox_uid() as uid, toolchains.workdir() as workdir:
-            Path(workdir, spec.filename).write_text(source)
+        shared_dirs = toolchains.shared_dirs(language)
+        with isolation.sandbox_uid() as uid, \
+                isolation.run_space(uid, limits.max_disk_mb * MiB, shared_dirs) as space:
+            spec = toolchains.language_spec(language, space.path_of)
+            source_path = Path(space.host_dir, spec.filename)
+            source_path.write_text(source)
+            source_path.chmod(0o644)  # ours, readable by the run's uid, which owns the folder
             if spec.compile_argv:
-                built = _compile(spec, workdir, limits)
+                built = _compile(spec, space, uid, limits)
                 if built.returncode != 0 or built.is_timed_out or built.is_output_exceeded:
                     note = "\n[sandbox] compile timed out" if built.is_timed_out else ""
+                    if _is_disk_full(space, built.stderr):
+                        note += _disk_note(limits)
                     return ExecResult("compile_error", built.returncode, _text(built.stdout),
                                       _text(built.stderr) + note, time.monotonic() - start)
-            if uid is not None:  # the program's uid owns its directory and nothing else
-                for path in [workdir, *map(str, Path(workdir).rglob("*"))]:
-                    os.lchown(path, uid, uid)
             rlimits = isolation.RLimits(limits.cpu_s, limits.memory_mb * MiB,
                                         (limits.memory_mb + spec.as_headroom_mb) * MiB,
-                                        limits.max_file_bytes, limits.max_processes)
-            outcome = execute(isolation.wrap(list(spec.run_argv), rlimits, uid), workdir,
-                              toolchains.environment(workdir, limits.memory_mb, is_compile=False),
+                                        limits.max_file_bytes, limits.max_processes, limits.max_open_files)
+            outcome = execute(isolation.wrap(list(spec.run_argv), rlimits, uid, space), space.popen_cwd,
+                              toolchains.environment(space, limits.memory_mb, is_compile=False),
                               limits.timeout_s, limits.max_output_bytes, kill=lambda pid: isolation.kill_run(pid, uid))
+            is_disk_full = _is_disk_full(space, outcome.stderr)
     except Exception as exc:  # the sandbox itself failed; one bad run must not end an evaluation
         return ExecResult("error", None, "", f"[sandbox] {type(exc).__name__}: {exc}", time.monotonic() - start)
-    status = _status(outcome, limits)
+    status = _status(outcome, limits, is_disk_full)
     # One convention for callers: negative = killed by that signal, -SIGKILL when the sandbox
     # killed the run (through `sh` a signal shows as 128 + n, through a killed `unshare` as 1).
     if outcome.is_timed_out or outcome.is_output_exceeded:
@@ -141,7 +172,8 @@ def run_program(language: str, source: str, limits: Limits = Limits()) -> ExecRe
         sig = isolation.exit_signal(outcome.returncode)
         returncode = -sig if sig else outcome.returncode
     note = {"timeout": f"\n[sandbox] killed: time limit ({limits.timeout_s}s wall, {limits.cpu_s}s cpu)",
-            "output_limit": f"\n[sandbox] killed: output over {limits.max_output_bytes} bytes"}.get(status, "")
+            "output_limit": f"\n[sandbox] killed: output over {limits.max_output_bytes} bytes",
+            "disk_limit": _disk_note(limits)}.get(status, "")
     return ExecResult(status, returncode, _text(outcome.stdout), _program_stderr(outcome.stderr) + note,
                       time.monotonic() - start)
 

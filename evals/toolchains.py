@@ -3,10 +3,15 @@
 - python: an interpreter the sandbox uid can execute (ours may sit under a 0700 home, e.g. pyenv in
   /root), run isolated (-I: no user site, no PYTHON* env) and without writing .pyc files.
 - javascript: node with lodash on NODE_PATH (every MBJSP test requires it).
-- go: `go build` in GOPATH mode, CGO off, with a persistent GOCACHE (~/.cache/codefast/go-build)
-  so the standard library is compiled once, not per program.
+- go: `go build` in GOPATH mode, CGO off, with a GOCACHE (~/.cache/codefast/go-build) that we
+  warm once with the standard packages MBGP programs import (`go build` of them, trusted input)
+  and that runs see read-only, so no run can plant an entry for the next one. A package that is
+  not in it is compiled per run (slower, still correct).
 - cpp: g++ -O0 -std=c++17, with a precompiled <bits/stdc++.h> (every MBCPP prompt includes it):
   built once into ~/.cache/codefast/cpp-pch, it cuts a compile from ~0.75 s to ~0.2 s.
+
+Compilers run in the sandbox like the program (they read whatever the source names), so the
+caches they use are handed to a run read-only (`shared_dirs`), at a path of the run's own.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +40,10 @@ NODE_MODULE_DIRS = tuple(p for p in (os.environ.get("CODEFAST_NODE_PATH"), "/usr
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 CPP_FLAGS = ("-O0", "-std=c++17")
 LANGUAGES = ("python", "javascript", "go", "cpp")
+# Standard packages compiled into the shared GOCACHE once (MBGP's prompts and tests import the
+# first four; the rest are what completions commonly add).
+WARM_GO_PACKAGES = ("encoding/json", "reflect", "sort", "math", "fmt", "strings", "strconv",
+                    "unicode", "bytes", "errors", "regexp", "math/big", "container/heap", "os")
 
 
 @dataclass(frozen=True)
@@ -44,22 +54,15 @@ class LanguageSpec:
     as_headroom_mb: int  # address space reserved but never touched (see evals/sandbox.py)
 
 
-def workdir() -> tempfile.TemporaryDirectory:
-    """Under $CODEFAST_SANDBOX_TMP, else the system temp dir; it must be traversable by other uids."""
-    return tempfile.TemporaryDirectory(prefix="codefast-", dir=os.environ.get("CODEFAST_SANDBOX_TMP"))
-
-
 def _go() -> str | None:
     return shutil.which("go") or ("/usr/lib/go/bin/go" if os.access("/usr/lib/go/bin/go", os.X_OK) else None)
 
 
 def _runs_sandboxed(argv: list[str]) -> bool:
-    with isolation.sandbox_uid() as uid, workdir() as directory:
-        if uid is not None:
-            os.chown(directory, uid, uid)
+    with isolation.sandbox_uid() as uid, isolation.run_space(uid, 16 * MiB) as space:
         rlimits = isolation.RLimits(10, 256 * MiB, None, MiB, 64)
-        outcome = execute(isolation.wrap(argv, rlimits, uid), directory, {"PATH": BASE_PATH}, 10.0, MiB,
-                          kill=lambda pid: isolation.kill_run(pid, uid))
+        outcome = execute(isolation.wrap(argv, rlimits, uid, space), space.popen_cwd, {"PATH": BASE_PATH},
+                          10.0, MiB, kill=lambda pid: isolation.kill_run(pid, uid))
         return outcome.returncode == 0
 
 
@@ -102,7 +105,51 @@ def cpp_pch_dir() -> str | None:
     return str(pch_dir)
 
 
-def language_spec(language: str) -> LanguageSpec:
+def _go_environment(directory: str, go_cache: str) -> dict[str, str]:
+    """GOPATH mode, no cgo: `go build` reads only the standard library and its cache."""
+    return {"GOCACHE": go_cache, "GO111MODULE": "off", "CGO_ENABLED": "0", "GOTOOLCHAIN": "local",
+            "GOPATH": os.path.join(directory, "gopath"), "GOFLAGS": ""}
+
+
+@lru_cache(maxsize=None)
+def go_cache_dir() -> str | None:
+    """GO_CACHE_DIR with WARM_GO_PACKAGES compiled in, once (flock'd) per go version; None if
+    that fails (runs then compile the standard packages they use themselves)."""
+    go = _go()
+    if go is None:
+        return None
+    try:
+        version = subprocess.run([go, "version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    key = hashlib.sha256((version + " ".join(WARM_GO_PACKAGES)).encode()).hexdigest()[:16]
+    GO_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    marker = GO_CACHE_DIR / f"warmed-{key}"
+    with open(GO_CACHE_DIR.parent / "go-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            with tempfile.TemporaryDirectory(prefix="codefast-go-warm-") as directory:
+                env = {"PATH": BASE_PATH, "HOME": directory, "TMPDIR": directory,
+                       **_go_environment(directory, str(GO_CACHE_DIR))}
+                built = subprocess.run([go, "build", *WARM_GO_PACKAGES], env=env, cwd=directory,
+                                       capture_output=True, timeout=600)
+            if built.returncode != 0:
+                return None
+            marker.touch()
+    return str(GO_CACHE_DIR)
+
+
+def shared_dirs(language: str) -> tuple[str, ...]:
+    """Host folders a run of `language` reads (build caches), to hand it read-only."""
+    if language == "cpp":
+        return tuple(filter(None, [cpp_pch_dir()]))
+    if language == "go":
+        return tuple(filter(None, [go_cache_dir()]))
+    return ()
+
+
+def language_spec(language: str, path_of: Callable[[str], str | None] = lambda path: path) -> LanguageSpec:
+    """`path_of` maps a host folder of `shared_dirs` to where the run sees it (None: it cannot)."""
     if language == "python":
         return LanguageSpec("main.py", None, (python_interpreter() or "python3", "-I", "-B", "main.py"), 256)
     if language == "javascript":
@@ -111,6 +158,7 @@ def language_spec(language: str) -> LanguageSpec:
         return LanguageSpec("main.go", (_go() or "go", "build", "-o", "main", "main.go"), ("./main",), 2048)
     if language == "cpp":
         pch = cpp_pch_dir()
+        pch = path_of(pch) if pch else None
         include = ("-I", pch) if pch else ()
         return LanguageSpec("main.cpp", ("g++", *CPP_FLAGS, *include, "-o", "main", "main.cpp"), ("./main",), 256)
     raise ValueError(f"unknown language {language!r}; choose from {LANGUAGES}")
@@ -134,14 +182,17 @@ def toolchain_missing(language: str) -> str | None:
     return None
 
 
-def environment(directory: str, memory_mb: int, is_compile: bool) -> dict[str, str]:
+def environment(space: isolation.RunSpace, memory_mb: int, is_compile: bool) -> dict[str, str]:
     """A minimal environment: nothing of the caller's leaks into the program."""
+    directory = space.dir
     env = {"PATH": BASE_PATH, "HOME": directory, "TMPDIR": directory, "LANG": "C.UTF-8",
            "GOMAXPROCS": "2", "NODE_PATH": ":".join(NODE_MODULE_DIRS),
            # V8 then fails with a clean "heap out of memory" before RLIMIT_DATA bites.
            "NODE_OPTIONS": f"--max-old-space-size={max(16, memory_mb * 3 // 4)}"}
-    if is_compile:  # GOPATH mode, no cgo: `go build` reads only the stdlib and its cache
-        GO_CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        env.update(GOCACHE=str(GO_CACHE_DIR), GO111MODULE="off", CGO_ENABLED="0", GOTOOLCHAIN="local",
-                   GOPATH=os.path.join(directory, "gopath"), GOFLAGS="")
+    if is_compile:
+        # The shared cache is read-only in the run (go then skips writing its entries); without
+        # one, a cache of the run's own, which goes with the run.
+        shared = go_cache_dir()
+        go_cache = (space.path_of(shared) if shared else None) or os.path.join(directory, ".gocache")
+        env.update(_go_environment(directory, go_cache))
     return env

@@ -37,11 +37,21 @@ excess (p_stop). A policy turns that stream of probabilities into one decision: 
   costs a few tokens. 0 turns it off (the paper's rule).
 - blank-line rule (both policies): stop after `max_blank_lines` consecutive empty lines, because a
   run of blank lines means the model has finished the unit it was writing and is drifting.
+
+One definition, three kinds of numbers. `_fold` is the whole rule set, written with operators
+and `where` only, so the same function folds one token of one sequence on Python scalars (our
+engine, `find_stop`), a batch of rows on NumPy arrays (the vLLM logits processor on a CPU) or on
+torch tensors that stay on the GPU (no host-device sync). What the rules need to know of a token
+beyond its probabilities comes from its text alone (`TokenFeatures`), so a table over the
+vocabulary, built once, replaces any decoding while generating.
 """
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
 
 
 class PolicyKind(str, enum.Enum):
@@ -87,9 +97,15 @@ class StopPolicy:
         if self.min_code_lines < 0:
             raise ValueError("min_code_lines must be >= 0")
 
+    @property
+    def has_line_start_stop(self) -> bool:
+        return self.kind is PolicyKind.LINE and self.line_start_threshold is not None
+
 
 @dataclass(frozen=True)
 class VoteState:
+    """One sequence's votes. The same fields, as arrays, hold a batch (`VoteArrays`)."""
+
     num_line_stop_votes: int = 0
     num_line_continue_votes: int = 0
     num_consecutive_stop_votes: int = 0
@@ -99,6 +115,12 @@ class VoteState:
     num_line_code_tokens: int = 0  # tokens of this line that are not only whitespace
     line_code_stop_mass: float = 0.0  # sum of their p_stop
     num_code_lines: int = 0  # completed lines with code so far (not blank), all kept
+    is_line_text_blank: bool = True  # the line's text so far is only whitespace (or empty)
+
+
+VOTE_FIELDS = tuple(f.name for f in fields(VoteState))
+_FLOAT_FIELDS = ("line_code_stop_mass",)
+_BOOL_FIELDS = ("is_line_kept", "is_line_started", "is_line_text_blank")
 
 
 @dataclass(frozen=True)
@@ -109,92 +131,291 @@ class Decision:
     keeps_line: bool = False  # a done-rule stop: the line just ended is expected code, keep it
 
 
+@dataclass(frozen=True)
+class TokenFeatures:
+    """What the stop rules need to know of one token's text (or, as arrays, of many tokens).
+
+    A token may hold several newlines (`}\n\n`): the text before the first one ends the current
+    line (`head`), the pieces between two newlines are whole lines (`middle`), and the text after
+    the last one is not counted (the next line starts with the next token).
+    """
+
+    is_whitespace: Any  # only whitespace, and not empty: indentation, not the line's code
+    is_blank_text: Any  # only whitespace or empty: keeps the line's text blank
+    is_line_end: Any  # holds a newline
+    is_head_blank: Any
+    is_all_middle_blank: Any
+    num_middle: Any
+    num_trailing_blank_middle: Any  # blank middle pieces at the end of the middle ones
+
+
+FEATURE_FIELDS = tuple(f.name for f in fields(TokenFeatures))
+
+
+def token_features(text: str) -> TokenFeatures:
+    """The features of one token from its text (the vocabulary table is built from these)."""
+    pieces = text.split("\n")
+    middle = pieces[1:-1]
+    num_trailing = 0
+    for piece in reversed(middle):
+        if piece.strip():
+            break
+        num_trailing += 1
+    return TokenFeatures(
+        is_whitespace=bool(text) and not text.strip(), is_blank_text=not text.strip(),
+        is_line_end="\n" in text, is_head_blank=not pieces[0].strip(),
+        is_all_middle_blank=num_trailing == len(middle), num_middle=len(middle),
+        num_trailing_blank_middle=num_trailing)
+
+
+def token_feature_table(token_texts: list[str]) -> dict[str, np.ndarray]:
+    """Per-token feature arrays over a vocabulary (index = token id), from each token's own text."""
+    rows = [token_features(text) for text in token_texts]
+    return {name: np.array([getattr(row, name) for row in rows],
+                           dtype=np.int32 if name.startswith("num_") else bool)
+            for name in FEATURE_FIELDS}
+
+
 def count_blank_lines(num_blank_lines: int, line_text: str) -> int:
     """Update the run of consecutive empty lines with the lines that `line_text` completes.
 
     `line_text` is the text since the previous line end, ending in the token that holds a newline;
     whatever follows its last newline belongs to the next line and is not counted yet.
     """
-    for completed_line in line_text.split("\n")[:-1]:
-        num_blank_lines = num_blank_lines + 1 if not completed_line.strip() else 0
-    return num_blank_lines
+    features = token_features(line_text)
+    return _blank_run(num_blank_lines, features.is_head_blank, features, _SCALAR_OPS)
+
+
+# ---- the rules, once, for scalars and arrays ----------------------------------------------------
+class _ScalarOps:
+    @staticmethod
+    def where(condition, if_true, if_false):
+        return if_true if condition else if_false
+
+    @staticmethod
+    def not_(x):
+        return not x
+
+
+class _NumpyOps:
+    where = staticmethod(np.where)
+    not_ = staticmethod(np.logical_not)
+
+
+class _TorchOps:
+    @staticmethod
+    def where(condition, if_true, if_false):
+        import torch
+
+        return torch.where(condition if condition.dtype == torch.bool else condition.bool(), if_true, if_false)
+
+    @staticmethod
+    def not_(x):
+        return x.logical_not()
+
+
+_SCALAR_OPS = _ScalarOps()
+
+
+def _blank_run(num_blank_lines, is_first_line_blank, tok: TokenFeatures, ops):
+    """The run of empty lines after a token that ends a line (see `count_blank_lines`): after
+    the first completed line, the run so far plus one if that line is blank, else 0; then every
+    middle piece, all blank (they add up) or not (the blank ones at the end count)."""
+    return ops.where(tok.is_all_middle_blank, (num_blank_lines + 1) * is_first_line_blank + tok.num_middle,
+                     tok.num_trailing_blank_middle)
+
+
+def _start_threshold(stop_threshold, policy: StopPolicy, ops):
+    """The line-start stop needs the larger of the policy's start threshold and the vote's."""
+    return ops.where(stop_threshold > policy.line_start_threshold, stop_threshold, policy.line_start_threshold)
+
+
+def _fold(s, p_stop, p_done, tok: TokenFeatures, is_first_line_blank, policy: StopPolicy,
+          stop_threshold, ops):
+    """Fold one token into the votes: (new vote fields as a dict, is_stop, keeps_line).
+
+    Elementwise in every argument but `policy` and `ops`. `p_done` is 0 where there is no done head.
+    Flags combine with & | and multiply counts (True * n == n): the fewest array operations, since
+    the vLLM processor pays for each one every step.
+    """
+    is_line_policy = policy.kind is PolicyKind.LINE
+    not_ws = ops.not_(tok.is_whitespace)
+    votes_stop = p_stop >= stop_threshold
+    num_stop = s.num_line_stop_votes + votes_stop
+    num_continue = s.num_line_continue_votes + ops.not_(votes_stop)
+    num_consecutive = (s.num_consecutive_stop_votes + 1) * votes_stop
+    num_code = s.num_line_code_tokens + not_ws
+    mass = s.line_code_stop_mass + p_stop * not_ws
+    # A vote stop drops the current line: it may fire once enough code lines are kept before it.
+    may_drop = s.num_code_lines >= policy.min_code_lines
+    is_kept = s.is_line_kept
+    is_stop = may_drop & (num_consecutive >= policy.num_consecutive) if not is_line_policy else votes_stop & False
+    if is_line_policy and policy.line_keep_threshold is not None:
+        is_kept = is_kept | (ops.not_(s.is_line_started) & not_ws & (p_stop <= policy.line_keep_threshold))
+    can_drop = may_drop & ops.not_(is_kept)
+    if is_line_policy and policy.line_start_threshold is not None:
+        # mean p_stop of the line's code tokens so far >= the start threshold, without dividing
+        is_stop = is_stop | (can_drop & not_ws & (num_code <= policy.line_start_window)
+                             & (mass >= _start_threshold(stop_threshold, policy, ops) * num_code))
+    # ---- at a line end ----
+    end = tok.is_line_end
+    if is_line_policy:
+        is_stop = is_stop | (end & can_drop & (num_stop > num_continue))
+    is_started = s.is_line_started | not_ws
+    # The done rule keeps the line that just ended: that line counts toward the minimum.
+    num_code_lines = s.num_code_lines + (end & is_started)
+    keeps_line = votes_stop & False
+    if policy.done_threshold is not None:
+        is_done = end & (p_done >= policy.done_threshold) & (num_code_lines >= policy.min_code_lines)
+        if policy.done_needs_blank_line:  # the line end opens a blank line: a run from 0 above 0
+            is_done = is_done & (_blank_run(0, is_first_line_blank, tok, ops) > 0)
+        keeps_line = is_done & ops.not_(is_stop)
+        is_stop = is_stop | is_done
+    num_blank_lines = ops.where(end, _blank_run(s.num_blank_lines, is_first_line_blank, tok, ops),
+                                s.num_blank_lines)
+    if policy.max_blank_lines:
+        is_stop = is_stop | (end & (num_blank_lines >= policy.max_blank_lines))
+    not_end = ops.not_(end)
+    new = {
+        "num_line_stop_votes": num_stop * not_end,
+        "num_line_continue_votes": num_continue * not_end,
+        "num_consecutive_stop_votes": num_consecutive,
+        "num_blank_lines": num_blank_lines,
+        "is_line_kept": is_kept & not_end,
+        "is_line_started": is_started & not_end,
+        "num_line_code_tokens": num_code * not_end,
+        "line_code_stop_mass": mass * not_end,
+        "num_code_lines": num_code_lines,
+        "is_line_text_blank": (s.is_line_text_blank & tok.is_blank_text) | end,
+    }
+    return new, is_stop, keeps_line
+
+
+def _scalar_state(new: dict) -> VoteState:
+    return VoteState(**{name: (float(value) if name in _FLOAT_FIELDS else bool(value)
+                               if name in _BOOL_FIELDS else int(value)) for name, value in new.items()})
+
+
+def fold_token(state: VoteState, p_stop: float, token: TokenFeatures, policy: StopPolicy,
+               stop_threshold: float | None = None, p_done: float | None = None) -> Decision:
+    """Fold one token of one sequence, known by its features (`token_features(text)` or a row of
+    the vocabulary table). `stop_threshold` overrides the policy's (a per-request setting)."""
+    threshold = policy.stop_threshold if stop_threshold is None else stop_threshold
+    new, is_stop, keeps_line = _fold(state, p_stop, 0.0 if p_done is None else p_done, token,
+                                     state.is_line_text_blank and token.is_head_blank, policy,
+                                     threshold, _SCALAR_OPS)
+    return Decision(_scalar_state(new), bool(is_stop), bool(token.is_line_end), bool(keeps_line))
 
 
 def update_votes(
     state: VoteState, p_stop: float, line_text: str | None, policy: StopPolicy,
     stop_threshold: float | None = None, is_whitespace: bool = False, p_done: float | None = None,
 ) -> Decision:
-    """Fold one token's guard probability into the vote state.
+    """Fold one token's guard probability into the vote state, knowing the line's whole text.
 
     `line_text` is None for a token inside a line, else the full text of the line this token ends.
-    `stop_threshold` overrides the policy's threshold (a per-request setting). `is_whitespace`:
-    the token's text is only whitespace (indentation), so it does not start the line's code.
-    `p_done`: the done head's probability for this token (None without a done head).
+    `is_whitespace`: the token's text is only whitespace (indentation), so it does not start the
+    line's code. `p_done`: the done head's probability for this token (None without a done head).
     """
-    threshold = policy.stop_threshold if stop_threshold is None else stop_threshold
-    votes_stop = p_stop >= threshold
-    is_line_start = not state.is_line_started and not is_whitespace
-    state = replace(
-        state,
-        num_line_stop_votes=state.num_line_stop_votes + int(votes_stop),
-        num_line_continue_votes=state.num_line_continue_votes + int(not votes_stop),
-        num_consecutive_stop_votes=state.num_consecutive_stop_votes + 1 if votes_stop else 0,
-        is_line_started=state.is_line_started or not is_whitespace,
-        num_line_code_tokens=state.num_line_code_tokens + int(not is_whitespace),
-        line_code_stop_mass=state.line_code_stop_mass + (0.0 if is_whitespace else p_stop),
-    )
-    # A vote stop drops the current line: it may fire once enough code lines are kept before it.
-    may_drop_line = state.num_code_lines >= policy.min_code_lines
-    is_stop = (policy.kind is PolicyKind.TOKEN and may_drop_line
-               and state.num_consecutive_stop_votes >= policy.num_consecutive)
-    if policy.kind is PolicyKind.LINE and is_line_start and policy.line_keep_threshold is not None \
-            and p_stop <= policy.line_keep_threshold:
-        state = replace(state, is_line_kept=True)
-    if (policy.kind is PolicyKind.LINE and may_drop_line and not is_whitespace and not state.is_line_kept
-            and policy.line_start_threshold is not None
-            and state.num_line_code_tokens <= policy.line_start_window):
-        mean_p_stop = state.line_code_stop_mass / state.num_line_code_tokens
-        is_stop = is_stop or mean_p_stop >= max(threshold, policy.line_start_threshold)
-    is_line_end = line_text is not None
-    keeps_line = False
-    if is_line_end:
-        if (policy.kind is PolicyKind.LINE and may_drop_line and not state.is_line_kept
-                and state.num_line_stop_votes > state.num_line_continue_votes):
-            is_stop = True
-        # The done rule keeps the line that just ended: that line counts toward the minimum.
-        num_code_lines = state.num_code_lines + int(state.is_line_started)
-        if (not is_stop and policy.done_threshold is not None and p_done is not None
-                and p_done >= policy.done_threshold and num_code_lines >= policy.min_code_lines
-                and (not policy.done_needs_blank_line or count_blank_lines(0, line_text) > 0)):
-            is_stop = keeps_line = True
-        num_blank_lines = count_blank_lines(state.num_blank_lines, line_text)
-        if policy.max_blank_lines and num_blank_lines >= policy.max_blank_lines:
-            is_stop = True
-        state = replace(state, num_line_stop_votes=0, num_line_continue_votes=0,
-                        num_blank_lines=num_blank_lines, is_line_kept=False, is_line_started=False,
-                        num_line_code_tokens=0, line_code_stop_mass=0.0, num_code_lines=num_code_lines)
-    return Decision(state=state, is_stop=is_stop, is_line_end=is_line_end, keeps_line=keeps_line)
+    if line_text is None:
+        token = TokenFeatures(is_whitespace, True, False, True, True, 0, 0)
+        return fold_token(state, p_stop, token, policy, stop_threshold, p_done)
+    line = token_features(line_text)
+    token = replace(line, is_whitespace=is_whitespace)
+    # The whole line's text is known here, so its first piece decides whether it was blank.
+    return fold_token(replace(state, is_line_text_blank=True), p_stop, token, policy, stop_threshold, p_done)
+
+
+# ---- batches: one row per sequence --------------------------------------------------------------
+@dataclass(frozen=True)
+class VoteArrays:
+    """The votes of many sequences, one array (NumPy or torch) per VoteState field."""
+
+    num_line_stop_votes: Any
+    num_line_continue_votes: Any
+    num_consecutive_stop_votes: Any
+    num_blank_lines: Any
+    is_line_kept: Any
+    is_line_started: Any
+    num_line_code_tokens: Any
+    line_code_stop_mass: Any
+    num_code_lines: Any
+    is_line_text_blank: Any
+
+    @classmethod
+    def zeros(cls, num_rows: int, xp=np, device=None) -> "VoteArrays":
+        """Fresh votes for `num_rows` sequences (`xp`: numpy, or torch with a device)."""
+        def make(name):
+            initial = getattr(VoteState(), name)
+            dtype = (xp.float64 if name in _FLOAT_FIELDS else xp.bool_ if xp is np and name in _BOOL_FIELDS
+                     else getattr(xp, "bool") if name in _BOOL_FIELDS else xp.int32)
+            if xp is np:
+                return np.full(num_rows, initial, dtype=dtype)
+            return xp.full((num_rows,), initial, dtype=dtype, device=device)
+        return cls(**{name: make(name) for name in VOTE_FIELDS})
+
+    def row(self, index: int) -> VoteState:
+        return _scalar_state({name: getattr(self, name)[index] for name in VOTE_FIELDS})
+
+
+def fold_arrays(votes, p_stop, p_done, tokens: TokenFeatures, policy: StopPolicy,
+                stop_threshold) -> tuple[dict, Any, Any]:
+    """`fold_batch` without the final casts: new fields as a dict of arrays of whatever type the
+    operations gave (flags may come back as bool or 0/1 ints). For callers that store the votes
+    their own way (the vLLM processor keeps them in two matrices)."""
+    ops = _NumpyOps if isinstance(p_stop, np.ndarray) else _TorchOps
+    is_first_line_blank = votes.is_line_text_blank & tokens.is_head_blank
+    return _fold(votes, p_stop, p_done, tokens, is_first_line_blank, policy, stop_threshold, ops)
+
+
+def fold_batch(votes: VoteArrays, p_stop, p_done, tokens: TokenFeatures, policy: StopPolicy,
+               stop_threshold) -> tuple[VoteArrays, Any, Any]:
+    """Fold one token per row. Arrays all of one kind: NumPy, or torch (any device; no sync).
+    Flags may be bool arrays or 0/1 integer arrays (the rules use only &, |, where and not).
+    Returns (new votes, is_stop, keeps_line); the caller keeps only the rows that had a token."""
+    is_numpy = isinstance(p_stop, np.ndarray)
+    new, is_stop, keeps_line = fold_arrays(votes, p_stop, p_done, tokens, policy, stop_threshold)
+    dtypes = {name: getattr(votes, name).dtype for name in VOTE_FIELDS}
+    if is_numpy:
+        new = {name: np.asarray(value).astype(dtypes[name], copy=False) for name, value in new.items()}
+    else:
+        new = {name: value.to(dtypes[name]) for name, value in new.items()}
+    return VoteArrays(**new), is_stop, keeps_line
+
+
+def line_start_would_stop(votes: VoteArrays, p_stop, policy: StopPolicy, stop_threshold):
+    """Per row: would the line-start rule stop at the next token if that token is code (not only
+    whitespace)? Known before the token is sampled, so a stop need not emit the excess token.
+    (The same condition as in `_fold`, for a token that is not whitespace.)"""
+    if not policy.has_line_start_stop:
+        return p_stop < 0
+    ops = _NumpyOps if isinstance(p_stop, np.ndarray) else _TorchOps
+    is_kept = votes.is_line_kept
+    if policy.line_keep_threshold is not None:
+        is_kept = is_kept | (ops.not_(votes.is_line_started) & (p_stop <= policy.line_keep_threshold))
+    num_code = votes.num_line_code_tokens + 1
+    return ((votes.num_code_lines >= policy.min_code_lines) & ops.not_(is_kept)
+            & (num_code <= policy.line_start_window)
+            & (votes.line_code_stop_mass + p_stop >= _start_threshold(stop_threshold, policy, ops) * num_code))
 
 
 def find_stop(p_stops: list[float], token_texts: list[str], policy: StopPolicy,
               p_dones: list[float] | None = None) -> tuple[int, int] | None:
-    """Replay a policy over a whole completion, as the engine applies it token by token.
+    """Replay a policy over a whole completion, as the engines apply it token by token.
 
     Returns (index of the token whose vote stops the sequence, number of tokens the completion
     keeps), or None when the policy never stops it. A stop drops the line it fires in (the
     tokens from that line's start) unless the policy keeps it or the done rule fired. Used
-    offline: to measure a trained guard and to compare policies on the same completions.
+    offline: to measure a trained guard, to compare policies on the same completions, and to
+    check that both engines stop where the policy says.
     """
-    state, line_start, line_text = VoteState(), 0, ""
+    state, line_start = VoteState(), 0
     for i, (p_stop, text) in enumerate(zip(p_stops, token_texts)):
-        line_text += text
-        is_line_end = "\n" in text
-        decision = update_votes(state, p_stop, line_text if is_line_end else None, policy,
-                                is_whitespace=bool(text) and not text.strip(),
-                                p_done=None if p_dones is None else p_dones[i])
+        decision = fold_token(state, p_stop, token_features(text), policy,
+                              p_done=None if p_dones is None else p_dones[i])
         state = decision.state
         if decision.is_stop:
             return i, i + 1 if decision.keeps_line or policy.keep_stop_line else line_start
-        if is_line_end:
-            line_start, line_text = i + 1, ""
+        if decision.is_line_end:
+            line_start = i + 1
     return None

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from guard.policy import StopPolicy
@@ -31,6 +32,13 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
 
 class GuardMismatchError(ValueError):
     """The guard was trained on a model with another hidden size than the one it is attached to."""
+
+
+class GuardFileError(ValueError):
+    """A guard file is unreadable or incomplete; the message names the file and the field."""
+
+
+GUARD_FIX = "save the guard again (GenGuard.save) or copy the folder from where it was built"
 
 
 class GenGuard(torch.nn.Module):
@@ -68,7 +76,7 @@ class GenGuard(torch.nn.Module):
                 f"GenGuard was built for a model with hidden size {self.hidden_size}"
                 f" ({self.model_name or 'unknown model'}), but the model"
                 f" {model_name or ''} has hidden size {hidden_size}; train a guard for this model"
-                " with `python -m guard build --model ...`")
+                " with `python -m guard_training build --model ...`")
 
     def save(self, out_dir: str | Path) -> Path:
         out_dir = Path(out_dir)
@@ -92,32 +100,65 @@ class GenGuard(torch.nn.Module):
         if not meta_path.is_file() or not weights_path.is_file():
             raise FileNotFoundError(
                 f"no GenGuard at {guard_dir}: expected {META_FILE} and {WEIGHTS_FILE}")
-        meta = json.loads(meta_path.read_text())
+        meta = _read_meta(meta_path)
         if meta.get("format_version") not in SUPPORTED_FORMATS:
-            raise ValueError(f"unsupported guard format {meta.get('format_version')!r} in {meta_path}")
-        state = load_file(str(weights_path))
-        hidden_size = int(meta["hidden_size"])
-        if tuple(state["weight"].shape) != (2, hidden_size):
-            raise GuardMismatchError(
-                f"{weights_path} holds a {tuple(state['weight'].shape)} layer, but {meta_path}"
-                f" says hidden size {hidden_size}")
+            raise ValueError(f"unsupported guard format {meta.get('format_version')!r} in {meta_path}"
+                             f" (this version reads formats {SUPPORTED_FORMATS})")
+        hidden_size = meta.get("hidden_size")
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise GuardFileError(f"{meta_path}: field 'hidden_size' must be a positive integer, got"
+                                 f" {hidden_size!r}; {GUARD_FIX}")
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise GuardFileError(f"{weights_path} is not a readable safetensors file"
+                                 f" ({type(exc).__name__}: {exc}); {GUARD_FIX}") from exc
+        has_done_head = "done_weight" in state
+        expected = {"weight": (2, hidden_size), "bias": (2,)}
+        if has_done_head:
+            expected.update(done_weight=(1, hidden_size), done_bias=(1,))
+        for name, shape in expected.items():
+            if name not in state:
+                raise GuardFileError(f"{weights_path} has no tensor {name!r} (expected shape {shape};"
+                                     f" it holds {sorted(state)}); {GUARD_FIX}")
+            if tuple(state[name].shape) != shape:
+                raise GuardMismatchError(
+                    f"{weights_path}: tensor {name!r} has shape {tuple(state[name].shape)}, but {meta_path}"
+                    f" says hidden size {hidden_size}, so it must be {shape}")
         extra = {k: v for k, v in meta.items()
                  if k not in ("format_version", "model", "hidden_size", "policy")}
-        has_done_head = "done_weight" in state
-        guard = cls(hidden_size, meta.get("model", ""), StopPolicy(**meta.get("policy", {})), extra,
-                    has_done_head=has_done_head)
+        policy = meta.get("policy", {})
+        try:
+            policy = StopPolicy(**policy)
+        except (TypeError, ValueError) as exc:
+            raise GuardFileError(f"{meta_path}: field 'policy' is not a valid stop policy"
+                                 f" ({type(exc).__name__}: {exc}); {GUARD_FIX}") from exc
+        guard = cls(hidden_size, meta.get("model", ""), policy, extra, has_done_head=has_done_head)
         guard.linear.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
         if has_done_head:
-            if tuple(state["done_weight"].shape) != (1, hidden_size):
-                raise GuardMismatchError(f"{weights_path}: done head shape {tuple(state['done_weight'].shape)}"
-                                         f" does not match hidden size {hidden_size}")
             guard.done_linear.load_state_dict({"weight": state["done_weight"], "bias": state["done_bias"]})
         return guard.eval()
+
+
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GuardFileError(f"{meta_path} is not readable JSON ({type(exc).__name__}: {exc});"
+                             f" {GUARD_FIX}") from exc
+    if not isinstance(meta, dict):
+        raise GuardFileError(f"{meta_path} must hold a JSON object, got {type(meta).__name__}; {GUARD_FIX}")
+    return meta
+
+
+def model_slug(model_name: str) -> str:
+    """A folder name for a model: its last path part, lower case, dots as underscores."""
+    return model_name.rstrip("/").split("/")[-1].lower().replace(".", "_")
 
 
 def shipped_guard_dir(model_name: str) -> Path | None:
     """The guard shipped in this repo for `model_name`, if any."""
     for meta_path in sorted(SHIPPED_DIR.glob(f"*/{META_FILE}")):
-        if json.loads(meta_path.read_text()).get("model") == model_name:
+        if _read_meta(meta_path).get("model") == model_name:
             return meta_path.parent
     return None

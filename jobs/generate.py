@@ -1,109 +1,117 @@
-"""Batch generation over a prompt corpus with Ray Data: engine actors (or a Serve URL) -> parquet.
+"""Batch generation over a prompt corpus with Ray Data: read -> generate -> parquet, all on workers.
 
     python -m jobs.generate --input corpus.jsonl --output out/ --model default --guard default \
-        --max-new-tokens 300 --num-actors 1 --batch-size 16 --max-num-seqs 8
+        --max-new-tokens 300 --min-actors 1 --max-actors 4 --batch-size 16 --max-num-seqs 8
+    python -m jobs.generate --input s3://bucket/corpus/ --output s3://bucket/out ...
     ray job submit --working-dir . -- python -m jobs.generate ...   # same module on a cluster
 
-Resumable: finished rows land in `part-XXXXX.parquet` shards (atomic rename); a rerun with the same
-arguments skips every id already written, so after a crash or Ctrl-C it finishes the rest and the
-output holds each input id exactly once. See jobs/README.md.
+The driver only plans: Ray Data reads the corpus on the workers (jsonl, parquet or a datasets
+folder; a local path or any pyarrow filesystem URI), an autoscaling pool of actors generates
+(each hosting a backend built from a BackendSpec, or sending rows to a Serve URL), and the
+workers write the parquet output with Ray Data's checkpointing. A rerun with the same arguments
+after a crash, a killed actor or Ctrl-C generates only the ids not yet committed, so the output
+holds each input id (each (id, sample_index) with --num-samples) exactly once. See jobs/README.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import resource
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from engine import EngineConfig, SamplingParams
+from backends.protocol import BACKEND_NAMES
+from backends.spec import BackendSpec
 from engine.dtypes import DTYPE_NAMES
-from jobs.corpus import PromptRow, load_corpus
-from jobs.engine_worker import EngineSpec, EngineWorker, worker_pool
-from jobs.http_worker import HttpWorker, ServeSpec, check_server
-from jobs.progress import Progress
-from jobs.shards import ShardWriter, read_done_ids, remove_stale_tmp_files
+from engine.params import SamplingParams
+from jobs.corpus import describe, open_corpus
+from jobs.http_worker import ServeSpec, check_server
+from jobs.rows import MAX_SEED, RowSettings
+from jobs.storage import checkpoint_location, redacted, resolve
 
-MAX_INPUT_BLOCKS = 2000  # one block per batch, capped: Ray Data overhead grows with the block count
+DEFAULT_BATCHES_PER_ACTOR = 2  # one batch generating, one filling the slots its tail frees
+IDS_SHARD_PER_ACTORS = 8  # one more id registry shard per this many actors (ids live in actors)
 
 
 @dataclass(frozen=True)
 class JobConfig:
-    input: str
-    output: str
+    input: str  # a path or URI: .jsonl / .parquet file or folder, or a datasets folder
+    output: str  # a folder path or URI
+    checkpoint: str | None = None  # default: the output path + ".checkpoint" (same filesystem)
     prompt_column: str = "prompt"
     id_column: str = "id"
     split: str | None = None
+    backend: str = "codefast"  # "codefast" | "vllm": which GenerationBackend the actors build
     model: str = "default"
     guard: str | None = "default"  # "default", None (no guard) or a guard folder
     max_new_tokens: int = 300
     temperature: float = 0.0
     top_p: float = 1.0
-    seed: int | None = None  # sampling seed of every row (temperature > 0); None: unseeded
+    seed: int | None = None  # sampling seed of every row (a row's `seed` column overrides it)
     stop: tuple[str, ...] = ()
-    num_actors: int = 1
-    batch_size: int = 16  # rows per batch call; an actor runs two calls at once (engine_worker)
+    num_samples: int = 1  # completions per prompt (sample_index 0..k-1, distinct seeds)
+    min_actors: int = 1  # the actor pool autoscales between these two
+    max_actors: int = 1
+    batches_per_actor: int = DEFAULT_BATCHES_PER_ACTOR  # batch calls in flight per actor
+    batch_size: int = 16  # rows per batch call
     max_num_seqs: int = 8
     dtype: str = "auto"
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
-    shard_size: int = 256  # rows per output shard: what a crash can cost at most, per shard
+    min_rows_per_file: int = 256  # rows per output file (at least; the last may hold fewer)
     serve_url: str | None = None
     http_concurrency: int = 8
     progress_interval_s: float = 10.0
     ray_num_cpus: int = 4  # logical CPUs of the local Ray this CLI starts when no cluster is given
 
     def __post_init__(self) -> None:
-        for name in ("num_actors", "batch_size", "max_num_seqs", "shard_size", "http_concurrency",
-                     "ray_num_cpus"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        for name in ("num_samples", "min_actors", "max_actors", "batches_per_actor", "batch_size",
+                     "max_num_seqs", "min_rows_per_file", "http_concurrency", "ray_num_cpus"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
             raise ValueError("per-actor CPU/GPU counts must be >= 0")
-        if self.serve_url and self.guard not in (None, "default"):
-            raise ValueError("a guard folder cannot be used with --serve-url: the deployment "
-                             "owns its guard; use --guard default (on) or none (off)")
-        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.progress_interval_s <= 0:
+            raise ValueError(f"progress_interval_s must be > 0, got {self.progress_interval_s}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}")
+        if self.serve_url:
+            if self.guard not in (None, "default"):
+                raise ValueError("a guard folder cannot be used with --serve-url: the deployment "
+                                 "owns its guard; use --guard default (on) or none (off)")
+            self.serve_spec()
+        else:
+            self.backend_spec()
+        self.sampling_params()
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_p=self.top_p, seed=self.seed, stop=self.stop, use_guard=self.guard is not None)
+                              top_p=self.top_p, seed=self.seed, stop=self.stop,
+                              use_guard=self.guard is not None)
 
-    def engine_spec(self) -> EngineSpec:
-        device = "cuda" if self.num_gpus_per_actor > 0 else "cpu"
-        config = EngineConfig(max_num_seqs=self.max_num_seqs, dtype=self.dtype, device=device)
-        return EngineSpec(self.model, self.guard, config,
-                          num_threads=max(1, int(self.num_cpus_per_actor)))
+    def row_settings(self) -> RowSettings:
+        # Serve mode: the deployment decides what "guard on" means, so a row may always ask.
+        return RowSettings(self.sampling_params(), self.prompt_column, self.id_column,
+                           self.num_samples, is_guard_available=bool(self.serve_url) or self.guard is not None)
+
+    def backend_spec(self) -> BackendSpec:
+        return BackendSpec(backend=self.backend, model=self.model, guard=self.guard,
+                           max_num_seqs=self.max_num_seqs, dtype=self.dtype,
+                           device="cuda" if self.num_gpus_per_actor > 0 else "cpu",
+                           num_threads=max(1, int(self.num_cpus_per_actor)))
 
     def serve_spec(self) -> ServeSpec:
         model = None if self.model == "default" else self.model  # "default": what is served
-        return ServeSpec(self.serve_url, model, self.max_new_tokens, self.temperature,
-                         self.stop, use_guard=self.guard is not None,
-                         concurrency=self.http_concurrency)
-
-
-def build_dataset(rows: list[PromptRow], config: JobConfig):
-    """Rows -> Ray Data -> generated rows. The prompt travels as text plus its Python type name,
-    so a non-text value reaches the worker (and becomes an error row) without breaking Arrow."""
-    import ray
-
-    items = [{"id": r.id, "prompt": r.prompt if isinstance(r.prompt, str) else None,
-              "prompt_type": type(r.prompt).__name__} for r in rows]
-    num_blocks = min(MAX_INPUT_BLOCKS, math.ceil(len(items) / config.batch_size))
-    dataset = ray.data.from_items(items, override_num_blocks=num_blocks)
-    if config.serve_url:
-        return dataset.map_batches(HttpWorker, fn_constructor_args=(config.serve_spec(),),
-                                   batch_size=config.batch_size, batch_format="pyarrow",
-                                   compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-                                   num_cpus=config.num_cpus_per_actor)
-    return dataset.map_batches(EngineWorker,
-                               fn_constructor_args=(config.engine_spec(), config.sampling_params()),
-                               batch_size=config.batch_size, batch_format="pyarrow",
-                               compute=worker_pool(config.num_actors),
-                               num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor)
+        return ServeSpec(self.serve_url, model, concurrency=self.http_concurrency)
 
 
 def connect_ray(config: JobConfig, address: str | None) -> bool:
@@ -124,89 +132,140 @@ def connect_ray(config: JobConfig, address: str | None) -> bool:
     return True
 
 
+def actor_pool(config: JobConfig):
+    """Ray's autoscaling actor pool, min_actors..max_actors, `batches_per_actor` calls running in
+    each actor at once (threads: the calls only queue requests on the backend and wait)."""
+    import ray
+
+    # max_tasks_in_flight_per_actor stays Ray's default, twice the concurrent calls: the batches
+    # queued behind the running ones are the demand Ray's autoscaler reads (it adds an actor at a
+    # utilization of 1.75 tasks per slot), and they are fetched while the running ones generate.
+    return ray.data.ActorPoolStrategy(
+        min_size=config.min_actors, max_size=config.max_actors,
+        max_concurrent_calls_per_actor=config.batches_per_actor, enable_true_multi_threading=True)
+
+
+def build_dataset(corpus, config: JobConfig, ledger, registries, checkpoint):
+    """read -> [Ray's checkpoint filter, on a rerun] -> prepare_rows -> batch-sized blocks ->
+    workers; the caller writes it. Nothing runs yet: Ray Data executes the plan when written."""
+    from jobs.engine_worker import BackendWorker
+    from jobs.http_worker import HttpWorker
+    from jobs.ledger import prepare_rows
+    from jobs.output import make_checkpoint_config
+
+    dataset = corpus.read().map_batches(
+        prepare_rows, batch_format="pyarrow", batch_size=None,
+        fn_kwargs=dict(id_column=config.id_column, prompt_column=config.prompt_column,
+                       registries=registries, ledger=ledger))
+    # One block per batch call: an actor task takes whole blocks and calls the worker on their
+    # batches one after the other, so a 1,024-row block read from a file would be one task, its
+    # batches never overlapping and the pool unable to spread it. Streaming, no shuffle.
+    dataset = dataset.repartition(target_num_rows_per_block=config.batch_size, strict=True)
+    compute = actor_pool(config)
+    if config.serve_url:
+        worker, args, num_gpus = HttpWorker, (config.serve_spec(), config.row_settings(), ledger), 0
+    else:
+        worker, args = BackendWorker, (config.backend_spec(), config.row_settings(), ledger)
+        num_gpus = config.num_gpus_per_actor
+    dataset = dataset.map_batches(worker, fn_constructor_args=args, batch_size=config.batch_size,
+                                  batch_format="pyarrow", compute=compute,
+                                  num_cpus=config.num_cpus_per_actor, num_gpus=num_gpus)
+    dataset.context.checkpoint_config = make_checkpoint_config(checkpoint, config.id_column,
+                                                               config.prompt_column)
+    dataset.context.enable_progress_bars = False  # our own progress line instead (see progress.py)
+    return dataset
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
 def run_job(config: JobConfig, address: str | None = None, log=print) -> dict:
-    """Generate for every input id not yet in the output folder; returns the run's summary."""
+    """Generate for every input id not yet committed to the output; returns the run's summary."""
+    from jobs.output import check_output_folder, count_checkpointed_rows
+
     start = time.perf_counter()
-    corpus = load_corpus(config.input, config.prompt_column, config.id_column, config.split)
-    output_dir = Path(config.output)
-    remove_stale_tmp_files(output_dir)
-    written_ids = read_done_ids(output_dir)
-    todo = [row for row in corpus.rows if row.id not in written_ids]
-    log(describe_input(config, corpus, num_done=len(corpus.rows) - len(todo)))
-    writer = ShardWriter(output_dir)
-    progress = Progress(len(todo), config.progress_interval_s, log)
-    if todo and config.serve_url:
+    corpus = open_corpus(config.input, config.prompt_column, config.id_column, config.split)
+    output = resolve(config.output)
+    checkpoint = resolve(config.checkpoint) if config.checkpoint else checkpoint_location(output)
+    check_output_folder(output, checkpoint)
+    if config.serve_url:
         check_server(config.serve_url)
-    if todo:
-        is_ray_owner = connect_ray(config, address)
-        try:
-            _stream_to_shards(build_dataset(todo, config), config, writer, written_ids, progress)
-        finally:
-            if is_ray_owner:
-                import ray
-                ray.shutdown()
-    summary = progress.summary(wall_s=time.perf_counter() - start)
-    summary.update(num_input_rows=corpus.num_input_rows, num_duplicate_ids=corpus.num_duplicates,
-                   num_missing_ids=corpus.num_missing_ids, num_already_done=len(corpus.rows) - len(todo),
-                   num_shards_written=writer.num_shards_written, output=str(output_dir),
-                   mode="serve" if config.serve_url else "actors")
-    log("[generate] done: " + progress.summary_line(summary))
+    if config.num_samples > 1 and config.temperature == 0:
+        log(f"[generate] note: --num-samples {config.num_samples} with temperature 0 (greedy) gives "
+            "identical samples unless rows set their own temperature")
+    num_already_done = count_checkpointed_rows(checkpoint)
+    run_id = new_run_id()
+    log(f"[generate] run {run_id}: input {redacted(config.input)} ({describe(corpus)}); "
+        f"output {redacted(config.output)}; "
+        f"{num_already_done} rows committed by earlier runs")
+    is_ray_owner = connect_ray(config, address)
+    try:
+        expected = corpus.num_rows * config.num_samples - num_already_done if corpus.num_rows else None
+        totals = _run(corpus, config, output, checkpoint, run_id, log, expected)
+    finally:
+        if is_ray_owner:
+            import ray
+            ray.shutdown()
+    summary = _summary(totals, time.perf_counter() - start, config, run_id, num_already_done, output, checkpoint)
+    from jobs.progress import summary_line
+
+    log("[generate] done: " + summary_line(summary))
     log("SUMMARY " + json.dumps(summary, sort_keys=True))
     return summary
 
 
-def describe_input(config: JobConfig, corpus, num_done: int) -> str:
-    parts = [f"{corpus.num_input_rows} rows", f"{len(corpus.rows)} unique ids"]
-    if corpus.is_id_derived:
-        parts.append(f"ids are prompt hashes (no {config.id_column!r} column)")
-    if corpus.duplicate_ids:
-        parts.append(f"{corpus.num_duplicates} duplicate ids skipped (first: "
-                     f"{', '.join(corpus.duplicate_ids[:5])})")
-    if corpus.num_missing_ids:
-        parts.append(f"{corpus.num_missing_ids} rows without id skipped")
-    parts.append(f"{num_done} already in {config.output}")
-    parts.append(f"{len(corpus.rows) - num_done} to generate")
-    return f"[generate] input {config.input}: " + ", ".join(parts)
+def _run(corpus, config: JobConfig, output, checkpoint, run_id: str, log, num_expected_rows: int | None) -> dict:
+    import ray
+    from ray.data.datasource import FilenameProvider
 
+    from jobs.ledger import LEDGER_NAME_PREFIX, IdRegistry, JobLedger
+    from jobs.progress import ProgressReporter
 
-def _stream_to_shards(dataset, config, writer, written_ids, progress) -> None:
-    """Collect generated blocks as they stream out and write a shard every `shard_size` rows.
-    On any interruption the rows already generated are written before the error propagates."""
-    import pyarrow as pa
-
-    pending: list[pa.Table] = []
-
-    def flush() -> None:
-        if pending:
-            table = pa.concat_tables(pending)
-            pending.clear()
-            path = writer.write(table)
-            progress.log_shard(path, table.num_rows)
-
+    # num_cpus=0: bookkeeping actors must never wait for (or hold) a CPU the engines need.
+    ledger = ray.remote(num_cpus=0)(JobLedger).options(name=LEDGER_NAME_PREFIX + run_id).remote()
+    registries = [ledger] + [ray.remote(num_cpus=0)(IdRegistry).remote()
+                             for _ in range(config.max_actors // IDS_SHARD_PER_ACTORS)]
+    context = ray.data.DataContext.get_current()
+    # Ray Data's own progress (and that of the checkpoint load it runs) would repeat ours.
+    were_progress_bars_enabled, context.enable_progress_bars = context.enable_progress_bars, False
     try:
-        for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            # Defensive: a retried task must never put an id into the output twice.
-            ids = block.column("id").to_pylist()
-            is_new = [row_id not in written_ids for row_id in ids]
-            if not all(is_new):
-                block = block.filter(pa.array(is_new))
-            written_ids.update(ids)
-            pending.append(block)
-            progress.update(block)
-            if sum(t.num_rows for t in pending) >= config.shard_size:
-                flush()
+        dataset = build_dataset(corpus, config, ledger, registries, checkpoint)
+        with ProgressReporter(ledger, config.progress_interval_s, log, num_expected_rows):
+            dataset.write_parquet(output.path, filesystem=output.filesystem,
+                                  filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
+                                  min_rows_per_file=config.min_rows_per_file)
+        return ray.get(ledger.snapshot.remote())
     finally:
-        flush()
+        context.enable_progress_bars = were_progress_bars_enabled
+        for actor in registries:
+            ray.kill(actor)
+
+
+def _summary(totals: dict, wall_s: float, config: JobConfig, run_id: str, num_already_done: int,
+             output, checkpoint) -> dict:
+    from jobs.progress import summarize
+
+    summary = summarize(totals, wall_s)
+    summary.update(run_id=run_id, num_already_done=num_already_done, output=redacted(output.uri),
+                   checkpoint=checkpoint.path, mode="serve" if config.serve_url else "actors",
+                   backend=None if config.serve_url else config.backend,
+                   # ru_maxrss is in KiB on Linux: the driver's own peak, not the workers'.
+                   driver_peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    return summary
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help=".jsonl, .parquet (file/folder) or a datasets folder")
-    p.add_argument("--output", required=True, help="output folder of part-XXXXX.parquet shards")
+    p.add_argument("--input", required=True, help=".jsonl / .parquet file or folder, or a datasets "
+                   "folder; a local path or a URI (s3://, gs://, file://, hdfs://)")
+    p.add_argument("--output", required=True, help="output folder (path or URI) of parquet files")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: OUTPUT.checkpoint)")
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--id-column", default="id", help="if absent, ids are prompt hashes")
     p.add_argument("--split", default=None, help="split of a saved DatasetDict")
+    p.add_argument("--backend", default="codefast", choices=list(BACKEND_NAMES))
     p.add_argument("--model", default="default")
     p.add_argument("--guard", default="default", help="'default', 'none' or a guard folder")
     p.add_argument("--max-new-tokens", type=int, default=300)
@@ -214,40 +273,56 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible sampled runs)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--num-actors", type=int, default=None, help="a fixed pool (= --min-actors = --max-actors)")
+    p.add_argument("--min-actors", type=int, default=1)
+    p.add_argument("--max-actors", type=int, default=None, help="default: --min-actors")
+    p.add_argument("--batches-per-actor", type=int, default=DEFAULT_BATCHES_PER_ACTOR,
+                   help="batch calls in flight per actor")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--dtype", default="auto", choices=list(DTYPE_NAMES))
     p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--min-rows-per-file", type=int, default=256)
     p.add_argument("--serve-url", default=None, help="send prompts to a running Serve deployment")
     p.add_argument("--http-concurrency", type=int, default=8, help="requests in flight per actor")
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--ray-num-cpus", type=int, default=4, help="CPUs of the local Ray (no cluster given)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
     args = p.parse_args(argv)
+    min_actors = args.num_actors or args.min_actors
+    max_actors = args.num_actors or args.max_actors or min_actors
     config = JobConfig(
-        input=args.input, output=args.output, prompt_column=args.prompt_column,
-        id_column=args.id_column, split=args.split, model=args.model,
-        guard=None if args.guard == "none" else args.guard, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
-        num_actors=args.num_actors, batch_size=args.batch_size, max_num_seqs=args.max_num_seqs,
-        dtype=args.dtype, num_cpus_per_actor=args.num_cpus_per_actor,
-        num_gpus_per_actor=args.num_gpus_per_actor, shard_size=args.shard_size,
-        serve_url=args.serve_url, http_concurrency=args.http_concurrency,
-        progress_interval_s=args.progress_interval, ray_num_cpus=args.ray_num_cpus)
+        input=args.input, output=args.output, checkpoint=args.checkpoint,
+        prompt_column=args.prompt_column, id_column=args.id_column, split=args.split,
+        backend=args.backend, model=args.model, guard=None if args.guard == "none" else args.guard,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop), num_samples=args.num_samples,
+        min_actors=min_actors, max_actors=max_actors, batches_per_actor=args.batches_per_actor,
+        batch_size=args.batch_size, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
+        num_cpus_per_actor=args.num_cpus_per_actor, num_gpus_per_actor=args.num_gpus_per_actor,
+        min_rows_per_file=args.min_rows_per_file, serve_url=args.serve_url,
+        http_concurrency=args.http_concurrency, progress_interval_s=args.progress_interval,
+        ray_num_cpus=args.ray_num_cpus)
     return config, args
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, args = parse_args(argv)
-    config.sampling_params()  # validate sampling settings before any Ray start-up
-    print("[generate] config " + json.dumps(asdict(config), sort_keys=True), flush=True)
+    try:
+        config, args = parse_args(argv)
+    except ValueError as e:  # a bad setting: one line, before anything starts
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    shown = asdict(config) | {name: redacted(getattr(config, name)) for name in ("input", "output")}
+    print("[generate] config " + json.dumps(shown, sort_keys=True), flush=True)
     try:
         run_job(config, address=args.address, log=lambda line: print(line, flush=True))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
-        print("[generate] interrupted; finished rows are saved — rerun the same command to resume",
+        print("[generate] interrupted; committed rows are saved — rerun the same command to resume",
               file=sys.stderr, flush=True)
         return 130
     return 0

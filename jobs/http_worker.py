@@ -1,14 +1,18 @@
 """The Ray Data callable class that sends a batch of rows to a running Serve deployment.
 
-Each row is one OpenAI-style `POST {serve_url}/v1/completions` with the extension field `guard`
-("on"/"off"); a thread pool keeps up to `concurrency` requests in flight per actor so the
-deployment's own continuous batching stays fed. A 400/413/422 answer means the prompt itself is
-bad (empty, too long) and becomes an error row. Anything else that is not a success fails the job:
-connection errors and 5xx after retries, other 4xx (wrong model name, auth) at once — turning an
-outage or a misconfiguration into "done" error rows would make a resumed run skip those prompts.
+Each output row (a row's sample) is one OpenAI-style `POST {serve_url}/v1/completions` carrying
+every setting the engine-actor mode uses: `max_tokens, temperature, top_p, seed, stop` and the
+extension field `guard` ("on"/"off"), per row when the row overrides them. A thread pool keeps up
+to `concurrency` requests in flight per actor so the deployment's own continuous batching stays
+fed. A 400/413/422 answer means the request itself is bad (an empty prompt, one too long, text
+the tokenizer cannot take, a bad per-row value) and becomes an error row. Anything else that is
+not a success fails the job: connection errors and 5xx after retries, other 4xx (wrong model
+name, auth) at once; turning an outage or a misconfiguration into "done" error rows would make a
+resumed run skip those prompts.
 """
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,20 +20,25 @@ from dataclasses import dataclass
 import httpx
 import pyarrow as pa
 
-from jobs.shards import error_row, rows_to_table
+from engine.params import SamplingParams
+from jobs.engine_worker import report_batch_start, report_start
+from jobs.rows import (
+    RowSettings,
+    SampleRequest,
+    batch_counts,
+    build_output,
+    error_fields,
+    plan_requests,
+)
 
 RETRY_STATUS_CODES = {429, 500, 502, 503, 504}
-PROMPT_ERROR_STATUS_CODES = {400, 413, 422}  # the request (this prompt) is at fault
+PROMPT_ERROR_STATUS_CODES = {400, 413, 422}  # the request (this row) is at fault
 
 
 @dataclass(frozen=True)
 class ServeSpec:
     url: str  # e.g. http://127.0.0.1:8000 (the /v1/completions path is added)
     model: str | None = None  # None: whatever model the deployment serves
-    max_tokens: int = 300
-    temperature: float = 0.0
-    stop: tuple[str, ...] = ()
-    use_guard: bool = True
     concurrency: int = 8  # requests in flight per actor
     timeout_s: float = 600.0
     max_retries: int = 3
@@ -45,21 +54,33 @@ class ServeSpec:
         return self.url.rstrip("/") + "/v1/completions"
 
 
+def request_body(model: str | None, prompt: str, params: SamplingParams) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": params.max_new_tokens,
+            "temperature": float(params.temperature), "top_p": float(params.top_p),
+            "seed": params.seed, "stop": list(params.stop) or None,
+            "guard": "on" if params.use_guard else "off"}
+
+
 class HttpWorker:
-    def __init__(self, spec: ServeSpec):
+    def __init__(self, spec: ServeSpec, settings: RowSettings, ledger=None):
         self.spec = spec
+        self.settings = settings
+        self.ledger = ledger
         self.client = httpx.Client(timeout=spec.timeout_s)  # thread-safe, pools connections
         self.pool = ThreadPoolExecutor(max_workers=spec.concurrency)
+        report_start(ledger)
 
-    def _post(self, prompt: str) -> tuple[httpx.Response, float]:
+    def _post(self, body: dict) -> tuple[httpx.Response, float]:
         spec = self.spec
-        body = {"model": spec.model, "prompt": prompt, "max_tokens": spec.max_tokens,
-                "temperature": float(spec.temperature), "stop": list(spec.stop) or None,
-                "guard": "on" if spec.use_guard else "off"}
+        # Encoded here with ASCII escapes: text the tokenizer cannot take (a lone surrogate)
+        # still reaches the server, whose 400 then names the problem; httpx's own encoder
+        # would raise on it in this process instead.
+        content = json.dumps(body).encode("ascii")
+        headers = {"content-type": "application/json"}
         for attempt in range(spec.max_retries + 1):
             start = time.perf_counter()
             try:
-                response = self.client.post(spec.completions_url, json=body)
+                response = self.client.post(spec.completions_url, content=content, headers=headers)
                 if response.status_code not in RETRY_STATUS_CODES:
                     return response, time.perf_counter() - start
                 failure = f"HTTP {response.status_code}: {response.text[:200]}"
@@ -69,18 +90,18 @@ class HttpWorker:
                 time.sleep(0.5 * 2 ** attempt)
         raise RuntimeError(f"{spec.completions_url} failed after {spec.max_retries + 1} tries: {failure}")
 
-    def _row(self, row_id: str, prompt: str | None, prompt_type: str) -> dict:
-        if prompt_type != "str":  # JSON cannot carry every non-text value; refuse it here
-            return error_row(row_id, None, f"prompt must be a string, got {prompt_type}")
-        response, latency_s = self._post(prompt)
+    def _outcome(self, request: SampleRequest) -> dict:
+        if request.error is not None:
+            return error_fields(request.error)
+        response, latency_s = self._post(request_body(self.spec.model, request.prompt, request.params))
         if response.is_error:
-            message = f"HTTP {response.status_code}: {_error_message(response)}"[:1000]
+            message = f"HTTP {response.status_code}: {_error_message(response)}"
             if response.status_code in PROMPT_ERROR_STATUS_CODES:
-                return error_row(row_id, prompt, message)
-            raise RuntimeError(f"{self.spec.completions_url} refused the request ({message})")
+                return error_fields(message)
+            raise RuntimeError(f"{self.spec.completions_url} refused the request ({message[:1000]})")
         payload = response.json()
         choice, usage = payload["choices"][0], payload.get("usage") or {}
-        return {"id": row_id, "prompt": prompt, "completion": choice["text"], "completion_ids": None,
+        return {"completion": choice["text"], "completion_ids": None,
                 "finish_reason": choice.get("finish_reason"),
                 "num_prompt_tokens": usage.get("prompt_tokens"),
                 # Tokens decoded, as in actor mode: the returned ones plus the excess line the
@@ -90,8 +111,12 @@ class HttpWorker:
                 "latency_s": latency_s, "error": None}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        columns = [batch.column(name).to_pylist() for name in ("id", "prompt", "prompt_type")]
-        return rows_to_table(list(self.pool.map(self._row, *columns)))
+        key = report_batch_start(self.ledger, batch, self.settings.id_column)
+        requests = plan_requests(batch, self.settings)
+        table = build_output(batch, requests, list(self.pool.map(self._outcome, requests)))
+        if self.ledger is not None:
+            self.ledger.batch_finished.remote(key, batch_counts(table))
+        return table
 
 
 def _error_message(response: httpx.Response) -> str:

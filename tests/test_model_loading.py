@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.machinery
+import logging
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from engine import model_loading as ml
-from engine.model_loading import ChecksumError, LoadedModel, ModelNotFoundError, load_model
+from engine.model_loading import ChecksumError, DamagedModelError, LoadedModel, ModelNotFoundError, load_model
 from engine.tiny import EOS_TOKEN, TINY_MODEL_NAME, build_tiny_model_and_tokenizer
 
 
@@ -202,12 +203,112 @@ def test_concurrent_builders_convert_once(tmp_path):
 
 
 def test_cli_prepare_prints_cache_dir(tmp_path, monkeypatch, capsys):
-    write_parts(tmp_path / "parts", CHUNKS)
-    fake_convert(tmp_path / "parts" / "part01.bin", tmp_path / "cache")
+    parts = write_parts(tmp_path / "parts", CHUNKS)
+    ml.build_model_cache(parts, tmp_path / "cache", CHUNKS_SHA256, convert=fake_convert)
     monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr("sys.argv", ["model_loading", "--prepare"])
     ml.main()
     assert capsys.readouterr().out.strip() == str(tmp_path / "cache")
+
+
+# ---- a damaged cache -----------------------------------------------------------------------------
+LARGE_WEIGHTS = bytes(range(256)) * (12 << 12)  # 12 MiB: sampled at load, not hashed whole
+
+
+def large_fake_convert(gguf_path, out_dir):
+    """Like fake_convert, with weights large enough that a load checks samples of them."""
+    fake_convert(gguf_path, out_dir)
+    (out_dir / "model.safetensors").write_bytes(LARGE_WEIGHTS)
+
+
+@pytest.fixture
+def default_cache(tmp_path, monkeypatch):
+    """The default model's cache in tmp_path, built from fake parts by a fake conversion."""
+    parts = write_parts(tmp_path / "parts", CHUNKS)
+    monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(ml, "find_part_files", lambda: parts)
+    monkeypatch.setattr(ml, "DEFAULT_GGUF_SHA256", CHUNKS_SHA256)
+    monkeypatch.setattr(ml, "convert_gguf_to_hf", large_fake_convert)
+    target = ml.ensure_default_model_cache()
+    assert (target / ml.MANIFEST_FILE).is_file()  # checksums recorded when it was built
+    return target
+
+
+def damage(path, offset, data):
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_truncated_weights_are_found_at_load_and_rebuilt(default_cache, caplog):
+    weights = default_cache / "model.safetensors"
+    weights.write_bytes(LARGE_WEIGHTS[:len(LARGE_WEIGHTS) // 2])
+    with caplog.at_level(logging.WARNING, logger=ml.__name__):
+        assert ml.ensure_default_model_cache() == default_cache
+    assert weights.read_bytes() == LARGE_WEIGHTS
+    assert f"{weights} has {len(LARGE_WEIGHTS) // 2} bytes" in caplog.text and "rebuilding" in caplog.text
+
+
+def test_garbage_in_the_middle_of_the_weights_is_found_at_load(default_cache, caplog):
+    weights = default_cache / "model.safetensors"
+    # Any damaged run longer than size / NUM_SAMPLES is caught by the sampled check.
+    run_bytes = len(LARGE_WEIGHTS) // ml.NUM_SAMPLES + ml.SAMPLE_BYTES
+    damage(weights, len(LARGE_WEIGHTS) // 3, b"!" * run_bytes)
+    with caplog.at_level(logging.WARNING, logger=ml.__name__):
+        ml.ensure_default_model_cache()
+    assert weights.read_bytes() == LARGE_WEIGHTS
+    assert "does not match its recorded checksum" in caplog.text
+
+
+def test_prepare_checks_every_byte(default_cache, monkeypatch, capsys, caplog):
+    weights = default_cache / "model.safetensors"
+    offset = next(i for i in range(1, len(LARGE_WEIGHTS))  # between two sampled blocks
+                  if all(not o <= i < o + ml.SAMPLE_BYTES for o in ml._sample_offsets(len(LARGE_WEIGHTS))))
+    damage(weights, offset, bytes([LARGE_WEIGHTS[offset] ^ 1]))
+    assert ml.check_cache(default_cache) is None  # what a load cannot see in one byte ...
+    assert "sha256" in ml.check_cache(default_cache, is_full=True)
+    monkeypatch.setattr("sys.argv", ["model_loading", "--prepare"])
+    with caplog.at_level(logging.WARNING, logger=ml.__name__):
+        ml.main()  # ... --prepare finds and repairs
+    assert weights.read_bytes() == LARGE_WEIGHTS and "rebuilding" in caplog.text
+    assert capsys.readouterr().out.strip() == str(default_cache)
+
+
+def test_cache_built_before_checksums_is_checked_then_recorded(tmp_path, monkeypatch, caplog):
+    model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
+    target = tmp_path / "cache"
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    monkeypatch.setenv("CODEFAST_CACHE_DIR", str(target))
+    with caplog.at_level(logging.WARNING, logger=ml.__name__):
+        assert ml.ensure_default_model_cache() == target
+    assert ml.check_cache(target, is_full=True) is None and "recorded them" in caplog.text
+    # Truncated weights in such a cache are still found (their header no longer fits the file).
+    (target / ml.MANIFEST_FILE).unlink()
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert "truncated" in ml._cache_problem(target, is_full_check=False)
+
+
+def test_truncated_weights_in_a_model_folder_name_the_file(tmp_path):
+    model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(DamagedModelError, match="truncated") as info:
+        load_model(str(tmp_path))
+    assert str(weights) in str(info.value)
+
+
+def test_broken_tokenizer_json_names_the_file(tmp_path):
+    model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"')
+    with pytest.raises(DamagedModelError, match="tokenizer.json") as info:
+        load_model(str(tmp_path))
+    assert str(tmp_path) in str(info.value)
 
 
 # ---- the real default model --------------------------------------------------------------------

@@ -240,3 +240,76 @@ def test_blank_line_rule_can_be_disabled():
 def test_bad_policy_is_rejected(kwargs):
     with pytest.raises(ValueError):
         StopPolicy(**kwargs)
+
+
+# ---- one rule set, three kinds of numbers -------------------------------------------------------
+_TEXTS = ["def", " f", "(x", "):", "\n", "    ", "return", " x", "\n\n", "  ", "}\n", "\n  \n", "#", " test",
+          "print", "(1)", ")\n\n\n", "\t", "", "\n    ", "a\nb", "\n\nx"]
+_POLICIES = [StopPolicy(), LINE, StopPolicy(done_threshold=0.9, done_needs_blank_line=True, min_code_lines=1),
+             StopPolicy(kind="token", num_consecutive=2), StopPolicy(line_keep_threshold=None, max_blank_lines=2),
+             StopPolicy(done_threshold=0.5, keep_stop_line=True, line_start_window=1)]
+
+
+def _random_stream(rng, length):
+    texts = [_TEXTS[rng.integers(len(_TEXTS))] for _ in range(length)]
+    p_stops = [float(x) for x in rng.choice([0.0005, 0.2, 0.6, 0.85, 0.99], size=length)]
+    p_dones = [float(x) for x in rng.choice([0.0, 0.6, 0.95], size=length)]
+    return texts, p_stops, p_dones
+
+
+@pytest.mark.parametrize("policy", _POLICIES)
+def test_batch_fold_on_numpy_and_torch_equals_the_scalar_fold_and_the_line_text_fold(policy):
+    """fold_batch (the vLLM processor's path) on NumPy and on torch, fold_token (our engine's)
+    and update_votes given the whole line's text all take the same decisions, token by token."""
+    import numpy as np
+    import torch
+
+    from guard.policy import VoteArrays, fold_batch, fold_token, token_feature_table, token_features
+
+    rng = np.random.default_rng(0)
+    num_rows, length = 16, 60
+    streams = [_random_stream(rng, length) for _ in range(num_rows)]
+    thresholds = np.array([0.5 if i % 3 else 0.8 for i in range(num_rows)])
+    table = token_feature_table(_TEXTS)
+    text_index = {text: i for i, text in enumerate(_TEXTS)}
+    votes_np = VoteArrays.zeros(num_rows)
+    votes_torch = VoteArrays.zeros(num_rows, xp=torch, device="cpu")
+    scalar = [VoteState() for _ in range(num_rows)]
+    line_text_states = [VoteState() for _ in range(num_rows)]
+    line_texts = [""] * num_rows
+    for step in range(length):
+        ids = np.array([text_index[streams[r][0][step]] for r in range(num_rows)])
+        p_stop = np.array([streams[r][1][step] for r in range(num_rows)])
+        p_done = np.array([streams[r][2][step] for r in range(num_rows)])
+        tokens_np = type(token_features(""))(**{name: table[name][ids] for name in table})
+        votes_np, stop_np, keep_np = fold_batch(votes_np, p_stop, p_done, tokens_np, policy, thresholds)
+        tokens_t = type(tokens_np)(**{name: torch.as_tensor(value) for name, value in vars(tokens_np).items()})
+        votes_torch, stop_t, keep_t = fold_batch(votes_torch, torch.as_tensor(p_stop), torch.as_tensor(p_done),
+                                                 tokens_t, policy, torch.as_tensor(thresholds))
+        for r in range(num_rows):
+            text = streams[r][0][step]
+            decision = fold_token(scalar[r], p_stop[r], token_features(text), policy, thresholds[r], p_done[r])
+            scalar[r] = decision.state
+            line_texts[r] += text
+            by_line = update_votes(line_text_states[r], p_stop[r], line_texts[r] if "\n" in text else None,
+                                   policy, thresholds[r], is_whitespace=bool(text) and not text.strip(),
+                                   p_done=p_done[r])
+            line_text_states[r] = by_line.state
+            if "\n" in text:
+                line_texts[r] = ""
+            assert (decision.is_stop, decision.keeps_line) == (bool(stop_np[r]), bool(keep_np[r]))
+            assert (decision.is_stop, decision.keeps_line) == (bool(stop_t[r]), bool(keep_t[r]))
+            assert (by_line.is_stop, by_line.keeps_line) == (decision.is_stop, decision.keeps_line)
+            assert votes_np.row(r) == decision.state
+            assert votes_torch.row(r) == decision.state
+
+
+def test_token_features_split_a_token_at_its_newlines():
+    from guard.policy import token_features
+
+    assert token_features(")\n\n").is_line_end and not token_features(")\n\n").is_head_blank
+    assert token_features(")\n\n").num_middle == 1 and token_features(")\n\n").is_all_middle_blank
+    mixed = token_features("\nx\n\n")  # pieces: "", "x", "", ""
+    assert (mixed.num_middle, mixed.is_all_middle_blank, mixed.num_trailing_blank_middle) == (2, False, 1)
+    assert token_features("    ").is_whitespace and not token_features("").is_whitespace
+    assert token_features("").is_blank_text and not token_features("x").is_blank_text

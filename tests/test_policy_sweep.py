@@ -4,7 +4,6 @@ import torch
 
 from benchmarks.policy_sweep import replay_policy, replay_stop_words, score_tokens
 from engine import SamplingParams
-from guard.features import token_char_ends
 from guard.policy import StopPolicy
 from guard.probe import GenGuard
 from tests.helpers import TINY_HIDDEN_SIZE, tiny_engine

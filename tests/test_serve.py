@@ -1,12 +1,15 @@
-"""The Ray Serve deployment over HTTP: OpenAI client, batching, errors, disconnects, the guard.
+"""The Ray Serve deployment over HTTP: OpenAI client, batching, errors, disconnects, the guard,
+and fault injection (an engine step that raises, then one that hangs).
 
 One deployment for the whole module (each costs seconds on this machine): the tiny model with a
 hand-set GenGuard whose stop probability (0.73) is below its own threshold (0.9), so the guard is
-loaded but only stops a request that lowers the threshold (`guard: 0.5`).
+loaded but only stops a request that lowers the threshold (`guard: 0.5`). The fault-injection
+test adds a second app on the same Serve instance (tests/serve_faults.py), since it kills replicas.
 """
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 from pathlib import Path
 
 import httpx
@@ -17,10 +20,14 @@ import yaml
 from deployments.app import build_app
 from deployments.config import ServeConfig, check_capacity
 from deployments.protocol import CompletionRequest, RequestError
+from deployments.protocol import MAX_PROMPTS_PER_REQUEST, MAX_STOP_STRINGS
 from engine import SamplingParams
+from engine.health import DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES
+from engine.params import MAX_SEED
 from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
 from tests.helpers import constant_guard, tiny_engine
+from tests.serve_faults import HANG, RAISE, build_fault_app
 
 pytestmark = pytest.mark.ray
 
@@ -182,7 +189,18 @@ BAD_REQUESTS = [
     ("negative temperature", {"prompt": "x", "temperature": -1}, 400),
     ("empty stop string", {"prompt": "x", "stop": [""]}, 400),
     ("unknown model", {"prompt": "x", "model": "gpt-4"}, 404),
+    # Values the engine could not use once queued: refused here, so no step ever fails on them.
+    ("seed above int64", {"prompt": "x", "max_tokens": 3, "seed": MAX_SEED + 1}, 400),
+    ("seed 2**64", b'{"prompt": "x", "max_tokens": 3, "seed": 18446744073709551616}', 400),
+    ("prompt with a lone surrogate", b'{"prompt": "x = \\ud800", "max_tokens": 3}', 400),
+    ("too many stop strings", {"prompt": "x", "stop": ["a"] * (MAX_STOP_STRINGS + 1)}, 400),
+    ("too many prompts", {"prompt": ["x"] * (MAX_PROMPTS_PER_REQUEST + 1)}, 400),
 ]
+# The error must state the limit it enforces, not only that something is wrong.
+STATED_LIMITS = {"seed above int64": str(MAX_SEED), "seed 2**64": str(MAX_SEED),
+                 "prompt with a lone surrogate": "surrogate",
+                 "too many stop strings": f"at most {MAX_STOP_STRINGS}",
+                 "too many prompts": f"at most {MAX_PROMPTS_PER_REQUEST}"}
 
 
 def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
@@ -196,6 +214,7 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
             assert response.status_code == status, (name, response.text)
             error = response.json()["error"]
             assert error["message"] and error["type"] and "code" in error, name
+            assert STATED_LIMITS.get(name, "") in error["message"], (name, error["message"])
         assert http.get("/v1/completions").status_code == 405
         good = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
         assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
@@ -237,3 +256,108 @@ def test_guard_stop_comes_through_http(server):
     chunks = list(api.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=32,
                                          temperature=0, stream=True, extra_body={"guard": 0.5}))
     assert chunks[-1].choices[0].finish_reason == "guard"
+
+
+def test_bad_sampling_values_during_decoding_fail_nobody(server):
+    """Sent while another request decodes, a seed past int64 is refused at the edge and a tiny
+    temperature decodes greedily: before, either made the shared step raise, failing both."""
+    body = {"prompt": PROMPT, "max_tokens": 240, "temperature": 0, "stream": True, "guard": "off"}
+    with httpx.Client(base_url=server, timeout=HTTP_TIMEOUT_S) as http:
+        with http.stream("POST", "/v1/completions", json=body) as decoding:
+            lines = decoding.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # it is decoding now
+            bad_seed = http.post("/v1/completions", json={"prompt": "x = 1\n", "max_tokens": 3,
+                                                          "seed": 2**64})
+            tiny = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8,
+                                                      "temperature": 1e-300})
+            greedy = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+            rest = [line for line in lines if line]
+    assert bad_seed.status_code == 400 and bad_seed.json()["error"]["param"] == "seed"
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+    assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)
+
+
+# ---- fault injection: an engine step that raises, then one that hangs -----------------------------
+FAULT_APP_NAME = "codefast-faults"
+FAULT_WEDGE_TIMEOUT_S = 1.0  # a step this long counts as wedged (the default is minutes)
+FAULT_HEALTH_CHECK_PERIOD_S = 0.5
+REPLACE_TIMEOUT_S = 120  # Serve notices (3 failed checks), stops the replica, starts and loads a new one
+
+
+@pytest.fixture(scope="module")
+def fault_server(server, tmp_path_factory):
+    from ray import serve
+
+    control = tmp_path_factory.mktemp("faults") / "fault"
+    control.write_text("")
+    config = ServeConfig(model=TINY_MODEL_NAME, guard="none", max_num_seqs=2, dtype="float32",
+                         max_ongoing_requests=4, num_cpus=0)
+    app = build_fault_app(config, control, FAULT_WEDGE_TIMEOUT_S, FAULT_HEALTH_CHECK_PERIOD_S)
+    with ThreadPoolExecutor(1) as pool:  # serve.run has no timeout of its own
+        pool.submit(serve.run, app, name=FAULT_APP_NAME, route_prefix="/faults").result(DEPLOY_TIMEOUT_S)
+    yield f"{server}/faults", control
+    control.write_text("")
+    serve.delete(FAULT_APP_NAME)
+
+
+def wait_for(probe: Callable[[], object], timeout_s: float, what: str):
+    """Poll until `probe` returns something truthy (errors count as not yet); bounded."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            if value := probe():
+                return value
+        except httpx.HTTPError as exc:  # a replica going away answers with errors for a moment
+            last = exc
+        time.sleep(0.2)
+    pytest.fail(f"{what} did not happen within {timeout_s}s (last error: {last!r})")
+
+
+def test_engine_faults_turn_health_503_and_serve_replaces_the_replica(fault_server):
+    url, control = fault_server
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S) as http:
+        def replica() -> str:
+            return http.get("/v1/stats").json()["replica"]
+
+        def serves() -> bool:
+            return http.post("/v1/completions", json=body).status_code == 200
+
+        first = replica()
+        assert http.get("/health").json() == {"status": "ok"} and serves()
+
+        # 1. Every step raises: each request fails alone (500), then the engine is dead.
+        control.write_text(RAISE)
+        for _ in range(DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES):
+            failed = http.post("/v1/completions", json=body)
+            assert failed.status_code == 500 and failed.json()["error"]["code"] == "generation_failed"
+        health = http.get("/health")
+        assert health.status_code == 503 and "failed in a row" in health.json()["error"]["message"]
+        assert http.post("/v1/completions", json=body).status_code == 503  # refused, not queued
+        assert http.get("/v1/models").status_code == 200  # the rest of the replica still answers
+        control.write_text("")  # so that the replacement is healthy
+        second = wait_for(lambda: (tag := replica()) != first and tag, REPLACE_TIMEOUT_S,
+                          "replacing the replica whose steps kept failing")
+        assert wait_for(serves, REPLACE_TIMEOUT_S, "a completion on the new replica")
+
+        # 2. A step hangs: health turns 503 once it outlasts the wedge timeout, while the event
+        # loop keeps answering; Serve replaces the replica.
+        control.write_text(HANG)
+        with ThreadPoolExecutor(1) as pool:
+            stuck = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=REPLACE_TIMEOUT_S)
+            wedged = wait_for(lambda: (r := http.get("/health")).status_code == 503 and r, 30,
+                              "/health reporting the wedged step")
+            assert "wedge timeout" in wedged.json()["error"]["message"]
+            start = time.monotonic()
+            assert http.get("/v1/models", timeout=5).status_code == 200
+            assert http.get("/v1/stats", timeout=5).json()["step_running_s"] > FAULT_WEDGE_TIMEOUT_S
+            assert time.monotonic() - start < 5
+            wait_for(lambda: (tag := replica()) not in (first, second) and tag, REPLACE_TIMEOUT_S,
+                     "replacing the replica with the wedged step")
+            control.write_text("")
+            try:
+                assert stuck.result(timeout=REPLACE_TIMEOUT_S).status_code != 200  # its replica is gone
+            except httpx.HTTPError:
+                pass  # or the connection dropped with it
+        assert wait_for(serves, REPLACE_TIMEOUT_S, "a completion on the third replica")
+        assert http.get("/health").json() == {"status": "ok"}

@@ -3,7 +3,7 @@
 Runs the sandboxed executor on the sampled (greedy) completions, full vs truncated at the cut,
 per language, and counts the completions the labeler skipped.
 
-    python -m guard.validate_labels --samples runs/guard-qwen/samples
+    python -m guard_training.validate_labels --samples runs/guard-qwen/samples
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 from evals.pass_at_k import evaluate, pass_at_1
-from guard.labeler import find_cut, truncate
-from guard.sampling import read_jsonl
+from guard_training.labeler import find_cut, truncate
+from guard_training.sampling import read_jsonl
 
 
 def validate_language(samples: list[dict], language: str, num_workers: int) -> dict:

@@ -1,6 +1,6 @@
-"""`python -m guard build`: sample -> label -> features -> train -> ship, resumable.
+"""`python -m guard_training build`: sample -> label -> features -> train -> ship, resumable.
 
-    python -m guard build --model default --languages python,javascript,go,cpp \
+    python -m guard_training build --model default --languages python,javascript,go,cpp \
         --per-language 60 --out runs/guard-qwen [--ship]
 
 Every stage writes its output atomically under --out and is skipped when that output exists, so
@@ -15,20 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.features import done_ends_opening_blank_line, extract_features, label_samples, load_shard, save_shard
+from guard_training.features import done_ends_opening_blank_line, extract_features, label_samples, load_shard, save_shard
 from guard.policy import StopPolicy
-from guard.probe import SHIPPED_DIR
-from guard.sampling import SamplingPlan, read_jsonl, sample_language, write_jsonl_atomic
-from guard.train import TrainConfig, line_stop_errors, split_by_sample, train_guard
+from guard.probe import SHIPPED_DIR, model_slug
+from guard_training.sampling import SamplingPlan, read_jsonl, sample_language, write_jsonl_atomic
+from guard_training.train import TrainConfig, line_stop_errors, split_by_sample, train_guard
 
 LANGUAGES = ("python", "javascript", "go", "cpp")
 # `--done-needs-blank-line auto` turns the requirement on when at least this share of the training
 # done line ends open a blank line: the model's own habit, not a few lucky samples.
 MIN_BLANK_LINE_DONE_SHARE = 0.95
-
-
-def slug(model_name: str) -> str:
-    return model_name.rstrip("/").split("/")[-1].lower().replace(".", "_")
 
 
 def build(args: argparse.Namespace) -> Path:
@@ -97,14 +93,14 @@ def build(args: argparse.Namespace) -> Path:
     guard_dir = guard.save(out / "guard")
     print(json.dumps(report, indent=2))
     if args.ship:
-        target = SHIPPED_DIR / slug(engine.model_name)
+        target = SHIPPED_DIR / model_slug(engine.model_name)
         shutil.copytree(guard_dir, target, dirs_exist_ok=True)
         print(f"shipped to {target}")
     return guard_dir
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m guard", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m guard_training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="sample, label, extract features, train and save a guard")

@@ -1,0 +1,96 @@
+"""GenGuard in Ray Data LLM: a `ray.data.llm` processor whose vLLM engines run the guard.
+
+    from backends.ray_data_llm import build_guarded_processor
+    processor = build_guarded_processor(model="default", max_tokens=300, concurrency=2)
+    out = processor(ray.data.read_json("prompts.jsonl"))       # rows with a "prompt" column
+
+For teams whose batch pipelines already use Ray Data LLM (`vLLMEngineProcessorConfig` +
+`build_processor`): the engines serve the GenGuard export (guard/export.py) with the logits
+processor in `engine_kwargs`, and the postprocess turns a guard stop (a marker token at the end
+of `generated_tokens`) into what `jobs.generate` writes: `completion` without the excess line,
+`finish_reason` "guard", `is_guard_stop`. Per row, a `guard` column ("on" / "off" / a threshold)
+overrides the default. `jobs.generate --backend vllm` is the other way (our actors over the
+backend protocol, with resume, error rows and per-row settings).
+"""
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from guard.vllm_processor import GUARD_ARG
+
+PROCESSOR_PATH = "guard.vllm_processor:GenGuardLogitsProcessor"
+
+
+def guarded_processor_config(model: str = "default", guard: str = "default", *, max_num_seqs: int = 16,
+                             batch_size: int = 16, concurrency: int = 1, num_cpus: float = 1.0,
+                             kv_cache_gib: int = 4, dtype: str = "auto", device: str = "cpu",
+                             max_model_len: int = 8192):
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    from engine.dtypes import resolve_dtype
+    from guard.export import export_folder_for
+
+    folder = export_folder_for(model, guard)
+    is_cpu = device == "cpu"
+    env_vars = {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
+    engine_kwargs = {"logits_processors": [PROCESSOR_PATH], "max_num_seqs": max_num_seqs,
+                     "dtype": resolve_dtype(dtype, "cpu" if is_cpu else "cuda"), "enforce_eager": is_cpu,
+                     "max_model_len": max_model_len, "seed": 0}
+    if is_cpu:  # an explicit KV size; vLLM then skips its reserve-92%-of-RAM check
+        engine_kwargs["kv_cache_memory_bytes"] = kv_cache_gib << 30
+    return vLLMEngineProcessorConfig(
+        model_source=str(folder),
+        engine_kwargs=engine_kwargs,
+        runtime_env={"env_vars": env_vars},
+        # Without CPU bundles the engine stage asks for a GPU (../shared/notes).
+        placement_group_config={"bundles": [{"CPU": num_cpus}]} if is_cpu else None,
+        batch_size=batch_size, concurrency=concurrency,
+        chat_template_stage=False,  # code completion: the prompt is the code to continue
+    )
+
+
+@cache
+def _view(folder: str):
+    from transformers import AutoTokenizer
+
+    from guard.export import GuardExport
+    from guard.token_table import TABLE_FILE, TokenTable
+
+    return (GuardExport.load(folder), TokenTable.load(Path(folder) / TABLE_FILE).arrays["is_line_end"],
+            AutoTokenizer.from_pretrained(folder))
+
+
+def guard_postprocess(folder: str, row: dict) -> dict:
+    """A processed row -> the guard's view of it (runs in Ray Data workers)."""
+    export, is_line_end, tokenizer = _view(folder)
+    token_ids = [int(t) for t in row.get("generated_tokens") or []]
+    last = token_ids[-1] if token_ids else None
+    kept = export.kept_ids(token_ids, last, is_line_end)
+    out = {key: value for key, value in row.items() if key not in ("generated_tokens", "generated_text")}
+    if kept is not None:
+        out.update(completion=tokenizer.decode(kept, skip_special_tokens=True), completion_ids=kept,
+                   finish_reason="guard", is_guard_stop=True)
+    else:
+        out.update(completion=row.get("generated_text", ""), completion_ids=token_ids,
+                   finish_reason=None, is_guard_stop=False)
+    out["num_generated_tokens"] = len(token_ids)
+    return out
+
+
+def build_guarded_processor(model: str = "default", guard: str = "default", *, max_tokens: int = 300,
+                            temperature: float = 0.0, **config_kwargs):
+    """A Ray Data LLM processor: rows with `prompt` (and optionally `guard`) in, the guard's
+    columns out (see module docstring)."""
+    from ray.data.llm import build_processor
+
+    config = guarded_processor_config(model, guard, **config_kwargs)
+    folder = config.model_source
+    markers = list(__import__("guard.export", fromlist=["GuardExport"]).GuardExport.load(folder).marker_ids)
+
+    def preprocess(row: dict) -> dict:
+        setting = row.get("guard") or "on"
+        return {**row, "sampling_params": {"temperature": temperature, "max_tokens": max_tokens,
+                                           "stop_token_ids": markers, "extra_args": {GUARD_ARG: setting}}}
+
+    return build_processor(config, preprocess=preprocess, postprocess=lambda row: guard_postprocess(folder, row))

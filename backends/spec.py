@@ -1,0 +1,86 @@
+"""What to run: one frozen, validated description that Serve configs and job configs both build.
+
+The spec is small and picklable (Ray sends it to every replica / actor); `build_backend` turns
+it into a running backend inside that process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from backends.protocol import BACKEND_NAMES
+from engine.dtypes import DTYPE_NAMES
+
+DEVICES = ("auto", "cpu", "cuda")
+NO_GUARD_NAMES = ("none", "off", "")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    backend: str = "codefast"  # "codefast" (ours, any HF causal LM) or "vllm"
+    model: str = "default"  # "default", "codefast/tiny-random" (codefast only), a local HF folder
+    guard: str | None = "default"  # "default" (shipped for the model), None, or a guard folder
+    max_num_seqs: int = 8  # batch slots
+    dtype: str = "auto"
+    device: str = "auto"  # auto: cuda when this process got a GPU, else cpu
+    num_threads: int | None = None  # torch CPU threads (None: leave torch's default)
+    max_model_len: int | None = None  # None: the model's own context (capped)
+    # vLLM only. enforce_eager: no torch.compile / CUDA graphs. On CPU compiling costs ~60 s per
+    # start for no measurable decode gain (../shared/notes); on a GPU, graphs are worth it.
+    enforce_eager: bool | None = None  # None: True on CPU, False on GPU
+    kv_cache_gib: int = 4  # vLLM on CPU: KV cache size in GiB (passed as kv_cache_memory_bytes)
+    gpu_memory_utilization: float = 0.85
+    # Longer than this on one step (ours) or with requests running and no output (vLLM): the
+    # engine reports itself unhealthy, so Serve replaces the replica (engine/health.py).
+    wedge_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty string, got {self.model!r}")
+        if isinstance(self.guard, str) and self.guard.lower() in NO_GUARD_NAMES:
+            object.__setattr__(self, "guard", None)
+        if self.guard not in (None, "default") and not Path(str(self.guard)).is_dir():
+            raise ValueError(f"guard must be 'default', 'none' or a guard folder, got {self.guard!r}")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not isinstance(self.kv_cache_gib, int) or self.kv_cache_gib < 1:
+            raise ValueError(f"kv_cache_gib must be a whole number of GiB >= 1, got {self.kv_cache_gib!r}")
+        if not self.wedge_timeout_s > 0:
+            raise ValueError(f"wedge_timeout_s must be > 0, got {self.wedge_timeout_s}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def with_overrides(self, **changes) -> "BackendSpec":
+        return replace(self, **changes)
+
+
+def build_backend(spec: BackendSpec):
+    """Start the backend `spec` names, in this process."""
+    if spec.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(spec.num_threads)
+    if spec.backend == "vllm":
+        from backends.vllm import VllmBackend
+
+        return VllmBackend.from_spec(spec)
+    from backends.codefast import CodefastBackend
+
+    return CodefastBackend.from_spec(spec)

@@ -1,0 +1,269 @@
+"""GenGuard inside vLLM vs vLLM's baseline, stop words and our own engine, side by side in one run.
+
+    python -m benchmarks.vllm_codefast --limit 100 --max-num-seqs 16 --out reports/vllm_codefast
+
+For each language of the MBXP test split (the first `--limit` test problems) and each method, in
+one process: generated tokens, wall time, tok/s and pass@1 (sandboxed), for
+  (a) vLLM baseline (EOS / max tokens), (b) vLLM + stop words, (c) vLLM + GenGuard,
+  (d) vLLM + GenGuard + stop words, and (e) our engine + GenGuard;
+one vLLM engine serves (a)-(d) (the guard is a per-request setting), then it is shut down and our
+engine runs (e). Greedy, max 300 new tokens, the same slots for both engines.
+
+It also checks, per problem:
+- exactness: (c) stops exactly where the policy replay (`guard.policy.find_stop`) says over (a)'s
+  completion, with the guard probabilities vLLM computed in (a) (run with the guard observing:
+  it counts and traces its votes, never stops; the processor's cost is a fraction of a percent
+  of a step, `benchmarks.vllm_processor_cost`); and over (c)'s own tokens and probabilities,
+  which also covers a completion whose greedy text changed between the two runs;
+- agreement with our engine: (c)'s kept text against (e)'s, each difference classified.
+
+Cells are saved as they finish (`--out`); a rerun reuses them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from benchmarks.codefast import LANGUAGES, method_params
+from benchmarks.stop_words import finish_completion
+from evals.mbxp import load_problems, split_problems
+from evals.pass_at_k import evaluate, pass_at_1
+
+VLLM_METHODS = ("baseline", "stop_words", "guard", "guard+stop_words")
+LABELS = {"baseline": "(a) vLLM baseline", "stop_words": "(b) vLLM + stop words",
+          "guard": "(c) vLLM + GenGuard", "guard+stop_words": "(d) vLLM + GenGuard + stop words",
+          "engine_guard": "(e) our engine + GenGuard"}
+
+
+def run_cell(submit, language: str, method: str, problems, max_new_tokens: int, num_workers: int,
+             observe: bool = False) -> dict:
+    params = method_params(method.replace("engine_", ""), language, max_new_tokens)
+    start = time.perf_counter()
+    futures = [submit(p.prompt, params, observe) for p in problems]
+    results = [future.result() for future in futures]
+    wall = time.perf_counter() - start
+    completions = {p.task_id: finish_completion(language, r.text, r.finish_reason == "stop")
+                   for p, r in zip(problems, results)}
+    executed = {e.task_id: e for e in evaluate(completions, language, num_workers=num_workers)}
+    return {
+        "language": language, "method": method, "num_problems": len(problems), "wall_s": wall,
+        "num_generated_tokens": sum(r.num_generated_tokens for r in results),
+        "pass_at_1": pass_at_1(list(executed.values())),
+        "problems": [{"task_id": p.task_id, "completion": completions[p.task_id], "text": r.text,
+                      "token_ids": list(r.token_ids), "finish_reason": r.finish_reason,
+                      "guard_stop_index": r.guard_stop_index, "num_generated_tokens": r.num_generated_tokens,
+                      "passed": executed[p.task_id].passed} for p, r in zip(problems, results)],
+    }
+
+
+def replay_expectations(baseline_cell: dict, problems, tokenizer, export, traces) -> list:
+    """Per problem: what the policy replay says over (a)'s completion, with vLLM's probabilities:
+    (stop index, kept tokens), or None for no stop."""
+    from guard.policy import find_stop
+    from guard.vllm_processor import prompt_key
+
+    expectations = []
+    for problem, row in zip(problems, baseline_cell["problems"]):
+        prompt_ids = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
+        p_stops, p_dones, _ = traces[prompt_key(prompt_ids)]
+        token_ids = row["token_ids"]
+        texts = [tokenizer.decode([t]) for t in token_ids]
+        n = len(token_ids)
+        if len(p_stops) < n:
+            raise RuntimeError(f"{problem.task_id}: the trace has {len(p_stops)} positions for {n} tokens")
+        expectations.append(find_stop(p_stops[:n], texts, export.policy, p_dones[:n] if export.done_row else None))
+    return expectations
+
+
+def exactness(expectations: list, guard_cell: dict, baseline_cell: dict) -> dict:
+    """(c) against the replay: a match is the same stop index and the same number of kept tokens
+    (or no stop in both). A (c) completion that is not a prefix of (a)'s is counted apart: vLLM's
+    greedy text itself differed between the two runs (other batches, other bf16 roundings)."""
+    matches, mismatches, diverged = 0, [], 0
+    for expected, row, base in zip(expectations, guard_cell["problems"], baseline_cell["problems"]):
+        is_prefix = base["token_ids"][:len(row["token_ids"])] == row["token_ids"]
+        got = ((row["guard_stop_index"], len(row["token_ids"])) if row["finish_reason"] == "guard" else None)
+        if got == expected:
+            matches += 1
+        elif not is_prefix:
+            diverged += 1
+        else:
+            mismatches.append({"task_id": row["task_id"], "expected": expected, "got": got,
+                               "finish_reason": row["finish_reason"]})
+    return {"num_problems": len(expectations), "num_exact": matches, "num_diverged": diverged,
+            "mismatches": mismatches}
+
+
+def self_replay(guard_cell: dict, problems, tokenizer, export, guard_traces, max_new_tokens: int) -> dict:
+    """(c) against the replay over its own emitted tokens and its own probabilities (the guarded
+    requests' trace): identical input by construction, so every stop must match. A stop decided
+    before its token was emitted has no token there; any code token decides alike ("x")."""
+    from guard.policy import find_stop
+    from guard.vllm_processor import prompt_key
+
+    matches, mismatches = 0, []
+    for problem, row in zip(problems, guard_cell["problems"]):
+        prompt_ids = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
+        p_stops, p_dones, emitted = guard_traces[prompt_key(prompt_ids)]
+        texts = [tokenizer.decode([t]) for t in emitted]
+        if row["finish_reason"] == "guard":
+            stop = row["guard_stop_index"]
+            texts = (texts + ["x"])[:stop + 1]  # "x": the code token a pre-decided stop replaced
+            got = (stop, len(row["token_ids"]))
+        else:
+            texts, got = texts[:max_new_tokens], None
+        expected = find_stop(p_stops[:len(texts)], texts, export.policy,
+                             p_dones[:len(texts)] if export.done_row is not None else None)
+        if expected == got:
+            matches += 1
+        else:
+            mismatches.append({"task_id": row["task_id"], "expected": expected, "got": got})
+    return {"num_problems": len(guard_cell["problems"]), "num_exact": matches, "mismatches": mismatches}
+
+
+def agreement(vllm_cell: dict, engine_cell: dict) -> dict:
+    """(c)'s kept text against (e)'s: equal, or one of
+    - `diverged`: neither is a prefix of the other (the engines' greedy text differs before the stop),
+    - `vllm_stopped_earlier` / `engine_stopped_earlier`: the same text up to the earlier stop."""
+    counts = {"equal": 0, "diverged": 0, "vllm_stopped_earlier": 0, "engine_stopped_earlier": 0}
+    examples = []
+    for ours, theirs in zip(vllm_cell["problems"], engine_cell["problems"]):
+        v, e = ours["text"], theirs["text"]
+        if v == e:
+            kind = "equal"
+        elif e.startswith(v):
+            kind = "vllm_stopped_earlier"
+        elif v.startswith(e):
+            kind = "engine_stopped_earlier"
+        else:
+            kind = "diverged"
+        counts[kind] += 1
+        if kind != "equal" and len(examples) < 20:
+            examples.append({"task_id": ours["task_id"], "kind": kind, "vllm": v[-160:], "engine": e[-160:]})
+    return {"counts": counts, "examples": examples}
+
+
+def render(cells: dict, languages, checks: dict, args) -> str:
+    methods = list(VLLM_METHODS) + ["engine_guard"]
+    lines = [f"default model, {args.limit} MBXP test problems per language, greedy, max_new_tokens"
+             f" {args.max_new_tokens}, {args.max_num_seqs} slots\n",
+             "| language | method | tokens | wall s | tok/s | pass@1 | vs (a) | vs (e) |", "|---|---|---|---|---|---|---|---|"]
+    totals = {m: [0, 0.0, 0.0] for m in methods}
+    for language in languages:
+        for method in methods:
+            cell = cells.get((language, method))
+            if cell is None:
+                continue
+            base, ours = cells.get((language, "baseline")), cells.get((language, "engine_guard"))
+            totals[method][0] += cell["num_generated_tokens"]
+            totals[method][1] += cell["wall_s"]
+            totals[method][2] += cell["pass_at_1"] * 100 / len(languages)
+            lines.append(
+                f"| {language} | {LABELS[method]} | {cell['num_generated_tokens']} | {cell['wall_s']:.0f}"
+                f" | {cell['num_generated_tokens'] / cell['wall_s']:.1f} | {cell['pass_at_1'] * 100:.1f}"
+                f" | {base['wall_s'] / cell['wall_s']:.2f}x | {ours['wall_s'] / cell['wall_s']:.2f}x |"
+                if base and ours else
+                f"| {language} | {LABELS[method]} | {cell['num_generated_tokens']} | {cell['wall_s']:.0f}"
+                f" | {cell['num_generated_tokens'] / cell['wall_s']:.1f} | {cell['pass_at_1'] * 100:.1f} | | |")
+    lines.append("")
+    lines.append("| all four | tokens | wall s | mean pass@1 | time vs (a) | time vs (e) |")
+    lines.append("|---|---|---|---|---|---|")
+    for method in methods:
+        tokens, wall, mean_pass = totals[method]
+        if not wall:
+            continue
+        lines.append(f"| {LABELS[method]} | {tokens} | {wall:.0f} | {mean_pass:.2f}"
+                     f" | {totals['baseline'][1] / wall:.2f}x | {totals['engine_guard'][1] / wall:.2f}x |")
+    lines.append("")
+    for language, check in checks.items():
+        exact, own = check["exactness"], check["self_replay"]
+        lines.append(f"- {language}: stops as the replay over (a) says {exact['num_exact']}/{exact['num_problems']}"
+                     f" ({exact['num_diverged']} whose greedy text changed between runs); as the replay over"
+                     f" its own tokens says {own['num_exact']}/{own['num_problems']};"
+                     f" vs our engine: {check['agreement']['counts']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--languages", nargs="+", default=list(LANGUAGES))
+    parser.add_argument("--max-new-tokens", type=int, default=300)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=2, help="sandbox processes")
+    parser.add_argument("--out", default="reports/vllm_codefast")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    trace_dir = out / "trace"
+    os.environ["CODEFAST_GUARD_TRACE_DIR"] = str(trace_dir.resolve())  # before vLLM starts
+    problems = {lang: split_problems(load_problems(lang), "test")[:args.limit] for lang in args.languages}
+
+    def cell_path(language, method):
+        return out / "cells" / f"{language}.{method}.json"
+
+    def load(language, method):
+        path = cell_path(language, method)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    cells = {(lang, m): load(lang, m) for lang in args.languages for m in list(VLLM_METHODS) + ["engine_guard"]}
+    cells = {k: v for k, v in cells.items() if v is not None}
+    todo_vllm = [(lang, m) for lang in args.languages for m in VLLM_METHODS if (lang, m) not in cells]
+    if todo_vllm:
+        from backends import BackendSpec, build_backend
+
+        backend = build_backend(BackendSpec(backend="vllm", max_num_seqs=args.max_num_seqs))
+        try:
+            for language, method in todo_vllm:
+                print(f"[vllm] {language} {method}", flush=True)
+                cell = run_cell(lambda p, sp, obs: backend.submit(p, sp, observe_guard=obs), language, method,
+                                problems[language], args.max_new_tokens, args.num_workers,
+                                observe=method == "baseline")
+                cell_path(language, method).write_text(json.dumps(cell))
+                cells[(language, method)] = cell
+        finally:
+            backend.shutdown()
+    todo_engine = [lang for lang in args.languages if (lang, "engine_guard") not in cells]
+    if todo_engine:
+        from backends import BackendSpec, build_backend
+
+        backend = build_backend(BackendSpec(backend="codefast", max_num_seqs=args.max_num_seqs))
+        try:
+            for language in todo_engine:
+                print(f"[engine] {language} guard", flush=True)
+                cell = run_cell(lambda p, sp, obs: backend.submit(p, sp), language, "engine_guard",
+                                problems[language], args.max_new_tokens, args.num_workers)
+                cell_path(language, "engine_guard").write_text(json.dumps(cell))
+                cells[(language, "engine_guard")] = cell
+        finally:
+            backend.shutdown()
+
+    from transformers import AutoTokenizer
+
+    from guard.export import GuardExport, export_folder_for
+    from guard.vllm_processor import read_trace
+
+    folder = export_folder_for("default", "default")
+    export, tokenizer = GuardExport.load(folder), AutoTokenizer.from_pretrained(folder)
+    traces, guard_traces = read_trace(trace_dir), read_trace(trace_dir, mode="on")
+    checks = {}
+    for language in args.languages:
+        expectations = replay_expectations(cells[(language, "baseline")], problems[language], tokenizer, export, traces)
+        checks[language] = {
+            "exactness": exactness(expectations, cells[(language, "guard")], cells[(language, "baseline")]),
+            "self_replay": self_replay(cells[(language, "guard")], problems[language], tokenizer, export,
+                                       guard_traces, args.max_new_tokens),
+            "agreement": agreement(cells[(language, "guard")], cells[(language, "engine_guard")]),
+        }
+    (out / "checks.json").write_text(json.dumps(checks, indent=2))
+    report = render(cells, args.languages, checks, args)
+    (out / "report.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

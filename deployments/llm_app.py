@@ -1,0 +1,312 @@
+"""GenGuard on Ray Serve LLM: vLLM's whole OpenAI server, autoscaled by Serve, with the guard inside.
+
+    serve run deployments/config.vllm.yaml              # CPU; config.vllm.gpu.yaml on GPU nodes
+
+Ray Serve LLM (`ray.serve.llm`: `LLMConfig` + `build_openai_app`) serves `/v1/completions`,
+`/v1/chat/completions`, `/v1/models`, `/v1/tokenize`... with everything vLLM's server takes (n,
+logprobs, stop_token_ids, token-id prompts, vllm_xargs) and vLLM's engine metrics. This module
+adds GenGuard to it, in two pieces:
+
+- the engine: each replica serves the GenGuard export of the model (guard/export.py; built once
+  per node, on first use) with `guard.vllm_processor.GenGuardLogitsProcessor` in
+  `engine_kwargs["logits_processors"]`;
+- `GenGuardLLMServer`, the LLMServer (`server_cls`) of those replicas. vLLM reports a guard stop
+  as a stop on a marker token; the server turns it into `finish_reason: "guard"` with the excess
+  line removed from the text, holds back a line the guard may still drop while streaming, counts
+  guard stops in the Serve metrics, and applies the per-request default.
+
+Per request, `"vllm_xargs": {"guard": "on" | "off" | 0.7}`. Completions default to on. Chat
+completions default to off: the guard was trained on raw code continuations (a function's body
+and what follows it), while a chat answer is prose with code in markdown fences, where its
+"excess" would be the explanation the user asked for; a chat client that wants it sends
+`"vllm_xargs": {"guard": "on"}`.
+
+Models vLLM cannot run stay on deployments/app.py (our engine, the same API).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.serve.llm import LLMConfig, LLMServer, build_openai_app
+
+logger = logging.getLogger("ray.serve")
+
+GENGUARD_CONFIG_KEY = "genguard"  # in LLMConfig.experimental_configs: what to export in the replica
+GUARD_FINISH_REASON = "guard"
+DEFAULT_GUARD = {"completions": "on", "chat": "off"}
+PROCESSOR_PATH = "guard.vllm_processor:GenGuardLogitsProcessor"
+
+
+@dataclass(frozen=True)
+class LLMAppConfig:
+    """The `args:` of `serve run deployments/config.vllm.yaml` (validated before anything deploys)."""
+
+    model: str = "default"  # "default" or a local HF model folder
+    guard: str | None = "default"  # "default" (shipped for the model), None/"none", or a guard folder
+    model_id: str | None = None  # the name clients use; None: the model's own name
+    max_num_seqs: int = 16
+    dtype: str = "auto"
+    device: str = "cpu"  # "cpu" or "gpu"
+    enforce_eager: bool | None = None  # None: eager on CPU (no compile at start), graphs on GPU
+    kv_cache_gib: int = 4  # CPU only, whole GiB
+    max_model_len: int | None = 8192
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: int | None = None  # None: max_num_seqs
+    max_ongoing_requests: int | None = None  # None: 2x max_num_seqs
+    num_cpus: float = 1.0  # per replica's engine
+
+    def __post_init__(self) -> None:
+        from backends.spec import BackendSpec
+
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
+        spec = BackendSpec(backend="vllm", model=self.model, guard=self.guard, max_num_seqs=self.max_num_seqs,
+                           dtype=self.dtype, kv_cache_gib=self.kv_cache_gib, max_model_len=self.max_model_len)
+        object.__setattr__(self, "guard", spec.guard)
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_num_seqs:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_num_seqs"
+                             f" ({self.max_num_seqs}): a replica would never fill its batch")
+
+    @classmethod
+    def from_args(cls, args: dict) -> "LLMAppConfig":
+        unknown = sorted(set(args) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown application args {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**args)
+
+
+def build_llm_config(config: LLMAppConfig) -> LLMConfig:
+    """The Ray Serve LLM config of one guarded model (the export is prepared here and in replicas)."""
+    from engine.dtypes import resolve_dtype
+    from guard.export import export_folder_for, resolve_model_folder
+
+    if config.guard is not None:
+        folder = export_folder_for(config.model, config.guard)
+        model_name = json.loads((folder / "genguard_vllm.json").read_text())["model_name"]
+    else:
+        folder, model_name = resolve_model_folder(config.model)
+    is_cpu = config.device == "cpu"
+    engine_kwargs = {
+        "max_num_seqs": config.max_num_seqs,
+        "dtype": resolve_dtype(config.dtype, "cpu" if is_cpu else "cuda"),
+        "enforce_eager": config.enforce_eager if config.enforce_eager is not None else is_cpu,
+        "seed": 0,
+    }
+    if config.max_model_len is not None:
+        engine_kwargs["max_model_len"] = config.max_model_len
+    if config.guard is not None:
+        engine_kwargs["logits_processors"] = [PROCESSOR_PATH]
+    env_vars = {"VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if is_cpu:  # an explicit KV size; vLLM then skips its reserve-92%-of-RAM check
+        engine_kwargs["kv_cache_memory_bytes"] = config.kv_cache_gib << 30
+    max_ongoing = config.max_ongoing_requests or 2 * config.max_num_seqs
+    kwargs = {}
+    if is_cpu:  # without it Ray Serve LLM asks for a GPU and never schedules
+        kwargs["accelerator_config"] = {"kind": "cpu"}
+        kwargs["placement_group_config"] = {"bundles": [{"CPU": config.num_cpus}]}
+    return LLMConfig(
+        model_loading_config={"model_id": config.model_id or model_name, "model_source": str(folder)},
+        engine_kwargs=engine_kwargs,
+        runtime_env={"env_vars": env_vars},
+        deployment_config={
+            "max_ongoing_requests": max_ongoing,
+            "autoscaling_config": {"min_replicas": config.min_replicas, "initial_replicas": config.min_replicas,
+                                   "max_replicas": config.max_replicas,
+                                   "target_ongoing_requests": config.target_ongoing_requests or config.max_num_seqs},
+        },
+        server_cls=GenGuardLLMServer,
+        experimental_configs={GENGUARD_CONFIG_KEY: {"model": config.model, "guard": config.guard}},
+        **kwargs,
+    )
+
+
+def build_app(args: dict | LLMAppConfig | None = None):
+    """`import_path: deployments.llm_app:build_app` (`args:` = LLMAppConfig fields)."""
+    config = args if isinstance(args, LLMAppConfig) else LLMAppConfig.from_args(dict(args or {}))
+    return build_openai_app({"llm_configs": [build_llm_config(config)]})
+
+
+# ---- the server ----------------------------------------------------------------------------------
+class _GuardView:
+    """What the server needs of the export: markers, line ends, the tokenizer to re-decode."""
+
+    def __init__(self, folder: Path):
+        from transformers import AutoTokenizer
+
+        from guard.export import GuardExport
+        from guard.token_table import TABLE_FILE, TokenTable
+
+        self.export = GuardExport.load(folder)
+        self.is_line_end = TokenTable.load(folder / TABLE_FILE).arrays["is_line_end"]
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def last_line_end(self, token_ids: list[int], end: int) -> int:
+        from guard.export import last_line_end
+
+        return last_line_end(token_ids, end, self.is_line_end)
+
+    def kept_ids(self, token_ids: list[int], marker_id) -> list[int] | None:
+        """The ids the guard keeps when the completion ended on `marker_id`, None if it did not."""
+        return self.export.kept_ids(token_ids, marker_id, self.is_line_end)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+class GenGuardLLMServer(LLMServer):
+    async def __init__(self, llm_config: LLMConfig, **kwargs):
+        settings = (llm_config.experimental_configs or {}).get(GENGUARD_CONFIG_KEY) or {}
+        self._guard_view = None
+        if settings.get("guard") is not None:
+            from guard.export import export_folder_for
+
+            # Built once per node (locked); a no-op where the driver already built it.
+            folder = await asyncio.to_thread(export_folder_for, settings["model"], settings["guard"])
+            llm_config.model_loading_config.model_source = str(folder)
+            self._guard_view = await asyncio.to_thread(_GuardView, folder)
+        await super().__init__(llm_config, **kwargs)
+
+    async def completions(self, request, raw_request_info=None):
+        return await self._guarded("completions", request, raw_request_info)
+
+    async def chat(self, request, raw_request_info=None):
+        return await self._guarded("chat", request, raw_request_info)
+
+    async def _guarded(self, method: str, request, raw_request_info):
+        run = getattr(super(), method)
+        if self._guard_view is None:
+            return await run(request, raw_request_info)
+        xargs = dict(request.vllm_xargs or {})
+        xargs.setdefault("guard", DEFAULT_GUARD[method])
+        request.vllm_xargs = xargs
+        if xargs["guard"] == "off":
+            return await run(request, raw_request_info)
+        wants_ids = bool(request.return_token_ids)
+        request.return_token_ids = True  # the kept text is cut at a token, not a character
+        outputs = await run(request, raw_request_info)
+        if getattr(request, "stream", False):
+            return self._fix_stream(outputs, is_chat=method == "chat", wants_ids=wants_ids)
+        return self._fix_responses(outputs, wants_ids=wants_ids)
+
+    async def _fix_responses(self, outputs, wants_ids: bool):
+        async for response in outputs:
+            for choice in getattr(response, "choices", None) or []:
+                token_ids = list(choice.token_ids or [])
+                kept = self._guard_view.kept_ids(token_ids, choice.stop_reason)
+                if kept is not None:
+                    text = self._guard_view.decode(kept)
+                    if hasattr(choice, "message"):
+                        choice.message.content = text
+                    else:
+                        choice.text = text
+                    choice.finish_reason, choice.stop_reason = GUARD_FINISH_REASON, None
+                    _record_guard_stop(len(token_ids) - 1 - len(kept))
+                    if wants_ids:
+                        choice.token_ids = kept
+                if not wants_ids:  # asked for by this server, not by the client: not sent
+                    choice.token_ids = None
+                    if hasattr(choice, "prompt_token_ids"):
+                        choice.prompt_token_ids = None
+            if not wants_ids and hasattr(response, "prompt_token_ids"):
+                response.prompt_token_ids = None
+            yield response
+
+    async def _fix_stream(self, outputs, is_chat: bool, wants_ids: bool):
+        states: dict[int, _StreamChoice] = {}
+        async for batch in outputs:
+            items = batch if isinstance(batch, list) else [batch]
+            fixed = []
+            for item in items:
+                chunk = _parse_sse(item)
+                if chunk is None:  # [DONE], an error, anything not a chunk: as is
+                    fixed.append(item)
+                    continue
+                choices = []
+                for choice in chunk.get("choices") or []:
+                    state = states.setdefault(choice.get("index", 0), _StreamChoice())
+                    if state.update(choice, self._guard_view, is_chat, wants_ids):
+                        choices.append(choice)
+                if choices or chunk.get("usage") or not chunk.get("choices"):
+                    chunk["choices"] = choices
+                    fixed.append(f"data: {json.dumps(chunk)}\n\n")
+            if fixed:
+                yield fixed
+
+
+class _StreamChoice:
+    """One streamed choice: all its token ids, vLLM's text, and what was sent of it."""
+
+    def __init__(self):
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.sent_text = ""
+        self.num_sent_ids = 0
+
+    def update(self, choice: dict, view: _GuardView, is_chat: bool, wants_ids: bool) -> bool:
+        """Rewrite `choice` in place to carry only safe text; False: nothing to send yet."""
+        new_ids = choice.get("token_ids") or []
+        self.token_ids.extend(new_ids)
+        delta = choice.get("delta") or {} if is_chat else None
+        self.text += (delta.get("content") or "") if is_chat else (choice.get("text") or "")
+        finish = choice.get("finish_reason")
+        if finish is not None:
+            kept = view.kept_ids(self.token_ids, choice.get("stop_reason"))
+            if kept is not None:
+                safe, safe_ids = view.decode(kept), len(kept)
+                choice["finish_reason"], choice["stop_reason"] = GUARD_FINISH_REASON, None
+                _record_guard_stop(len(self.token_ids) - 1 - len(kept))
+            else:
+                safe, safe_ids = self.text, len(self.token_ids)
+        else:
+            # A stop decided on a line's end comes one step after it: the newest token's line
+            # may still be dropped, so send whole lines up to the line end before it.
+            safe_ids = view.last_line_end(self.token_ids, len(self.token_ids) - 1)
+            safe = view.decode(self.token_ids[:safe_ids]) if safe_ids > self.num_sent_ids else self.sent_text
+        if not safe.startswith(self.sent_text):
+            safe = self.sent_text  # never take back what was sent
+        text = safe[len(self.sent_text):]
+        ids = self.token_ids[self.num_sent_ids:safe_ids]
+        self.sent_text, self.num_sent_ids = safe, max(self.num_sent_ids, safe_ids)
+        if is_chat:
+            delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text
+        if wants_ids:
+            choice["token_ids"] = ids
+        else:
+            choice.pop("token_ids", None)
+            choice.pop("prompt_token_ids", None)
+        return bool(text) or finish is not None or bool(is_chat and delta.get("role"))
+
+
+def _parse_sse(item) -> dict | None:
+    if not isinstance(item, str) or not item.startswith("data: "):
+        return None
+    payload = item[len("data: "):].strip()
+    if payload == "[DONE]":
+        return None
+    try:
+        chunk = json.loads(payload)
+    except json.JSONDecodeError:
+        return None
+    return chunk if isinstance(chunk, dict) and "choices" in chunk else None
+
+
+def _record_guard_stop(num_dropped_tokens: int) -> None:
+    try:
+        from deployments.metrics import serve_metrics
+
+        metrics = serve_metrics()
+        metrics.guard_stops.inc(1)
+        if num_dropped_tokens > 0:
+            metrics.guard_dropped_tokens.inc(num_dropped_tokens)
+    except Exception:  # metrics are best effort; the response is not
+        logger.debug("could not record a guard stop", exc_info=True)

@@ -1,3 +1,0 @@
-from guard.build import main
-
-main()

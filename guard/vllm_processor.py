@@ -1,0 +1,512 @@
+"""GenGuard inside vLLM: a v1 logits processor over a model exported by `guard.export`.
+
+    LLM(model=export_folder, logits_processors=[GenGuardLogitsProcessor])   # or "guard.vllm_processor:GenGuardLogitsProcessor"
+
+Each step, for every running request with the guard on, `apply`:
+1. folds the token the request got at the previous step into its votes, with the guard
+   probabilities read from that step's logits (`guard.policy.fold_batch`: the same rules as our
+   engine, on arrays);
+2. reads this step's guard columns (the stop and done rows of the head) into p_stop / p_done for
+   the token about to be sampled;
+3. masks the guard and marker columns, so they are never sampled;
+4. ends the requests whose votes stopped by forcing a marker token (see guard/export.py for the
+   three kinds; the marker is an EOS of the exported model, and vLLM reports it as `stop_reason`);
+5. decides before sampling where it can: the line-start rule (and token voting) would stop on
+   the next token if it is code, which the processor cannot know before sampling, so for those
+   rows every code token is replaced by the DROP_OPEN marker, carrying their weight (greedy:
+   their max, so the marker wins exactly when the argmax was code; sampled: T*logsumexp(l/T),
+   their total probability after temperature). Whitespace and EOS keep their own logits, as in
+   our engine, where EOS is checked first and indentation never starts a line. So a line-start
+   stop never emits the excess token. Stops that need to see the token (a line's end vote, the
+   blank-line rule, the done rule) force their marker one step later.
+
+Per request, `SamplingParams.extra_args["guard"]` is "on" (default), "off", a stop threshold
+in (0, 1) (the OpenAI server passes `vllm_xargs` there), or "observe": the votes are counted but
+never stop the request; with `CODEFAST_GUARD_TRACE_DIR` set, guarded and observed requests write
+their guard probabilities and tokens there (`read_trace`), which is how the exactness check
+replays the policy over vLLM's own completions with vLLM's own probabilities. The guard runs only where the markers
+can end the request (they are in `stop_token_ids`: every request of the exported model unless it
+sets `ignore_eos`, in which case the caller must add them, as backends/vllm.py does).
+
+State lives in arrays (one column per batch row) and the vocabulary's text features in a table
+built at export time, so a step does no tokenizer work. On a CPU the arrays are NumPy; on a GPU
+they are torch tensors on the device and nothing waits for the device (rows to force or pre-decide
+are chosen with masks, not indices). `python -m benchmarks.vllm_processor_cost` times it.
+
+Not supported: speculative decoding (vLLM refuses custom processors with it), and requests whose
+output grew by more than one token between two steps (then the guard is off for that request and
+`num_lost_requests` counts it). A request removed from the batch for a while (not scheduled,
+preempted) keeps its votes: they are parked by its output list and restored when it comes back.
+"""
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from guard.export import GuardExport, MarkerKind
+from guard.policy import FEATURE_FIELDS, VOTE_FIELDS, PolicyKind, TokenFeatures, VoteArrays, fold_arrays, line_start_would_stop
+from guard.token_table import TABLE_FILE, TokenTable
+
+GUARD_ARG = "guard"  # the per-request key in SamplingParams.extra_args
+TRACE_DIR_ENV = "CODEFAST_GUARD_TRACE_DIR"  # set: write every request's guard probabilities (tests)
+_SAMPLING_EPS = 1e-5  # vLLM's: a temperature below it is greedy
+_NO_MARKER = -1
+# Per batch row, two matrices with one column a row (moving a request moves a column): counts and
+# flags (0/1) as int64, the rest as float64. The rules work on 0/1 flags as on bools.
+_FLOAT_FIELDS = ("line_code_stop_mass", "p_stop", "p_done", "stop_threshold")
+_INT_FIELDS = tuple(name for name in VOTE_FIELDS if name not in _FLOAT_FIELDS) + ("pending_marker",)
+_INT = {name: i for i, name in enumerate(_INT_FIELDS)}
+_FLOAT = {name: i for i, name in enumerate(_FLOAT_FIELDS)}
+_LAST = operator.itemgetter(-1)  # a C call per output list: the step's cheapest way to read them
+_MAX_PARKED_FACTOR = 4  # parked requests kept, per batch slot (oldest dropped first)
+
+
+OBSERVE = "observe"
+
+
+def parse_guard_arg(value) -> float | bool | str:
+    """The per-request setting: True (on, the export's threshold), False (off), a threshold, or
+    "observe" (votes are counted and traced, the request is never stopped: the baseline of the
+    exactness check)."""
+    if value is None or value == "on" or value is True:
+        return True
+    if value == "off" or value is False:
+        return False
+    if value == OBSERVE:
+        return OBSERVE
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"extra_args['{GUARD_ARG}'] must be 'on', 'off', 'observe' or a stop"
+                             f" threshold in (0, 1), got {value!r}") from None
+    if isinstance(value, (int, float)) and 0 < float(value) < 1:
+        return float(value)
+    raise ValueError(f"extra_args['{GUARD_ARG}'] must be 'on', 'off', 'observe' or a stop threshold"
+                     f" in (0, 1), got {value!r}")
+
+
+class GenGuardLogitsProcessor(LogitsProcessor):
+    # The GPU code path (torch masks, no host sync) on any device; tests set it to check that
+    # path against the NumPy one on a CPU.
+    use_device_path = False
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        parse_guard_arg((sampling_params.extra_args or {}).get(GUARD_ARG))
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        model_dir = Path(vllm_config.model_config.model)
+        self.export = GuardExport.load(model_dir)  # a clear error, never a silent run without the guard
+        self.policy = self.export.policy
+        table = TokenTable.load(model_dir / TABLE_FILE)
+        self.device = torch.device(device)
+        self.is_host = self.device.type == "cpu" and not self.use_device_path
+        self.num_slots = vllm_config.scheduler_config.max_num_seqs
+        first_row = self.export.first_guard_row
+        self.guard_cols = slice(first_row, first_row + len(self.export.marker_ids) + 2)
+        self.drop_open_id = self.export.marker_id(MarkerKind.DROP_OPEN)
+        self.marker_id_of_kind = np.array(self.export.marker_ids, dtype=np.int64)
+        # Code tokens: the ones a line-start stop replaces by the marker (not whitespace, not EOS).
+        is_code = ~table.arrays["is_whitespace"]
+        is_code[list(self.export.eos_token_ids)] = False
+        is_code[self.guard_cols] = False
+        self.table = table
+        if self.is_host:
+            self.features = table.arrays
+            self.packed_features = table.packed()
+            self.is_code_col = is_code
+            self.ints = np.zeros((len(_INT_FIELDS), self.num_slots), dtype=np.int64)
+            self.floats = np.zeros((len(_FLOAT_FIELDS), self.num_slots), dtype=np.float64)
+        else:
+            self.features = table.to_torch(self.device)
+            self.is_code_col = torch.as_tensor(is_code, device=self.device)
+            self.ints = torch.zeros((len(_INT_FIELDS), self.num_slots), dtype=torch.int64, device=self.device)
+            self.floats = torch.zeros((len(_FLOAT_FIELDS), self.num_slots), dtype=torch.float64,
+                                      device=self.device)
+        # Host-side facts of each batch row.
+        self.output_lists: list[list[int] | None] = [None] * self.num_slots
+        self.is_guarded = np.zeros(self.num_slots, dtype=bool)
+        self.num_folded = np.zeros(self.num_slots, dtype=np.int64)
+        self.has_probs = np.zeros(self.num_slots, dtype=bool)
+        self.temperature = np.zeros(self.num_slots, dtype=np.float64)  # 0: greedy
+        self.min_tokens = np.zeros(self.num_slots, dtype=np.int64)
+        self.is_observed = np.zeros(self.num_slots, dtype=bool)  # votes only, never stopped
+        self.prompt_keys: list[str | None] = [None] * self.num_slots
+        self._parked: OrderedDict[int, tuple] = OrderedDict()
+        self.num_lost_requests = 0
+        self._version = 0  # bumped on every change of the batch's rows
+        self._active_key = None
+        self._active_cache = (np.zeros(0, dtype=np.int64), [])
+        self._trace = _open_trace()
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it forces and masks tokens: greedy requests need it too
+
+    # ---- batch bookkeeping -----------------------------------------------------------------------
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return  # new tokens are folded in apply(), when async scheduling has filled them in
+        self._version += 1
+        for index in batch_update.removed:
+            self._park(index)
+        for index, params, prompt_ids, output_ids in batch_update.added:
+            self._add(index, params, prompt_ids, output_ids)
+        for a, b, direction in batch_update.moved:
+            if direction == MoveDirectionality.SWAP:
+                self._swap(a, b)
+            else:
+                self._move(a, b)
+
+    def _add(self, index: int, params, prompt_ids, output_ids: list[int]) -> None:
+        parked = self._parked.pop(id(output_ids), None)
+        if parked is not None and parked[0] is output_ids:
+            self._restore(index, parked)
+            return
+        self._clear(index)
+        setting = parse_guard_arg((params.extra_args or {}).get(GUARD_ARG))
+        markers_end_it = set(self.export.marker_ids) <= set(params.stop_token_ids or ())
+        if setting is False or not markers_end_it:
+            return
+        if output_ids:  # joined mid-way with no record of its votes (e.g. recomputed): guard off
+            self.num_lost_requests += 1
+            return
+        self.output_lists[index] = output_ids
+        self.is_guarded[index] = True
+        self.temperature[index] = params.temperature if params.temperature >= _SAMPLING_EPS else 0.0
+        self.min_tokens[index] = params.min_tokens or 0
+        self.is_observed[index] = setting == OBSERVE
+        threshold = setting if isinstance(setting, float) else self.policy.stop_threshold
+        self._set_column(index, threshold)
+        if self._trace is not None:
+            self.prompt_keys[index] = prompt_key(prompt_ids, params.stop or ())
+
+    def _set_column(self, index: int, stop_threshold: float) -> None:
+        ints = [0] * len(_INT_FIELDS)
+        ints[_INT["is_line_text_blank"]] = 1
+        ints[_INT["pending_marker"]] = _NO_MARKER
+        floats = [0.0] * len(_FLOAT_FIELDS)
+        floats[_FLOAT["stop_threshold"]] = stop_threshold
+        if self.is_host:
+            self.ints[:, index], self.floats[:, index] = ints, floats
+        else:
+            self.ints[:, index] = torch.tensor(ints).to(self.device, non_blocking=True)
+            self.floats[:, index] = torch.tensor(floats, dtype=torch.float64).to(self.device, non_blocking=True)
+
+    def _columns(self, index) -> tuple:
+        copy = (lambda x: x.copy()) if self.is_host else (lambda x: x.clone())
+        return copy(self.ints[:, index]), copy(self.floats[:, index])
+
+    def _host_facts(self, index: int) -> tuple:
+        return (self.output_lists[index], self.is_guarded[index], self.num_folded[index],
+                self.has_probs[index], self.temperature[index], self.min_tokens[index],
+                self.is_observed[index], self.prompt_keys[index])
+
+    def _set_host_facts(self, index: int, facts: tuple) -> None:
+        (self.output_lists[index], self.is_guarded[index], self.num_folded[index], self.has_probs[index],
+         self.temperature[index], self.min_tokens[index], self.is_observed[index],
+         self.prompt_keys[index]) = facts
+
+    def _clear(self, index: int) -> None:
+        self._version += 1
+        self._set_host_facts(index, (None, False, 0, False, 0.0, 0, False, None))
+
+    def _park(self, index: int) -> None:
+        output_ids = self.output_lists[index]
+        if self.is_guarded[index] and output_ids is not None:
+            self._parked[id(output_ids)] = (*self._host_facts(index), self._columns(index))
+            while len(self._parked) > _MAX_PARKED_FACTOR * self.num_slots:
+                self._parked.popitem(last=False)
+        self._clear(index)
+
+    def _restore(self, index: int, parked: tuple) -> None:
+        self._set_host_facts(index, parked[:-1])
+        self.ints[:, index], self.floats[:, index] = parked[-1]
+
+    def _move(self, a: int, b: int) -> None:
+        self._set_host_facts(b, self._host_facts(a))
+        self.ints[:, b], self.floats[:, b] = self._columns(a)
+        self._clear(a)
+
+    def _swap(self, a: int, b: int) -> None:
+        facts_a, facts_b = self._host_facts(a), self._host_facts(b)
+        self._set_host_facts(a, facts_b)
+        self._set_host_facts(b, facts_a)
+        self.ints[:, [a, b]] = self.ints[:, [b, a]]
+        self.floats[:, [a, b]] = self.floats[:, [b, a]]
+
+    # ---- the step --------------------------------------------------------------------------------
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        num_rows = logits.shape[0]
+        guarded, lists = self._active(num_rows)
+        if not guarded.size:
+            logits[:, self.guard_cols] = float("-inf")
+            return logits
+        # The common case, the guarded rows are the batch's first rows: slices (views), no gathers.
+        rows = slice(0, guarded.size) if guarded[-1] + 1 == guarded.size else guarded
+        self._fold_new_tokens(guarded, rows, lists)
+        # vLLM's sampler hands processors float32 logits; on a CPU they are read as NumPy (a
+        # view), whose small operations cost a fraction of torch's.
+        view = logits.numpy() if self.is_host else logits
+        cols = view[:, self.guard_cols]
+        scale = 1.0 / self.export.logit_scale
+        stop_logits = cols[:, 0] * scale + self.export.stop_bias
+        done_logits = (cols[:, 1] * scale + self.export.done_bias) if self.export.done_row is not None else None
+        if self.is_host:
+            view[:, self.guard_cols] = float("-inf")
+            self._decide_host(view, guarded, rows, stop_logits, done_logits)
+        else:
+            stop_logits = stop_logits.double()
+            done_logits = None if done_logits is None else done_logits.double()
+            logits[:, self.guard_cols] = float("-inf")
+            self._decide_device(logits, guarded, stop_logits, done_logits)
+        if self._trace is not None:
+            self._write_trace(guarded)
+        return logits
+
+    def _active(self, num_rows: int) -> tuple[np.ndarray, list]:
+        """The guarded rows and their output lists, rebuilt only when the batch changed."""
+        key = (self._version, num_rows)
+        if self._active_key != key:
+            guarded = np.flatnonzero(self.is_guarded[:num_rows])
+            self._active_cache = (guarded, [self.output_lists[i] for i in guarded.tolist()])
+            self._active_key = key
+        return self._active_cache
+
+    def _fold_new_tokens(self, guarded: np.ndarray, rows, lists: list) -> None:
+        """Fold, per row, the token sampled at the previous step with that step's probabilities."""
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        grown = lengths - self.num_folded[rows]
+        if (grown == 1).all() and self.has_probs[rows].all():  # every row got its one token
+            token_ids = np.fromiter(map(_LAST, lists), dtype=np.int64, count=len(lists))
+            # -1: async scheduling has not filled it in yet; a forced marker may come back once
+            # under async scheduling (the request is ending): neither is folded.
+            if (token_ids >= 0).all() and (token_ids < self.guard_cols.start).all():
+                self.num_folded[rows] += 1
+                self._fold_rows(rows, token_ids)
+                return
+        lost = (grown > 1) | ((grown == 1) & ~self.has_probs[rows])
+        if lost.any():  # tokens we never saw the probabilities of: no honest vote is possible
+            self.num_lost_requests += int(lost.sum())
+            for index in guarded[lost]:
+                self._clear(index)
+        has_new = (grown == 1) & ~lost
+        if not has_new.any():
+            return
+        new_rows = guarded[has_new]
+        token_ids = np.array([lists[i][-1] for i in np.flatnonzero(has_new)], dtype=np.int64)
+        is_known = token_ids >= 0
+        new_rows, token_ids = new_rows[is_known], token_ids[is_known]
+        self.num_folded[new_rows] += 1
+        is_folded = token_ids < self.guard_cols.start
+        if is_folded.any():
+            self._fold_rows(new_rows[is_folded], token_ids[is_folded])
+
+    def _fold_rows(self, rows, token_ids: np.ndarray) -> None:
+        """Fold one token into each of `rows` (a slice: views, written in place; else a gather)."""
+        is_view = isinstance(rows, slice)
+        select = rows if is_view or self.is_host else torch.as_tensor(rows, device=self.device)
+        ids = token_ids if self.is_host else torch.as_tensor(token_ids, device=self.device)
+        ints, floats = self.ints[:, select], self.floats[:, select]
+        if self.is_host:  # one gather from the packed table; flags come as 0/1 ints
+            gathered = self.packed_features[ids]
+            tokens = TokenFeatures(*(gathered[:, j] for j in range(len(FEATURE_FIELDS))))
+        else:
+            tokens = TokenFeatures(**{name: self.features[name][ids] for name in FEATURE_FIELDS})
+        new, is_stop, keeps_line = fold_arrays(
+            self._votes(ints, floats), floats[_FLOAT["p_stop"]], floats[_FLOAT["p_done"]], tokens, self.policy,
+            floats[_FLOAT["stop_threshold"]])
+        for name, value in new.items():
+            if name in _FLOAT:
+                floats[_FLOAT[name]] = value
+            else:
+                ints[_INT[name]] = value
+        if is_stop.any() if self.is_host else True:
+            kind = _select(keeps_line | self.policy.keep_stop_line, int(MarkerKind.KEEP),
+                           _select(tokens.is_line_end, int(MarkerKind.DROP_ENDED), int(MarkerKind.DROP_OPEN)))
+            pending = ints[_INT["pending_marker"]]
+            ints[_INT["pending_marker"]] = _select(is_stop & (pending < 0), kind, pending)
+        if not is_view:  # fancy indexing gave copies: write them back
+            self.ints[:, select], self.floats[:, select] = ints, floats
+
+    def _may_end(self, rows) -> np.ndarray:
+        """Rows whose request may end now: not only observed, and min_tokens reached."""
+        return ~self.is_observed[rows] & (self.num_folded[rows] >= self.min_tokens[rows])
+
+    @staticmethod
+    def _votes(ints, floats) -> VoteArrays:
+        return VoteArrays(**{name: floats[_FLOAT[name]] if name in _FLOAT else ints[_INT[name]]
+                             for name in VOTE_FIELDS})
+
+    def _decide_host(self, view: np.ndarray, guarded: np.ndarray, rows, stop_logits: np.ndarray,
+                     done_logits: np.ndarray | None) -> None:
+        p_stop = self.floats[_FLOAT["p_stop"]]
+        p_stop[rows] = _sigmoid(stop_logits[rows])
+        self.floats[_FLOAT["p_done"], rows] = 0.0 if done_logits is None else _sigmoid(done_logits[rows])
+        self.has_probs[rows] = True
+        may_end = self._may_end(rows)
+        pending = self.ints[_INT["pending_marker"], rows]
+        is_forced = may_end & (pending >= 0)
+        if is_forced.any():
+            for index, kind in zip(guarded[is_forced], pending[is_forced]):
+                view[index] = float("-inf")
+                view[index, self.marker_id_of_kind[int(kind)]] = 0.0
+        is_open = may_end & (pending < 0)
+        votes = self._votes(self.ints[:, rows], self.floats[:, rows])
+        p_open, thresholds = p_stop[rows], self.floats[_FLOAT["stop_threshold"], rows]
+        if self.policy.kind is PolicyKind.TOKEN:
+            may_drop = votes.num_code_lines >= self.policy.min_code_lines
+            will = is_open & may_drop & (
+                votes.num_consecutive_stop_votes + (p_open >= thresholds) >= self.policy.num_consecutive)
+            for index in guarded[will]:  # any next token stops it: end here
+                view[index] = float("-inf")
+                view[index, self.drop_open_id] = 0.0
+            return
+        if self.policy.keep_stop_line:
+            return  # the stop line (with the token that stops it) is kept: it must be emitted
+        will = is_open & line_start_would_stop(votes, p_open, self.policy, thresholds)
+        if will.any():
+            for index in guarded[will]:
+                row = view[index]
+                code_logits = row[self.is_code_col]
+                marker = _marker_logit(code_logits, self.temperature[index], np)
+                row[self.is_code_col] = float("-inf")
+                row[self.drop_open_id] = marker
+
+    def _decide_device(self, logits: torch.Tensor, guarded: np.ndarray, stop_logits: torch.Tensor,
+                       done_logits: torch.Tensor | None) -> None:
+        """The same decisions with masks over the whole batch: nothing waits for the device."""
+        num_rows = logits.shape[0]
+        index = torch.as_tensor(guarded, device=self.device)
+        self.floats[_FLOAT["p_stop"], index] = torch.sigmoid(stop_logits[index])
+        self.floats[_FLOAT["p_done"], index] = (torch.sigmoid(done_logits[index]) if done_logits is not None
+                                                else torch.zeros_like(stop_logits[index]))
+        self.has_probs[guarded] = True
+        may = np.zeros(num_rows, dtype=bool)
+        may[guarded[self._may_end(guarded)]] = True
+        is_row_open = torch.as_tensor(may, device=self.device)
+        ints, floats = self.ints[:, :num_rows], self.floats[:, :num_rows]
+        pending = ints[_INT["pending_marker"]]
+        is_forced = is_row_open & (pending >= 0)
+        votes = self._votes(ints, floats)
+        p_open, thresholds = floats[_FLOAT["p_stop"]], floats[_FLOAT["stop_threshold"]]
+        if self.policy.kind is PolicyKind.TOKEN:
+            may_drop = votes.num_code_lines >= self.policy.min_code_lines
+            will_any = is_row_open & (pending < 0) & may_drop & (
+                votes.num_consecutive_stop_votes + (p_open >= thresholds) >= self.policy.num_consecutive)
+            will_code = torch.zeros_like(will_any)
+        else:
+            will_any = torch.zeros_like(is_forced)
+            will_code = (is_row_open & (pending < 0)
+                         & line_start_would_stop(votes, p_open, self.policy, thresholds))
+            if self.policy.keep_stop_line:
+                will_code = torch.zeros_like(will_code)
+        marker_ids = torch.as_tensor(self.marker_id_of_kind, device=self.device)
+        forced_id = torch.where(is_forced, marker_ids[pending.clamp(min=0)], torch.full_like(pending, self.drop_open_id))
+        is_forced = is_forced | will_any
+        temperature = torch.as_tensor(self.temperature[:num_rows], device=self.device)
+        code = self.is_code_col[None, :]
+        masked = logits.masked_fill(~code, float("-inf"))
+        scaled = masked / torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None]
+        marker_value = torch.where(temperature > 0, torch.logsumexp(scaled, dim=1) * temperature,
+                                   masked.amax(dim=1)).to(logits.dtype)
+        logits.masked_fill_(will_code[:, None] & code, float("-inf"))
+        rows_all = torch.arange(num_rows, device=self.device)
+        logits[rows_all, torch.full_like(rows_all, self.drop_open_id)] = torch.where(
+            will_code, marker_value, logits[:, self.drop_open_id])
+        logits.masked_fill_(is_forced[:, None], float("-inf"))
+        logits[rows_all, forced_id] = torch.where(is_forced, torch.zeros_like(marker_value),
+                                                  logits[rows_all, forced_id])
+
+    # ---- tracing (tests and the exactness check) ---------------------------------------------------
+    def _write_trace(self, rows: np.ndarray) -> None:
+        """One record per guarded row: the probabilities of the token at `position`, about to be
+        sampled, and the token emitted at the step before (position - 1). A row whose step was a
+        partial prefill writes a position again; the last record counts."""
+        records = []
+        for index in rows:
+            key = self.prompt_keys[index]
+            if key is None:
+                continue
+            output_ids = self.output_lists[index]
+            records.append({"prompt": key, "mode": OBSERVE if self.is_observed[index] else "on",
+                            "position": int(self.num_folded[index]),
+                            "last_token": int(output_ids[-1]) if output_ids else None,
+                            "p_stop": float(self.floats[_FLOAT["p_stop"], index]),
+                            "p_done": float(self.floats[_FLOAT["p_done"], index])})
+        if records:
+            self._trace.write("".join(json.dumps(r) + "\n" for r in records))
+            self._trace.flush()
+
+
+def _open_trace():
+    trace_dir = os.environ.get(TRACE_DIR_ENV)
+    if not trace_dir:
+        return None
+    Path(trace_dir).mkdir(parents=True, exist_ok=True)
+    return open(Path(trace_dir) / f"trace-{os.getpid()}.jsonl", "a")
+
+
+def read_trace(trace_dir: str | Path, mode: str = OBSERVE) -> dict[str, tuple[list[float], list[float], list[int]]]:
+    """Per prompt key, for the requests traced in `mode` ("observe" or "on"): (p_stop, p_done) of
+    every position they reached, and the tokens they emitted before the last one."""
+    by_prompt: dict[str, dict[int, tuple]] = {}
+    for path in sorted(Path(trace_dir).glob("trace-*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("mode", OBSERVE) == mode:
+                by_prompt.setdefault(record["prompt"], {})[record["position"]] = (
+                    record["p_stop"], record["p_done"], record.get("last_token"))
+    traces = {}
+    for key, positions in by_prompt.items():
+        ordered = [positions[i] for i in range(max(positions) + 1) if i in positions]
+        tokens = [positions[i + 1][2] for i in range(max(positions)) if i + 1 in positions]
+        traces[key] = ([p for p, _, _ in ordered], [d for _, d, _ in ordered], tokens)
+    return traces
+
+
+def prompt_key(prompt_ids, stop=()) -> str | None:
+    """The key the trace files use for a request: a hash of its prompt token ids and stop strings
+    (so a run with stop strings is told apart from one without)."""
+    if prompt_ids is None:
+        return None
+    import hashlib
+
+    digest = hashlib.sha1(np.asarray(list(prompt_ids), dtype=np.int64).tobytes())
+    digest.update(json.dumps(sorted(stop)).encode())
+    return digest.hexdigest()[:16]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _select(condition, if_true: int, if_false):
+    """where() over int64 for NumPy and torch alike."""
+    if isinstance(condition, np.ndarray):
+        return np.where(condition, if_true, if_false)
+    condition = condition if condition.dtype == torch.bool else condition.bool()
+    if not torch.is_tensor(if_false):
+        if_false = torch.full(condition.shape, if_false, dtype=torch.int64, device=condition.device)
+    return torch.where(condition, torch.as_tensor(if_true, dtype=torch.int64, device=condition.device), if_false)
+
+
+def _marker_logit(code_logits: np.ndarray, temperature: float, xp) -> float:
+    """The marker's logit: greedy, the code tokens' max (the marker wins exactly when the argmax is
+    code); sampled, T*logsumexp(l/T), so after vLLM divides by T the marker holds the probability
+    mass all code tokens had together."""
+    if temperature <= 0:
+        return float(code_logits.max())
+    scaled = code_logits / temperature
+    peak = float(scaled.max())
+    if math.isinf(peak):
+        return peak
+    return temperature * (peak + math.log(float(np.exp(scaled - peak).sum())))

@@ -1,0 +1,3 @@
+from guard_training.build import main
+
+main()

@@ -1,0 +1,28 @@
+"""GenGuard in Ray Data LLM (backends/ray_data_llm.py): a `ray.data.llm` processor whose vLLM
+engine runs the guard; the tiny model with a guard sure that every token is excess."""
+import pytest
+
+from backends.ray_data_llm import build_guarded_processor
+from engine.tiny import TINY_MODEL_NAME
+from guard.policy import StopPolicy
+from tests.helpers import constant_guard
+from tests.test_llm_app import SURE_STOP_LOGIT
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+
+
+def test_ray_data_llm_rows_stop_on_the_guard_unless_a_row_turns_it_off(ray_session, tmp_path):
+    import ray
+
+    constant_guard(SURE_STOP_LOGIT, StopPolicy(min_code_lines=0)).save(tmp_path)
+    processor = build_guarded_processor(TINY_MODEL_NAME, str(tmp_path), max_tokens=16, max_num_seqs=4,
+                                        batch_size=4, kv_cache_gib=1, max_model_len=256, dtype="float32")
+    rows = [{"id": i, "prompt": f"def f{i}(x):\n", "source": "test", "guard": "off" if i == 0 else "on"}
+            for i in range(4)]
+    out = {row["id"]: row for row in processor(ray.data.from_items(rows)).take_all()}
+    assert sorted(out) == [0, 1, 2, 3]
+    assert out[0]["finish_reason"] is None and out[0]["num_generated_tokens"] == 16
+    for i in (1, 2, 3):
+        assert out[i]["is_guard_stop"] and out[i]["finish_reason"] == "guard"
+        assert out[i]["completion"].strip() == "" and out[i]["num_generated_tokens"] <= 2
+        assert out[i]["source"] == "test"  # the row's own columns come through

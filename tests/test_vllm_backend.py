@@ -1,0 +1,102 @@
+"""vLLM with GenGuard inside, on the real default model (vLLM's CPU build): the backend protocol,
+exact stops against the policy replay, streaming that never sends a dropped line, per-request
+control. One engine for the module (a vLLM start costs most of a minute here)."""
+import asyncio
+
+import pytest
+
+
+from backends import BackendSpec, build_backend
+from benchmarks.vllm_codefast import exactness, replay_expectations, self_replay
+from engine import PromptError, SamplingParams
+from evals.mbxp import load_problems, split_problems
+from guard.export import GuardExport
+from guard.vllm_processor import TRACE_DIR_ENV, read_trace
+
+pytestmark = [pytest.mark.default_model, pytest.mark.vllm]
+MAX_NEW_TOKENS = 160
+
+
+@pytest.fixture(scope="module")
+def trace_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("guard-trace")
+
+
+@pytest.fixture(scope="module")
+def backend(trace_dir):
+    mp = pytest.MonkeyPatch()
+    mp.setenv(TRACE_DIR_ENV, str(trace_dir))  # read by the processor when the engine starts
+    backend = build_backend(BackendSpec(backend="vllm", model="default", guard="default", max_num_seqs=8,
+                                        kv_cache_gib=1, max_model_len=2048))
+    yield backend
+    backend.shutdown()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return [p for lang in ("python", "javascript", "go", "cpp")
+            for p in split_problems(load_problems(lang), "test")[:2]]
+
+
+def run(backend, problems, observe=False, **params):
+    futures = [backend.submit(p.prompt, SamplingParams(max_new_tokens=MAX_NEW_TOKENS, **params),
+                              observe_guard=observe) for p in problems]
+    return [future.result(timeout=600) for future in futures]
+
+
+def as_cell(problems, results):
+    return {"problems": [{"task_id": p.task_id, "text": r.text, "token_ids": list(r.token_ids),
+                          "finish_reason": r.finish_reason, "guard_stop_index": r.guard_stop_index}
+                         for p, r in zip(problems, results)]}
+
+
+def test_guarded_vllm_stops_exactly_where_the_policy_replay_says(backend, problems, trace_dir):
+    assert backend.info.has_guard and backend.info.backend == "vllm"
+    observed = run(backend, problems, observe=True)
+    guarded = run(backend, problems)
+    assert all(r.finish_reason != "guard" for r in observed)
+    assert sum(r.finish_reason == "guard" for r in guarded) >= 6, [r.finish_reason for r in guarded]
+    export = GuardExport.load(backend.folder)
+    expectations = replay_expectations(as_cell(problems, observed),
+                                       problems, backend.tokenizer, export, read_trace(trace_dir))
+    report = exactness(expectations, as_cell(problems, guarded), as_cell(problems, observed))
+    assert report["num_exact"] + report["num_diverged"] == len(problems), report
+    assert report["num_exact"] >= len(problems) - 1, report
+    own = self_replay(as_cell(problems, guarded), problems, backend.tokenizer, export,
+                      read_trace(trace_dir, mode="on"), MAX_NEW_TOKENS)
+    assert own["num_exact"] == len(problems), own
+    for r in guarded:  # excess test code never reaches the text
+        assert "assert " not in r.text and "console.log" not in r.text and "int main" not in r.text
+        assert r.num_generated_tokens < MAX_NEW_TOKENS
+
+
+def test_stream_sends_only_what_the_result_keeps(backend, problems):
+    async def collect(problem):
+        deltas, result = [], None
+        async for event in backend.stream(problem.prompt, SamplingParams(max_new_tokens=MAX_NEW_TOKENS)):
+            deltas.append(event.text_delta)
+            if event.is_finished:
+                result = event.result
+        return deltas, result
+
+    async def both():
+        return await asyncio.gather(*(collect(p) for p in problems[::2]))
+
+    for deltas, result in asyncio.run(both()):
+        assert "".join(deltas) == result.text  # a dropped line was never sent
+        assert result.finish_reason == "guard"
+
+
+def test_per_request_guard_off_threshold_and_bad_prompts(backend, problems):
+    problem = problems[0]
+    off, on = (backend.submit(problem.prompt, SamplingParams(max_new_tokens=60, use_guard=use)).result(timeout=600)
+               for use in (False, True))
+    assert off.finish_reason == "length" and on.finish_reason == "guard"
+    assert on.text and off.text.startswith(on.text)
+    for bad in ("", "\ud800"):
+        with pytest.raises(PromptError):
+            backend.submit(bad, SamplingParams())
+    stats = backend.stats()
+    assert stats["num_guard_stops"] >= 1 and stats["num_running"] == 0
+    backend.check_health()

@@ -1,0 +1,225 @@
+"""GenGuard's vLLM logits processor, driven step by step without an engine: each row's "model"
+wants a fixed token stream, the guard columns carry a fixed probability schedule, and the
+processor's output must stop exactly where the policy replay (`find_stop`) says, keep what it
+says, and never let a guard column be sampled. The NumPy (CPU) and torch (GPU) paths must agree."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+from engine.tiny import TINY_MODEL_NAME, build_tiny_tokenizer
+from guard.export import ExportError, GuardExport, MarkerKind, build_export, resolve_model_folder
+from guard.policy import StopPolicy, find_stop
+from guard.probe import GenGuard
+from guard.token_table import TABLE_FILE, TokenTable
+from guard.vllm_processor import GenGuardLogitsProcessor, parse_guard_arg
+
+POLICY = StopPolicy(done_threshold=0.9, done_needs_blank_line=True, min_code_lines=1)
+CODE = ["def f(x):\n    return x\n\ndef check():\n    assert f(1) == 1\n",
+        "int f(int x) {\n  return x;\n}\n\nint main() {\n  return 0;\n}\n",
+        "  total = 0\n  for i in xs:\n      total += i\n  return total\n\n\n\nprint(total)\n",
+        "func f() {\n\tx := 1\n}\n\n// Test\nfunc main() {}\n"]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    guard = GenGuard(64, TINY_MODEL_NAME, POLICY, has_done_head=True)
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    source, name = resolve_model_folder(TINY_MODEL_NAME)
+    build_export(source, name, guard, out)
+    return out
+
+
+def make(export_dir, num_slots=8, device_path=False):
+    cls = type("DevicePath", (GenGuardLogitsProcessor,), {"use_device_path": True}) if device_path \
+        else GenGuardLogitsProcessor
+    config = SimpleNamespace(model_config=SimpleNamespace(model=str(export_dir)),
+                             scheduler_config=SimpleNamespace(max_num_seqs=num_slots))
+    return cls(config, torch.device("cpu"), False)
+
+
+def params(export, guard="on", temperature=0.0, min_tokens=0):
+    return SamplingParams(temperature=temperature, extra_args={"guard": guard}, min_tokens=min_tokens,
+                          stop_token_ids=list(export.marker_ids))
+
+
+def schedules(rng, length):
+    """Stop probabilities low in the expected part, high after a random point; done spikes."""
+    cut = int(rng.integers(3, length))
+    p_stop = np.where(np.arange(length) < cut, 0.05, rng.choice([0.6, 0.9, 0.99], size=length))
+    p_done = np.where(rng.random(length) < 0.15, 0.97, 0.01)
+    return p_stop, p_done
+
+
+def simulate(processor, export, streams, p_stops, p_dones, rng, condense=True, guard="on"):
+    """Greedy decoding where each row's model prefers its stream's next token. Returns every
+    row's output ids (the marker last when the guard stopped it)."""
+    vocab = export.vocab_size
+    outputs = [[] for _ in streams]
+    row_of = {r: r for r in range(len(streams))}  # stream -> batch row
+    processor.update_state(BatchUpdate(len(streams), removed=[], moved=[],
+                                       added=[(r, params(export, guard), [r], outputs[r]) for r in row_of]))
+    scale = export.logit_scale
+    while row_of:
+        live = sorted(row_of, key=row_of.get)
+        logits = torch.from_numpy(rng.standard_normal((len(live), vocab), dtype=np.float32) * 0.1)
+        for r in live:
+            row, step = row_of[r], len(outputs[r])
+            logits[row, streams[r][step]] = 5.0
+            logits[row, export.stop_row] = float((np.log(p_stops[r][step] / (1 - p_stops[r][step]))
+                                                  - export.stop_bias) * scale)
+            logits[row, export.done_row] = float((np.log(p_dones[r][step] / (1 - p_dones[r][step]))
+                                                  - export.done_bias) * scale)
+        logits = processor.apply(logits)
+        assert torch.isneginf(logits[:, export.stop_row]).all() and torch.isneginf(logits[:, export.done_row]).all()
+        sampled = logits.argmax(dim=1).tolist()
+        removed = []
+        for r in live:
+            token = sampled[row_of[r]]
+            outputs[r].append(token)
+            if token in export.marker_ids or len(outputs[r]) == len(streams[r]):
+                removed.append(row_of.pop(r))
+        moved = []
+        if condense:  # vLLM fills holes with the last rows
+            for hole in sorted(removed):
+                last = max(row_of.values(), default=-1)
+                if last > hole:
+                    r = next(k for k, v in row_of.items() if v == last)
+                    row_of[r] = hole
+                    moved.append((last, hole, MoveDirectionality.UNIDIRECTIONAL))
+        processor.update_state(BatchUpdate(len(row_of), removed=removed, added=[], moved=moved)
+                               if removed or moved else None)
+    return outputs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_processor_stops_where_the_policy_replay_says(export_dir, seed):
+    export = GuardExport.load(export_dir)
+    table = TokenTable.load(export_dir / TABLE_FILE)
+    tokenizer = build_tiny_tokenizer()
+    rng = np.random.default_rng(seed)
+    streams = [tokenizer(code, add_special_tokens=False)["input_ids"] for code in CODE * 2]
+    p_stops, p_dones = zip(*(schedules(rng, len(s)) for s in streams))
+    outputs = simulate(make(export_dir), export, streams, p_stops, p_dones, rng)
+    texts = [[tokenizer.decode([t]) for t in s] for s in streams]
+    num_stops = 0
+    for stream, out, p_stop, p_done, token_texts in zip(streams, outputs, p_stops, p_dones, texts):
+        expected = find_stop(list(p_stop), token_texts, POLICY, list(p_done))
+        marker = out[-1] if out[-1] in export.marker_ids else None
+        if expected is not None and expected[0] == len(stream) - 1 and marker is None:
+            continue  # decided on the last token the length limit allows: vLLM ends on length
+        if expected is None:
+            assert marker is None and out == stream
+            continue
+        num_stops += 1
+        assert marker is not None, f"the replay stops at {expected}, the processor did not"
+        assert out[:-1] == stream[:len(out) - 1]  # no token but the marker was changed
+        kept = export.kept_ids(out, marker, table.arrays["is_line_end"])
+        assert (export.stop_index(out, marker), len(kept)) == expected
+        if export.marker_kind(marker) is MarkerKind.DROP_OPEN:  # decided before emitting
+            assert export.stop_index(out, marker) == len(out) - 1
+    assert num_stops >= 4
+
+
+def test_device_path_makes_the_same_logits_as_the_numpy_path(export_dir):
+    export = GuardExport.load(export_dir)
+    tokenizer = build_tiny_tokenizer()
+    streams = [tokenizer(code, add_special_tokens=False)["input_ids"] for code in CODE]
+    rng = np.random.default_rng(5)
+    p_stops, p_dones = zip(*(schedules(rng, len(s)) for s in streams))
+    host = simulate(make(export_dir), export, streams, p_stops, p_dones, np.random.default_rng(9))
+    device = simulate(make(export_dir, device_path=True), export, streams, p_stops, p_dones,
+                      np.random.default_rng(9))
+    assert host == device
+    assert any(out[-1] in export.marker_ids for out in host)
+
+
+def test_observed_and_unguarded_requests_are_never_stopped(export_dir):
+    export = GuardExport.load(export_dir)
+    tokenizer = build_tiny_tokenizer()
+    streams = [tokenizer(code, add_special_tokens=False)["input_ids"] for code in CODE]
+    sure = [np.full(len(s), 0.99) for s in streams]
+    never_done = [np.full(len(s), 0.01) for s in streams]
+    for guard in ("observe", "off"):
+        outputs = simulate(make(export_dir), export, streams, sure, never_done, np.random.default_rng(0), guard=guard)
+        assert outputs == streams
+    # The same probabilities with the guard on stop every one of them.
+    outputs = simulate(make(export_dir), export, streams, sure, never_done, np.random.default_rng(0))
+    assert all(out[-1] in export.marker_ids for out in outputs)
+
+
+def test_sampled_rows_give_the_marker_the_code_tokens_mass(export_dir):
+    export = GuardExport.load(export_dir)
+    processor = make(export_dir, num_slots=1)
+    output: list[int] = []
+    processor.update_state(BatchUpdate(1, removed=[], moved=[], added=[(0, params(export, temperature=0.7), [1], output)]))
+    logits = torch.zeros(1, export.vocab_size)
+    logits[0, export.stop_row] = float((np.log(0.99 / 0.01) - export.stop_bias) * export.logit_scale)
+    first_line = build_tiny_tokenizer()("d\n", add_special_tokens=False)["input_ids"]
+    processor.apply(logits.clone())  # prefill: p_stop of the first token is known
+    output.append(first_line[0])  # a first code line, so that min_code_lines allows the next stop
+    processor.apply(logits.clone())
+    output.append(first_line[1])
+    before = torch.zeros(1, export.vocab_size)
+    before[0, export.stop_row] = logits[0, export.stop_row]
+    after = processor.apply(before.clone())[0]
+    table = TokenTable.load(export_dir / TABLE_FILE).arrays
+    code = ~table["is_whitespace"]
+    code[list(export.eos_token_ids)] = False
+    code[export.first_guard_row:] = False
+    assert torch.isneginf(after[torch.from_numpy(code)]).all()
+    expected = 0.7 * torch.logsumexp(before[0, torch.from_numpy(code)] / 0.7, dim=0)
+    assert after[export.marker_id(MarkerKind.DROP_OPEN)] == pytest.approx(float(expected), rel=1e-5)
+    whitespace = torch.from_numpy(table["is_whitespace"][:export.vocab_size])
+    assert (after[whitespace] == 0).all()  # whitespace keeps its own chance
+
+
+def test_min_tokens_holds_a_stop_back(export_dir):
+    export = GuardExport.load(export_dir)
+    processor = make(export_dir, num_slots=1)
+    output: list[int] = []
+    processor.update_state(BatchUpdate(1, removed=[], moved=[], added=[(0, params(export, min_tokens=4), [1], output)]))
+    sure = torch.zeros(1, export.vocab_size)
+    sure[0, export.stop_row] = float((np.log(0.999 / 0.001) - export.stop_bias) * export.logit_scale)
+    forced = []
+    for token in build_tiny_tokenizer()("x\ny\nz", add_special_tokens=False)["input_ids"]:
+        logits = processor.apply(sure.clone())
+        forced.append(int(logits[0].argmax()) in export.marker_ids)
+        output.append(token)
+    assert forced[:4] == [False] * 4 and forced[4]
+
+
+def test_parked_requests_keep_their_votes_and_lost_ones_turn_the_guard_off(export_dir):
+    export = GuardExport.load(export_dir)
+    processor = make(export_dir, num_slots=2)
+    output: list[int] = []
+    processor.update_state(BatchUpdate(1, removed=[], moved=[], added=[(0, params(export), [1], output)]))
+    processor.apply(torch.zeros(1, export.vocab_size))
+    output.append(build_tiny_tokenizer()("a", add_special_tokens=False)["input_ids"][0])
+    processor.apply(torch.zeros(1, export.vocab_size))
+    votes_before = processor.ints[:, 0].copy()
+    processor.update_state(BatchUpdate(0, removed=[0], added=[], moved=[]))  # not scheduled for a step
+    processor.update_state(BatchUpdate(1, removed=[], moved=[], added=[(1, params(export), [1], output)]))
+    assert processor.is_guarded[1] and (processor.ints[:, 1] == votes_before).all()
+    stranger = [1, 2, 3]  # joins with output we never saw: no honest votes
+    processor.update_state(BatchUpdate(2, removed=[], moved=[], added=[(0, params(export), [2], stranger)]))
+    assert not processor.is_guarded[0] and processor.num_lost_requests == 1
+
+
+def test_bad_settings_and_missing_exports_fail_loudly(tmp_path, export_dir):
+    assert parse_guard_arg("off") is False and parse_guard_arg(None) is True and parse_guard_arg("0.7") == 0.7
+    for bad in ("maybe", 1.5, 0, "1"):
+        with pytest.raises(ValueError, match="guard"):
+            GenGuardLogitsProcessor.validate_params(SamplingParams(extra_args={"guard": bad}))
+    with pytest.raises(ExportError, match="python -m guard.export"):
+        make(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "genguard_vllm.json").write_text("{not json")
+    with pytest.raises(ExportError, match="not a valid GenGuard export"):
+        GuardExport.load(broken)
