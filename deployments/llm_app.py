@@ -197,6 +197,7 @@ class GenGuardLLMServer(LLMServer):
 
     async def _fix_responses(self, outputs, wants_ids: bool):
         async for response in outputs:
+            num_stops = num_dropped = 0
             for choice in getattr(response, "choices", None) or []:
                 token_ids = list(choice.token_ids or [])
                 kept = self._guard_view.kept_ids(token_ids, choice.stop_reason)
@@ -207,6 +208,8 @@ class GenGuardLLMServer(LLMServer):
                     else:
                         choice.text = text
                     choice.finish_reason, choice.stop_reason = GUARD_FINISH_REASON, None
+                    num_stops += 1
+                    num_dropped += len(token_ids) - 1 - len(kept)
                     _record_guard_stop(len(token_ids) - 1 - len(kept))
                     if wants_ids:
                         choice.token_ids = kept
@@ -216,6 +219,9 @@ class GenGuardLLMServer(LLMServer):
                         choice.prompt_token_ids = None
             if not wants_ids and hasattr(response, "prompt_token_ids"):
                 response.prompt_token_ids = None
+            usage = getattr(response, "usage", None)
+            if usage is not None:  # vLLM's usage takes extra fields, as our own app reports them
+                usage.guard_stops, usage.guard_dropped_tokens = num_stops, num_dropped
             yield response
 
     async def _fix_stream(self, outputs, is_chat: bool, wants_ids: bool):
@@ -233,6 +239,9 @@ class GenGuardLLMServer(LLMServer):
                     state = states.setdefault(choice.get("index", 0), _StreamChoice())
                     if state.update(choice, self._guard_view, is_chat, wants_ids):
                         choices.append(choice)
+                if chunk.get("usage"):
+                    chunk["usage"]["guard_stops"] = sum(s.is_guard_stop for s in states.values())
+                    chunk["usage"]["guard_dropped_tokens"] = sum(s.num_dropped for s in states.values())
                 if choices or chunk.get("usage") or not chunk.get("choices"):
                     chunk["choices"] = choices
                     fixed.append(f"data: {json.dumps(chunk)}\n\n")
@@ -248,6 +257,8 @@ class _StreamChoice:
         self.text = ""
         self.sent_text = ""
         self.num_sent_ids = 0
+        self.is_guard_stop = False
+        self.num_dropped = 0
 
     def update(self, choice: dict, view: _GuardView, is_chat: bool, wants_ids: bool) -> bool:
         """Rewrite `choice` in place to carry only safe text; False: nothing to send yet."""
@@ -261,7 +272,8 @@ class _StreamChoice:
             if kept is not None:
                 safe, safe_ids = view.decode(kept), len(kept)
                 choice["finish_reason"], choice["stop_reason"] = GUARD_FINISH_REASON, None
-                _record_guard_stop(len(self.token_ids) - 1 - len(kept))
+                self.is_guard_stop, self.num_dropped = True, len(self.token_ids) - 1 - len(kept)
+                _record_guard_stop(self.num_dropped)
             else:
                 safe, safe_ids = self.text, len(self.token_ids)
         else:

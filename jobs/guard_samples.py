@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the guard build folder (same as guard build --out)")
     p.add_argument("--model", default="default")
+    p.add_argument("--backend", default="codefast", choices=["codefast", "vllm"],
+                   help="what samples: our engine (any HF causal LM) or vLLM (faster; the model must run on it)")
     p.add_argument("--languages", default=",".join(LANGUAGES))
     p.add_argument("--per-language", type=int, default=60)
     p.add_argument("--offset", type=int, default=0, help="first train-split prompt (as guard build --offset)")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(languages) - set(LANGUAGES)
     if unknown or args.per_language < 1 or args.offset < 0 or any(not 0 <= t <= 1.5 for t in args.temperatures):
         p.error(f"languages must come from {LANGUAGES}, --per-language >= 1, --offset >= 0, temperatures in [0, 1.5]")
-    settings = dict(model=args.model, max_new_tokens=args.max_new_tokens,
+    settings = dict(backend=args.backend, model=args.model, max_new_tokens=args.max_new_tokens,
                     min_actors=args.num_actors, max_actors=args.num_actors,
                     num_gpus_per_actor=args.num_gpus_per_actor, num_cpus_per_actor=args.num_cpus_per_actor,
                     batch_size=args.batch_size, max_num_seqs=args.max_num_seqs, dtype=args.dtype)

@@ -59,6 +59,7 @@ def test_completion_ends_with_finish_reason_guard_and_keeps_no_excess(url):
     (choice,) = guarded["choices"]
     assert choice["finish_reason"] == "guard" and choice["text"].strip() == ""
     assert "token_ids" not in choice or choice["token_ids"] is None  # not asked for: not sent
+    assert guarded["usage"]["guard_stops"] == 1
     off = post(url, "/v1/completions", {**body, "vllm_xargs": {"guard": "off"}}).json()
     assert off["choices"][0]["finish_reason"] == "length" and off["usage"]["completion_tokens"] == 32
     # A per-request threshold above the guard's certainty lets it run.
@@ -73,15 +74,18 @@ def test_completion_ends_with_finish_reason_guard_and_keeps_no_excess(url):
 
 def test_stream_holds_back_what_the_guard_drops(url):
     body = {"model": model_id(url), "prompt": "int main() {\n", "max_tokens": 32, "temperature": 0,
-            "stream": True}
-    texts, finish = [], None
+            "stream": True, "stream_options": {"include_usage": True}}
+    texts, finish, usage = [], None, None
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=HTTP_TIMEOUT_S) as response:
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                for choice in json.loads(line[6:])["choices"]:
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                for choice in chunk["choices"]:
                     texts.append(choice["text"])
                     finish = choice.get("finish_reason") or finish
     assert finish == "guard" and "".join(texts).strip() == ""
+    assert usage["guard_stops"] == 1
 
 
 def test_chat_defaults_to_no_guard_and_bad_settings_get_a_400(url):
