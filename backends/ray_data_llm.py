@@ -9,7 +9,8 @@ For teams whose batch pipelines already use Ray Data LLM (`vLLMEngineProcessorCo
 processor in `engine_kwargs`, and the postprocess turns a guard stop (a marker token at the end
 of `generated_tokens`) into what `jobs.generate` writes: `completion` without the excess line,
 `finish_reason` "guard", `is_guard_stop`. Per row, a `guard` column ("on" / "off" / a threshold)
-overrides the default. `jobs.generate --backend vllm` is the other way (our actors over the
+overrides the default, and a `language` column names the code's language for the guard's syntax
+gate (guard/syntax.py; without it the language is told from the prompt). `jobs.generate --backend vllm` is the other way (our actors over the
 backend protocol, with resume, error rows and per-row settings).
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from guard.vllm_processor import GUARD_ARG
+from guard.syntax import LANGUAGES
+from guard.vllm_processor import GUARD_ARG, LANGUAGE_ARG
 
 PROCESSOR_PATH = "guard.vllm_processor:GenGuardLogitsProcessor"
 
@@ -89,8 +91,10 @@ def build_guarded_processor(model: str = "default", guard: str = "default", *, m
     markers = list(__import__("guard.export", fromlist=["GuardExport"]).GuardExport.load(folder).marker_ids)
 
     def preprocess(row: dict) -> dict:
-        setting = row.get("guard") or "on"
+        extra_args = {GUARD_ARG: row.get("guard") or "on"}
+        if row.get("language") in LANGUAGES:  # for the syntax gate; else it guesses from the prompt
+            extra_args[LANGUAGE_ARG] = row["language"]
         return {**row, "sampling_params": {"temperature": temperature, "max_tokens": max_tokens,
-                                           "stop_token_ids": markers, "extra_args": {GUARD_ARG: setting}}}
+                                           "stop_token_ids": markers, "extra_args": extra_args}}
 
     return build_processor(config, preprocess=preprocess, postprocess=lambda row: guard_postprocess(folder, row))

@@ -230,13 +230,15 @@ class VllmBackend(GenerationBackend):
         from vllm import SamplingParams as VllmParams
         from vllm.sampling_params import RequestOutputKind
 
-        from guard.vllm_processor import GUARD_ARG, OBSERVE
+        from guard.vllm_processor import GUARD_ARG, LANGUAGE_ARG, OBSERVE
 
         extra = {}
         stop_token_ids = []
         if self.export is not None:
             setting = OBSERVE if observe else (params.guard_threshold or "on") if params.use_guard else "off"
             extra[GUARD_ARG] = setting
+            if params.language is not None:
+                extra[LANGUAGE_ARG] = params.language
             # Explicitly, so that a request with ignore_eos still ends on a guard marker.
             stop_token_ids = list(self.export.marker_ids)
         # A stop decided on the last allowed token's own vote (a line end, the done rule) is

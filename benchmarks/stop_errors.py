@@ -28,7 +28,13 @@ def classify(language: str, prompt: str, entry_point: str, baseline: dict, guard
     full, kept = baseline["completion"], guarded["completion"]
     if not full.startswith(kept.rstrip()):
         return "diverged"
-    cut = find_cut(language, prompt, full, entry_point, ends_at_eos=baseline["finish_reason"] == "eos")
+    return against_cut(language, prompt, entry_point, full, kept, baseline["finish_reason"] == "eos")
+
+
+def against_cut(language: str, prompt: str, entry_point: str, full: str, kept: str, ends_at_eos: bool) -> str:
+    """early / exact / late: `kept` (a prefix of `full`) against the labeler's cut of `full`;
+    "unparseable" when the labeler finds no cut."""
+    cut = find_cut(language, prompt, full, entry_point, ends_at_eos=ends_at_eos)
     if not cut.is_parseable:
         return "unparseable"
     expected, kept = truncate(full, cut).rstrip(), kept.rstrip()

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.params import MAX_SEED, MIN_SEED, SamplingParams
+from engine.params import CODE_LANGUAGES, MAX_SEED, MIN_SEED, SamplingParams
 
 # Code generation wants room for a whole function; OpenAI's own default (16) would cut every
 # completion before the guard could ever matter. Capped by the model's context at request time.
@@ -53,6 +53,15 @@ class CompletionRequest(BaseModel):
     user: str | None = None  # accepted for OpenAI compatibility, not used
     # Extension: "on" (default) / "off" / a stop threshold in (0, 1) for this request only.
     guard: Literal["on", "off"] | GuardThreshold | None = None
+    # Extension: the code's language, for the guard's syntax gate (None: told from the prompt).
+    language: str | None = None
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, language: str | None) -> str | None:
+        if language is not None and language not in CODE_LANGUAGES:
+            raise ValueError(f"language must be one of {', '.join(CODE_LANGUAGES)}")
+        return language
 
     @field_validator("n")
     @classmethod
@@ -90,7 +99,7 @@ class CompletionRequest(BaseModel):
                 max_new_tokens=self.max_tokens or min(DEFAULT_MAX_TOKENS, max_model_len),
                 temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
                 use_guard=self.guard != "off",
-                guard_threshold=self.guard if is_threshold else None)
+                guard_threshold=self.guard if is_threshold else None, language=self.language)
         except ValueError as exc:  # the engine's own checks, should the ranges above drift
             raise RequestError(str(exc)) from exc
 

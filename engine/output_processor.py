@@ -9,7 +9,8 @@ from functools import cached_property
 
 import numpy as np
 
-from guard.policy import StopPolicy, fold_token
+from guard.policy import StopPolicy, fold_token, gate_step
+from guard.syntax import gate_language, is_complete
 from guard.token_table import TokenTable
 
 from engine.runner import RunnerOutput
@@ -69,11 +70,19 @@ class OutputProcessor:
         decision = fold_token(seq.vote_state, p_stop, self.token_table.features(seq.output_ids[-1]),
                               self.policy, seq.params.guard_threshold, p_done=p_done)
         seq.vote_state = decision.state
-        if decision.is_stop:
-            # The line being written when the guard fired is excess: drop it unless asked to keep
-            # (or the done rule fired: that line was the expected code's last).
-            if not (self.policy.keep_stop_line or decision.keeps_line):
-                seq.num_kept_tokens = seq.line_start
+        # The line being written when the guard fired is excess: drop it unless asked to keep
+        # (or the done rule fired: that line was the expected code's last).
+        num_kept = (seq.num_output_tokens if self.policy.keep_stop_line or decision.keeps_line
+                    else seq.line_start)
+        is_stop = decision.is_stop
+        if self.policy.syntax_gate and (is_stop or seq.gate_state.num_refusals):
+            language = gate_language(seq.params.language, seq.prompt)
+            if language is not None:
+                seq.gate_state, is_stop = gate_step(
+                    seq.gate_state, is_stop, is_line_end, num_kept, self.policy,
+                    lambda n: is_complete(language, seq.prompt, self.decode(seq.output_ids[:n])))
+        if is_stop:
+            seq.num_kept_tokens = num_kept
             return True
         if is_line_end:
             seq.line_start = seq.num_output_tokens

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.params import SamplingParams
-from guard.policy import VoteState
+from guard.policy import GateState, VoteState
 
 
 class SequenceStatus(enum.Enum):
@@ -43,6 +43,7 @@ class Sequence:
     # Guard state: votes of the line now being written, and where that line starts in output_ids.
     vote_state: VoteState = field(default_factory=VoteState)
     line_start: int = 0
+    gate_state: GateState = field(default_factory=GateState)  # the syntax gate's, when the policy has it
     # Output length to report; tokens past it were generated but cut (stop string or guard line).
     num_kept_tokens: int | None = None
     text: str = ""
@@ -108,6 +109,7 @@ class Result:
     # A guard stop: index (in the generated tokens) of the token whose vote stopped it, as
     # guard.policy.find_stop counts; with len(token_ids) it is what the policy replay predicts.
     guard_stop_index: int | None = None
+    num_gate_refusals: int = 0  # guard stops the syntax gate refused (the kept code did not parse)
 
     @classmethod
     def from_sequence(cls, seq: Sequence) -> "Result":
@@ -126,4 +128,5 @@ class Result:
             time_to_first_token_s=ttft,
             error=seq.error,
             guard_stop_index=seq.num_output_tokens - 1 if seq.finish_reason is FinishReason.GUARD else None,
+            num_gate_refusals=seq.gate_state.num_refusals,
         )

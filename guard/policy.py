@@ -37,6 +37,14 @@ excess (p_stop). A policy turns that stream of probabilities into one decision: 
   costs a few tokens. 0 turns it off (the paper's rule).
 - blank-line rule (both policies): stop after `max_blank_lines` consecutive empty lines, because a
   run of blank lines means the model has finished the unit it was writing and is drifting.
+- syntax gate (`syntax_gate`, any policy): every stop the rules above propose is put to the
+  language's parser (guard/syntax.py) with the text the stop would keep, and goes through only
+  if that text is complete code (no open bracket, string or block; the opened function has a
+  statement). A refused stop changes nothing else: the votes go on as folded. The gate is
+  bounded: from its first refusal in a sequence it may refuse for `syntax_gate_max_lines` line
+  ends, after which every stop goes through as without the gate, so a completion that never
+  parses still ends under the rules above, at most that many lines later. `gate_step` is the
+  whole rule; the engines call it, in Python, only on a token whose fold proposed a stop.
 
 One definition, three kinds of numbers. `_fold` is the whole rule set, written with operators
 and `where` only, so the same function folds one token of one sequence on Python scalars (our
@@ -74,6 +82,8 @@ class StopPolicy:
     done_threshold: float | None = None  # None: the done rule is off (see above)
     min_code_lines: int = 0  # 0: the guard may stop before any line of code is kept
     done_needs_blank_line: bool = False  # the done rule fires only on a line end opening a blank line
+    syntax_gate: bool = False  # a stop goes through only where the kept code parses (see above)
+    syntax_gate_max_lines: int = 8  # line ends after the gate's first refusal that it may still refuse
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", PolicyKind(self.kind))
@@ -96,6 +106,8 @@ class StopPolicy:
             raise ValueError("max_blank_lines must be >= 0")
         if self.min_code_lines < 0:
             raise ValueError("min_code_lines must be >= 0")
+        if self.syntax_gate_max_lines < 0:
+            raise ValueError("syntax_gate_max_lines must be >= 0")
 
     @property
     def has_line_start_stop(self) -> bool:
@@ -399,8 +411,43 @@ def line_start_would_stop(votes: VoteArrays, p_stop, policy: StopPolicy, stop_th
             & (votes.line_code_stop_mass + p_stop >= _start_threshold(stop_threshold, policy, ops) * num_code))
 
 
+# ---- the syntax gate: one sequence at a time, in Python (a parse is needed anyway) -------------
+NO_REFUSAL = -1  # GateState.num_lines_since_refusal before the gate's first refusal
+
+
+@dataclass(frozen=True)
+class GateState:
+    num_lines_since_refusal: int = NO_REFUSAL  # line ends since the gate's first refusal
+    num_refusals: int = 0
+    refused_num_kept: int = -1  # the kept length of the last refusal: the same text is not parsed again
+
+
+def gate_may_refuse(gate: GateState, policy: StopPolicy) -> bool:
+    """Is the gate still allowed to hold this sequence (see the module's syntax gate rule)?"""
+    return policy.syntax_gate and gate.num_lines_since_refusal < policy.syntax_gate_max_lines
+
+
+def gate_step(gate: GateState, is_stop: bool, is_line_end: bool, num_kept: int, policy: StopPolicy,
+              is_complete) -> tuple[GateState, bool]:
+    """After one token's fold: (new gate state, does the stop go through). A proposed stop keeps
+    the sequence's first `num_kept` tokens; `is_complete(num_kept)` parses their text, and is
+    called only when a stop is proposed, the gate may still refuse it, and that text was not
+    refused already (a line-start stop is proposed again by each of the line's first tokens)."""
+    is_refused = is_stop and gate_may_refuse(gate, policy) and (
+        num_kept == gate.refused_num_kept or not is_complete(num_kept))
+    lines = gate.num_lines_since_refusal
+    if is_refused and lines == NO_REFUSAL:
+        lines = 0
+    elif lines != NO_REFUSAL and is_line_end:
+        lines += 1
+    if lines == gate.num_lines_since_refusal and not is_refused:
+        return gate, is_stop
+    return (GateState(lines, gate.num_refusals + is_refused, num_kept if is_refused else gate.refused_num_kept),
+            is_stop and not is_refused)
+
+
 def find_stop(p_stops: list[float], token_texts: list[str], policy: StopPolicy,
-              p_dones: list[float] | None = None) -> tuple[int, int] | None:
+              p_dones: list[float] | None = None, is_complete=None) -> tuple[int, int] | None:
     """Replay a policy over a whole completion, as the engines apply it token by token.
 
     Returns (index of the token whose vote stops the sequence, number of tokens the completion
@@ -408,14 +455,23 @@ def find_stop(p_stops: list[float], token_texts: list[str], policy: StopPolicy,
     tokens from that line's start) unless the policy keeps it or the done rule fired. Used
     offline: to measure a trained guard, to compare policies on the same completions, and to
     check that both engines stop where the policy says.
+
+    `is_complete(num_kept)`: with the policy's syntax gate, does the text of the first `num_kept`
+    tokens parse as complete code (guard.syntax.is_complete with the prompt and language bound)?
     """
-    state, line_start = VoteState(), 0
+    if policy.syntax_gate and is_complete is None:
+        raise ValueError("a policy with the syntax gate needs is_complete (guard.syntax)")
+    state, line_start, gate = VoteState(), 0, GateState()
     for i, (p_stop, text) in enumerate(zip(p_stops, token_texts)):
         decision = fold_token(state, p_stop, token_features(text), policy,
                               p_done=None if p_dones is None else p_dones[i])
         state = decision.state
-        if decision.is_stop:
-            return i, i + 1 if decision.keeps_line or policy.keep_stop_line else line_start
+        num_kept = i + 1 if decision.keeps_line or policy.keep_stop_line else line_start
+        is_stop = decision.is_stop
+        if policy.syntax_gate:
+            gate, is_stop = gate_step(gate, is_stop, decision.is_line_end, num_kept, policy, is_complete)
+        if is_stop:
+            return i, num_kept
         if decision.is_line_end:
             line_start = i + 1
     return None

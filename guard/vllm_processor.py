@@ -20,6 +20,12 @@ Each step, for every running request with the guard on, `apply`:
    stop never emits the excess token. Stops that need to see the token (a line's end vote, the
    blank-line rule, the done rule) force their marker one step later.
 
+With the policy's syntax gate (guard/syntax.py), a stop the votes propose, or a line-start stop
+about to be pre-decided, goes through only if the text it keeps parses as complete code; this is
+the step's only tokenizer and parser work, done on the host for the rows proposing a stop (on a
+GPU that costs one small device-to-host copy of the stop flags per step). The request's language
+is `extra_args["language"]`, else guessed from the prompt (guard/syntax.py `guess_language`).
+
 Per request, `SamplingParams.extra_args["guard"]` is "on" (default), "off", a stop threshold
 in (0, 1) (the OpenAI server passes `vllm_xargs` there), or "observe": the votes are counted but
 never stop the request; with `CODEFAST_GUARD_TRACE_DIR` set, guarded and observed requests write
@@ -52,10 +58,13 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from guard.export import GuardExport, MarkerKind
-from guard.policy import FEATURE_FIELDS, VOTE_FIELDS, PolicyKind, TokenFeatures, VoteArrays, fold_arrays, line_start_would_stop
+from guard.policy import (FEATURE_FIELDS, VOTE_FIELDS, GateState, PolicyKind, TokenFeatures, VoteArrays,
+                          fold_arrays, gate_may_refuse, gate_step, line_start_would_stop)
+from guard.syntax import LANGUAGES, gate_language, is_complete
 from guard.token_table import TABLE_FILE, TokenTable
 
 GUARD_ARG = "guard"  # the per-request key in SamplingParams.extra_args
+LANGUAGE_ARG = "language"  # the per-request code language, for the syntax gate
 TRACE_DIR_ENV = "CODEFAST_GUARD_TRACE_DIR"  # set: write every request's guard probabilities (tests)
 _SAMPLING_EPS = 1e-5  # vLLM's: a temperature below it is greedy
 _NO_MARKER = -1
@@ -101,12 +110,18 @@ class GenGuardLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        parse_guard_arg((sampling_params.extra_args or {}).get(GUARD_ARG))
+        extra_args = sampling_params.extra_args or {}
+        parse_guard_arg(extra_args.get(GUARD_ARG))
+        language = extra_args.get(LANGUAGE_ARG)
+        if language is not None and language not in LANGUAGES:
+            raise ValueError(f"extra_args['{LANGUAGE_ARG}'] must be one of {LANGUAGES}, got {language!r}")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         model_dir = Path(vllm_config.model_config.model)
         self.export = GuardExport.load(model_dir)  # a clear error, never a silent run without the guard
         self.policy = self.export.policy
+        self.model_dir = model_dir
+        self._tokenizer = None  # loaded at the syntax gate's first parse
         table = TokenTable.load(model_dir / TABLE_FILE)
         self.device = torch.device(device)
         self.is_host = self.device.type == "cpu" and not self.use_device_path
@@ -141,6 +156,13 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self.min_tokens = np.zeros(self.num_slots, dtype=np.int64)
         self.is_observed = np.zeros(self.num_slots, dtype=bool)  # votes only, never stopped
         self.prompt_keys: list[str | None] = [None] * self.num_slots
+        # The syntax gate's, per row: (prompt ids, language from the request or None: guess),
+        # its GateState, where the line being written starts, and the last parse (num_kept, ok).
+        self.gate_inputs: list[tuple | None] = [None] * self.num_slots
+        self.gate_states: list[GateState] = [GateState()] * self.num_slots
+        self.line_starts = np.zeros(self.num_slots, dtype=np.int64)
+        self.last_parses: list[tuple[int, bool] | None] = [None] * self.num_slots
+        self.is_gate_holding = np.zeros(self.num_slots, dtype=bool)  # refused once: counts line ends
         self._parked: OrderedDict[int, tuple] = OrderedDict()
         self.num_lost_requests = 0
         self._version = 0  # bumped on every change of the batch's rows
@@ -188,6 +210,8 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self._set_column(index, threshold)
         if self._trace is not None:
             self.prompt_keys[index] = prompt_key(prompt_ids, params.stop or ())
+        if self.policy.syntax_gate:
+            self.gate_inputs[index] = (list(prompt_ids or ()), (params.extra_args or {}).get(LANGUAGE_ARG))
 
     def _set_column(self, index: int, stop_threshold: float) -> None:
         ints = [0] * len(_INT_FIELDS)
@@ -208,16 +232,20 @@ class GenGuardLogitsProcessor(LogitsProcessor):
     def _host_facts(self, index: int) -> tuple:
         return (self.output_lists[index], self.is_guarded[index], self.num_folded[index],
                 self.has_probs[index], self.temperature[index], self.min_tokens[index],
-                self.is_observed[index], self.prompt_keys[index])
+                self.is_observed[index], self.prompt_keys[index], self.gate_inputs[index],
+                self.gate_states[index], self.line_starts[index], self.last_parses[index],
+                self.is_gate_holding[index])
 
     def _set_host_facts(self, index: int, facts: tuple) -> None:
         (self.output_lists[index], self.is_guarded[index], self.num_folded[index], self.has_probs[index],
          self.temperature[index], self.min_tokens[index], self.is_observed[index],
-         self.prompt_keys[index]) = facts
+         self.prompt_keys[index], self.gate_inputs[index], self.gate_states[index],
+         self.line_starts[index], self.last_parses[index], self.is_gate_holding[index]) = facts
 
     def _clear(self, index: int) -> None:
         self._version += 1
-        self._set_host_facts(index, (None, False, 0, False, 0.0, 0, False, None))
+        self._set_host_facts(index, (None, False, 0, False, 0.0, 0, False, None, None, GateState(), 0, None,
+                                      False))
 
     def _park(self, index: int) -> None:
         output_ids = self.output_lists[index]
@@ -291,7 +319,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
             # under async scheduling (the request is ending): neither is folded.
             if (token_ids >= 0).all() and (token_ids < self.guard_cols.start).all():
                 self.num_folded[rows] += 1
-                self._fold_rows(rows, token_ids)
+                self._fold_rows(rows, token_ids, guarded)
                 return
         lost = (grown > 1) | ((grown == 1) & ~self.has_probs[rows])
         if lost.any():  # tokens we never saw the probabilities of: no honest vote is possible
@@ -308,10 +336,11 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self.num_folded[new_rows] += 1
         is_folded = token_ids < self.guard_cols.start
         if is_folded.any():
-            self._fold_rows(new_rows[is_folded], token_ids[is_folded])
+            self._fold_rows(new_rows[is_folded], token_ids[is_folded], new_rows[is_folded])
 
-    def _fold_rows(self, rows, token_ids: np.ndarray) -> None:
-        """Fold one token into each of `rows` (a slice: views, written in place; else a gather)."""
+    def _fold_rows(self, rows, token_ids: np.ndarray, row_ids: np.ndarray) -> None:
+        """Fold one token into each of `rows` (a slice: views, written in place; else a gather);
+        `row_ids`: the same rows as indices."""
         is_view = isinstance(rows, slice)
         select = rows if is_view or self.is_host else torch.as_tensor(rows, device=self.device)
         ids = token_ids if self.is_host else torch.as_tensor(token_ids, device=self.device)
@@ -329,6 +358,8 @@ class GenGuardLogitsProcessor(LogitsProcessor):
                 floats[_FLOAT[name]] = value
             else:
                 ints[_INT[name]] = value
+        if self.policy.syntax_gate:
+            is_stop = self._gate_folded(row_ids, is_stop, keeps_line, tokens.is_line_end)
         if is_stop.any() if self.is_host else True:
             kind = _select(keeps_line | self.policy.keep_stop_line, int(MarkerKind.KEEP),
                            _select(tokens.is_line_end, int(MarkerKind.DROP_ENDED), int(MarkerKind.DROP_OPEN)))
@@ -349,8 +380,10 @@ class GenGuardLogitsProcessor(LogitsProcessor):
     def _decide_host(self, view: np.ndarray, guarded: np.ndarray, rows, stop_logits: np.ndarray,
                      done_logits: np.ndarray | None) -> None:
         p_stop = self.floats[_FLOAT["p_stop"]]
-        p_stop[rows] = _sigmoid(stop_logits[rows])
-        self.floats[_FLOAT["p_done"], rows] = 0.0 if done_logits is None else _sigmoid(done_logits[rows])
+        # float64 before the sigmoid, as on the device path: both paths then vote alike on a tie
+        p_stop[rows] = _sigmoid(stop_logits[rows].astype(np.float64))
+        self.floats[_FLOAT["p_done"], rows] = (0.0 if done_logits is None
+                                               else _sigmoid(done_logits[rows].astype(np.float64)))
         self.has_probs[rows] = True
         may_end = self._may_end(rows)
         pending = self.ints[_INT["pending_marker"], rows]
@@ -373,6 +406,8 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         if self.policy.keep_stop_line:
             return  # the stop line (with the token that stops it) is kept: it must be emitted
         will = is_open & line_start_would_stop(votes, p_open, self.policy, thresholds)
+        if will.any() and self.policy.syntax_gate:
+            will = self._gate_will(guarded, will)
         if will.any():
             for index in guarded[will]:
                 row = view[index]
@@ -409,6 +444,12 @@ class GenGuardLogitsProcessor(LogitsProcessor):
                          & line_start_would_stop(votes, p_open, self.policy, thresholds))
             if self.policy.keep_stop_line:
                 will_code = torch.zeros_like(will_code)
+            elif self.policy.syntax_gate:  # the parse is host work: one small copy of the flags
+                will = will_code[torch.as_tensor(guarded, device=self.device)].cpu().numpy()
+                if will.any():
+                    allowed = np.zeros(num_rows, dtype=bool)
+                    allowed[guarded] = self._gate_will(guarded, will)
+                    will_code = will_code & torch.as_tensor(allowed, device=self.device)
         marker_ids = torch.as_tensor(self.marker_id_of_kind, device=self.device)
         forced_id = torch.where(is_forced, marker_ids[pending.clamp(min=0)], torch.full_like(pending, self.drop_open_id))
         is_forced = is_forced | will_any
@@ -425,6 +466,68 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         logits.masked_fill_(is_forced[:, None], float("-inf"))
         logits[rows_all, forced_id] = torch.where(is_forced, torch.zeros_like(marker_value),
                                                   logits[rows_all, forced_id])
+
+    # ---- the syntax gate (host work, only for rows proposing a stop) ---------------------------------
+    def _kept_is_complete(self, index: int, num_kept: int) -> bool:
+        """Does the row's prompt + its first `num_kept` output tokens parse as complete code? The
+        last answer is kept: a pre-decided line-start stop and the fold after it ask the same."""
+        last = self.last_parses[index]
+        if last is not None and last[0] == num_kept:
+            return last[1]
+        prompt_ids, language = self.gate_inputs[index]
+        tokenizer = self.tokenizer
+        prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        language = gate_language(language, prompt)
+        if language is None:  # neither named nor told by the prompt: the row goes ungated
+            self.last_parses[index] = (num_kept, True)
+            return True
+        kept = tokenizer.decode(self.output_lists[index][:num_kept], skip_special_tokens=True)
+        answer = is_complete(language, prompt, kept)
+        self.last_parses[index] = (num_kept, answer)
+        return answer
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        return self._tokenizer
+
+    def _gate_folded(self, row_ids: np.ndarray, is_stop, keeps_line, is_line_end):
+        """The stops the fold proposed, less those the gate refuses; every gated row's line start
+        and gate state move on (`guard.policy.gate_step`, as in our engine)."""
+        host = lambda x: np.asarray(x if self.is_host else x.cpu().numpy(), dtype=bool)  # noqa: E731
+        stops, ends = host(is_stop), host(is_line_end)
+        keeps = host(keeps_line) | self.policy.keep_stop_line
+        allowed = stops.copy()
+        # Python per row only where a stop is proposed or a refusal is counting line ends.
+        # (Observed rows never stop: their stops are not parsed.)
+        candidates = (stops | self.is_gate_holding[row_ids]) & ~self.is_observed[row_ids]
+        for j in np.flatnonzero(candidates).tolist():
+            index = int(row_ids[j])
+            if self.gate_inputs[index] is None:
+                continue
+            num_kept = int(self.num_folded[index]) if keeps[j] else int(self.line_starts[index])
+            self.gate_states[index], allowed[j] = gate_step(
+                self.gate_states[index], bool(stops[j]), bool(ends[j]), num_kept, self.policy,
+                lambda n, i=index: self._kept_is_complete(i, n))
+            self.is_gate_holding[index] = self.gate_states[index].num_refusals > 0
+        ended = row_ids[ends]
+        self.line_starts[ended] = self.num_folded[ended]
+        if self.is_host:
+            return allowed
+        return torch.as_tensor(allowed, device=self.device)
+
+    def _gate_will(self, guarded: np.ndarray, will: np.ndarray) -> np.ndarray:
+        """The rows a line-start stop would end before sampling, less those whose kept text (the
+        lines before this one) the gate refuses."""
+        will = will.copy()
+        for j in np.flatnonzero(will):
+            index = int(guarded[j])
+            if self.gate_inputs[index] is not None and gate_may_refuse(self.gate_states[index], self.policy):
+                will[j] = self._kept_is_complete(index, int(self.line_starts[index]))
+        return will
 
     # ---- tracing (tests and the exactness check) ---------------------------------------------------
     def _write_trace(self, rows: np.ndarray) -> None:

@@ -7,20 +7,19 @@ prompt, and cut where it closes. Helper definitions that directly follow it and 
 (transitively) are kept, since the program needs them; everything after is excess.
 
 Grammars come from the per-language wheels (tree-sitter-python, ...), which ship compiled
-parsers. tree-sitter-language-pack 1.23 is not used: its get_parser downloads the parsers from
+parsers (guard/syntax.py loads them). tree-sitter-language-pack 1.23 is not used: its get_parser downloads the parsers from
 GitHub at run time, which fails on machines that reach only package registries.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-import importlib
 
-from tree_sitter import Language, Node, Parser
+from tree_sitter import Node
 
-LANGUAGES = ("python", "javascript", "go", "cpp")
-_GRAMMAR_MODULES = {"python": "tree_sitter_python", "javascript": "tree_sitter_javascript",
-                    "go": "tree_sitter_go", "cpp": "tree_sitter_cpp"}
+# The parsers (one per language, from the grammar wheels) are the guard runtime's: the syntax
+# gate parses with the same ones.
+from guard.syntax import LANGUAGES, get_parser
+
 # Node types that define a named function, per language (C++ templates are unwrapped below).
 _FUNCTION_TYPES = {"python": {"function_definition"},
                    "javascript": {"function_declaration", "generator_function_declaration"},
@@ -41,19 +40,6 @@ class CutResult:
             raise ValueError("cut_char must be set exactly when is_parseable")
         if self.cut_char is not None and self.cut_char < 0:
             raise ValueError(f"cut_char must be >= 0, got {self.cut_char}")
-
-
-@lru_cache(maxsize=None)
-def get_parser(language: str) -> Parser:
-    """One parser per language for the whole process (parsers are reusable across parses)."""
-    if language not in LANGUAGES:
-        raise ValueError(f"unsupported language {language!r}; choose from {LANGUAGES}")
-    try:
-        grammar = importlib.import_module(_GRAMMAR_MODULES[language])
-    except ImportError as error:
-        raise ImportError(f"the labeler needs the {_GRAMMAR_MODULES[language]} grammar wheel "
-                          f"(pip install {_GRAMMAR_MODULES[language].replace('_', '-')})") from error
-    return Parser(Language(grammar.language()))
 
 
 def _unparseable(reason: str) -> CutResult:

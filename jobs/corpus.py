@@ -118,7 +118,7 @@ class JsonlLayout:
         for name in names:
             if name in (prompt_column, id_column):
                 arrow_type = pa.string()
-            elif name in ROW_SETTING_TYPES and name != "guard":
+            elif name in ROW_SETTING_TYPES and name not in ("guard", "language"):
                 arrow_type = ROW_SETTING_TYPES[name]
             else:
                 arrow_type = _infer_type([r.get(name) for r in records])

@@ -55,10 +55,13 @@ class ServeSpec:
 
 
 def request_body(model: str | None, prompt: str, params: SamplingParams) -> dict:
-    return {"model": model, "prompt": prompt, "max_tokens": params.max_new_tokens,
+    body = {"model": model, "prompt": prompt, "max_tokens": params.max_new_tokens,
             "temperature": float(params.temperature), "top_p": float(params.top_p),
             "seed": params.seed, "stop": list(params.stop) or None,
             "guard": "on" if params.use_guard else "off"}
+    if params.language is not None:  # only when set: a server without the syntax gate never sees it
+        body["language"] = params.language
+    return body
 
 
 class HttpWorker:

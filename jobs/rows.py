@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
-from engine.params import SamplingParams
+from engine.params import CODE_LANGUAGES, SamplingParams
 
 GENERATED_SCHEMA = pa.schema([
     ("sample_index", pa.int64()),  # 0..num_samples-1; (id, sample_index) is unique
@@ -31,7 +31,10 @@ GENERATED_SCHEMA = pa.schema([
 ])
 # Per-row settings: a column of this name (null = the job's setting) overrides the job's value.
 ROW_SETTING_TYPES = {"max_tokens": pa.int64(), "temperature": pa.float64(), "top_p": pa.float64(),
-                     "seed": pa.int64(), "stop": pa.list_(pa.string()), "guard": pa.string()}
+                     "seed": pa.int64(), "stop": pa.list_(pa.string()), "guard": pa.string(),
+                     "language": pa.string()}
+LANGUAGE_ALIASES = {"py": "python", "js": "javascript", "node": "javascript", "golang": "go", "c++": "cpp",
+                    "cxx": "cpp"}
 GUARD_VALUES = {True: True, False: False, "on": True, "off": False, "true": True, "false": False}
 INTERNAL_PREFIX = "_codefast_"  # columns the reader adds for the workers; never written out
 INPUT_ERROR_COLUMN = INTERNAL_PREFIX + "input_error"  # why the reader could not take the row
@@ -108,6 +111,15 @@ def row_params(row: dict, settings: RowSettings) -> SamplingParams:
         if GUARD_VALUES[key] and not settings.is_guard_available:
             raise ValueError("guard 'on' asked, but this job runs without a guard")
         changes["use_guard"] = GUARD_VALUES[key]
+    language = row.get("language")
+    if language is not None:
+        # Code corpora often carry a language column of their own ("Python", "C++", "rust"): a
+        # name the syntax gate knows sets it, any other leaves it to the prompt's guess.
+        if not isinstance(language, str):
+            raise ValueError(f"language must be a string, got {language!r}")
+        language = LANGUAGE_ALIASES.get(language.strip().lower(), language.strip().lower())
+        if language in CODE_LANGUAGES:
+            changes["language"] = language
     return replace(settings.params, **changes) if changes else settings.params  # validates again
 
 

@@ -24,6 +24,7 @@ from jobs.rows import (
     PROMPT_UTF8_COLUMN,
     RowSettings,
     plan_requests,
+    row_params,
     stable_seed,
 )
 from jobs.storage import resolve
@@ -133,6 +134,14 @@ def test_per_row_settings_override_the_job_and_bad_values_become_error_rows():
     assert all("max_tokens must be an integer" in r.error for r in by_row[3])
     assert all("top_p must be in (0, 1]" in r.error for r in by_row[4])
     assert by_row[0][0].params.stop == ("\n\n",) and by_row[0][0].params.max_new_tokens == 8
+    # A language column sets the syntax gate's language: known names and aliases, any case; a
+    # language the gate cannot parse leaves it to the prompt's guess; a non-string is an error.
+    languages = pa.table({"id": ["a", "b", "c", "d"], "prompt": ["p"] * 4,
+                          "language": ["Python", "C++", "rust", None]})
+    planned = plan_requests(languages, RowSettings(SamplingParams()))
+    assert [r.params.language for r in planned] == ["python", "cpp", None, None]
+    with pytest.raises(ValueError, match="language must be a string"):
+        row_params({"language": 3}, RowSettings(SamplingParams()))
     # One sample, no seed anywhere: unseeded, as before per-row settings existed.
     single = plan_requests(batch.slice(0, 1), RowSettings(SamplingParams(temperature=0.7)))
     assert single[0].params.seed is None
@@ -290,6 +299,7 @@ def test_http_worker_sends_every_setting_retries_server_errors_and_keeps_prompt_
     worker = HttpWorker(ServeSpec(stub_server.url, max_retries=1), settings)
     batch = pa.table({"id": ["1", "2", "3"], "prompt": ["flaky one", None, "plain"],
                       "seed": [None, None, 40], "stop": [None, None, ["\n"]], "guard": [None, None, "off"],
+                      "language": ["python", None, None],
                       PROMPT_UTF8_COLUMN: pa.array([None, LONE_SURROGATE.encode("utf-8", "surrogatepass"), None])})
     rows = rows_by_id(worker(batch))
     assert rows[("1", 0)]["completion"] == "FLAK" and rows[("1", 0)]["error"] is None  # the 503 was retried
@@ -299,5 +309,6 @@ def test_http_worker_sends_every_setting_retries_server_errors_and_keeps_prompt_
     assert plain == [{"model": None, "prompt": "plain", "max_tokens": 4, "temperature": 0.5, "top_p": 0.9,
                       "seed": seed, "stop": ["\n"], "guard": "off"} for seed in (40, 41)]
     assert {b["seed"] for b in stub_server.bodies if b["prompt"] == "flaky one"} == {5, 6}
+    assert {b["language"] for b in stub_server.bodies if b["prompt"] == "flaky one"} == {"python"}
     with pytest.raises(RuntimeError, match="503"):
         worker(pa.table({"id": ["4"], "prompt": ["down"]}))

@@ -186,6 +186,7 @@ BAD_REQUESTS = [
     ("n > 1", {"prompt": "x", "n": 2}, 400),
     ("bad guard word", {"prompt": "x", "guard": "maybe"}, 400),
     ("guard threshold out of range", {"prompt": "x", "guard": 1.5}, 400),
+    ("unknown language", {"prompt": "x", "language": "cobol"}, 400),
     ("negative temperature", {"prompt": "x", "temperature": -1}, 400),
     ("empty stop string", {"prompt": "x", "stop": [""]}, 400),
     ("unknown model", {"prompt": "x", "model": "gpt-4"}, 404),

@@ -2,6 +2,7 @@
 wants a fixed token stream, the guard columns carry a fixed probability schedule, and the
 processor's output must stop exactly where the policy replay (`find_stop`) says, keep what it
 says, and never let a guard column be sampled. The NumPy (CPU) and torch (GPU) paths must agree."""
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +16,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from engine.tiny import TINY_MODEL_NAME, build_tiny_tokenizer
 from guard.export import ExportError, GuardExport, MarkerKind, build_export, resolve_model_folder
 from guard.policy import StopPolicy, find_stop
+from guard.syntax import is_complete
 from guard.probe import GenGuard
 from guard.token_table import TABLE_FILE, TokenTable
 from guard.vllm_processor import GenGuardLogitsProcessor, parse_guard_arg
@@ -43,27 +45,31 @@ def make(export_dir, num_slots=8, device_path=False):
     return cls(config, torch.device("cpu"), False)
 
 
-def params(export, guard="on", temperature=0.0, min_tokens=0):
-    return SamplingParams(temperature=temperature, extra_args={"guard": guard}, min_tokens=min_tokens,
+def params(export, guard="on", temperature=0.0, min_tokens=0, language=None):
+    extra_args = {"guard": guard} if language is None else {"guard": guard, "language": language}
+    return SamplingParams(temperature=temperature, extra_args=extra_args, min_tokens=min_tokens,
                           stop_token_ids=list(export.marker_ids))
 
 
-def schedules(rng, length):
+def schedules(rng, length, high=(0.6, 0.9, 0.99)):
     """Stop probabilities low in the expected part, high after a random point; done spikes."""
     cut = int(rng.integers(3, length))
-    p_stop = np.where(np.arange(length) < cut, 0.05, rng.choice([0.6, 0.9, 0.99], size=length))
+    p_stop = np.where(np.arange(length) < cut, 0.05, rng.choice(list(high), size=length))
     p_done = np.where(rng.random(length) < 0.15, 0.97, 0.01)
     return p_stop, p_done
 
 
-def simulate(processor, export, streams, p_stops, p_dones, rng, condense=True, guard="on"):
+def simulate(processor, export, streams, p_stops, p_dones, rng, condense=True, guard="on", prompts=None,
+             languages=None):
     """Greedy decoding where each row's model prefers its stream's next token. Returns every
     row's output ids (the marker last when the guard stopped it)."""
     vocab = export.vocab_size
     outputs = [[] for _ in streams]
     row_of = {r: r for r in range(len(streams))}  # stream -> batch row
-    processor.update_state(BatchUpdate(len(streams), removed=[], moved=[],
-                                       added=[(r, params(export, guard), [r], outputs[r]) for r in row_of]))
+    prompts = prompts or [[r] for r in row_of]
+    languages = languages or [None] * len(streams)
+    processor.update_state(BatchUpdate(len(streams), removed=[], moved=[], added=[
+        (r, params(export, guard, language=languages[r]), prompts[r], outputs[r]) for r in row_of]))
     scale = export.logit_scale
     while row_of:
         live = sorted(row_of, key=row_of.get)
@@ -124,6 +130,63 @@ def test_processor_stops_where_the_policy_replay_says(export_dir, seed):
         if export.marker_kind(marker) is MarkerKind.DROP_OPEN:  # decided before emitting
             assert export.stop_index(out, marker) == len(out) - 1
     assert num_stops >= 4
+
+
+GATED = replace(POLICY, syntax_gate=True, syntax_gate_max_lines=2)
+# (prompt, completion, language): lists and bodies the gate must not cut open
+GATED_CODE = [
+    ("def f(x):\n", "    t = [\n        1,\n        2,\n    ]\n    return t\n\nprint(f(1))\n", "python"),
+    ("int f(int x) {\n", "  int a[] = {\n    1,\n  };\n  return a[0];\n}\n\nint main() {}\n", "cpp"),
+    ("def g(xs):\n", "    # sum\n    # them\n    return sum(\n        xs)\n\n\n\nprint(g([1]))\n", "python"),
+    ("func f() int {\n", "\tx := []int{\n\t\t1,\n\t}\n\treturn x[0]\n}\n\nfunc main() {}\n", "go"),
+]
+
+
+@pytest.fixture(scope="module")
+def gated_export_dir(tmp_path_factory):
+    guard = GenGuard(64, TINY_MODEL_NAME, GATED, has_done_head=True)
+    out = tmp_path_factory.mktemp("export") / "tiny-gated"
+    source, name = resolve_model_folder(TINY_MODEL_NAME)
+    build_export(source, name, guard, out)
+    return out
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_gated_processor_stops_where_the_gated_replay_says(gated_export_dir, device_path):
+    export = GuardExport.load(gated_export_dir)
+    assert export.policy.syntax_gate
+    table = TokenTable.load(gated_export_dir / TABLE_FILE)
+    tokenizer = build_tiny_tokenizer()
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    num_refused = num_stops = 0
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        prompts = [encode(p) for p, _, _ in GATED_CODE]
+        streams = [encode(c) for _, c, _ in GATED_CODE]
+        languages = [language for _, _, language in GATED_CODE]
+        # values no sum of which ties with a threshold (a tie is decided by float rounding)
+        p_stops, p_dones = zip(*(schedules(rng, len(s), (0.65, 0.93, 0.991)) for s in streams))
+        outputs = simulate(make(gated_export_dir, device_path=device_path), export, streams, p_stops,
+                           p_dones, rng, prompts=prompts, languages=languages)
+        for (prompt, _, language), stream, out, p_stop, p_done in zip(GATED_CODE, streams, outputs,
+                                                                   p_stops, p_dones):
+            token_texts = [tokenizer.decode([t]) for t in stream]
+            check = lambda n, s=stream, p=prompt, lang=language: is_complete(  # noqa: E731
+                lang, p, tokenizer.decode(s[:n]))
+            expected = find_stop(list(p_stop), token_texts, GATED, list(p_done), is_complete=check)
+            ungated = find_stop(list(p_stop), token_texts, POLICY, list(p_done))
+            num_refused += ungated is not None and expected != ungated
+            marker = out[-1] if out[-1] in export.marker_ids else None
+            if expected is not None and expected[0] == len(stream) - 1 and marker is None:
+                continue
+            if expected is None:
+                assert marker is None and out == stream
+                continue
+            num_stops += 1
+            assert marker is not None and out[:-1] == stream[:len(out) - 1]
+            kept = export.kept_ids(out, marker, table.arrays["is_line_end"])
+            assert (export.stop_index(out, marker), len(kept)) == expected
+    assert num_stops >= 4 and num_refused >= 2  # the gate changed some stops, and was followed
 
 
 def test_device_path_makes_the_same_logits_as_the_numpy_path(export_dir):

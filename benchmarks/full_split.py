@@ -1,0 +1,302 @@
+"""A whole MBXP split per language on the vLLM backend, resumable, every method replayed on one run.
+
+    python -m benchmarks.full_split --split test --limit 500 --out reports/full_split
+
+1. Generate (vLLM, greedy, max 300 new tokens, no stop rule): each prompt once, with the guard
+   observing (the logits processor counts and traces its votes, never stops). Prompts go in
+   chunks of `--chunk`; each finished chunk is saved (gzipped JSON, small enough to commit) with
+   its token ids and the guard's p_stop / p_done at every position, so a killed run resumes at
+   the first missing chunk, and the replay never needs the model.
+2. Replay, over those same completions: the stop words, GenGuard, GenGuard + the syntax gate, and
+   each with stop words, exactly as the engines apply them (`guard.policy.find_stop`; vLLM +
+   GenGuard stops where this replay says: `benchmarks.vllm_codefast`'s exactness check).
+   pass@1 runs in the sandbox once per distinct text of a problem (cached in `--out`, resumable
+   too); stops are classed against the labeler's cut of the same completion, and every early
+   stop is listed with the line it cut.
+
+Generating once and replaying makes the methods differ only by their stops (no greedy text that
+changed between two runs) and costs one generation instead of five. No choice is made here: the
+policy is the shipped guard's, chosen on held-out train prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.codefast import LANGUAGES, method_params
+from benchmarks.policy_sweep import replay_stop_words
+from benchmarks.stop_words import STOP_WORDS, finish_completion
+from benchmarks.syntax_gate import classify
+from evals.mbxp import load_problems, split_problems
+from evals.pass_at_k import evaluate
+
+METHODS = ("baseline", "stop_words", "guard", "guard+stop_words", "guard+gate", "guard+gate+stop_words")
+
+
+# ---- 1. generation -------------------------------------------------------------------------------
+def chunk_path(out: Path, language: str, start: int, end: int) -> Path:
+    return out / "generations" / f"{language}.{start:04d}-{end:04d}.json.gz"
+
+
+def generate(args, out: Path, problems: dict) -> None:
+    todo = [(language, start) for language in args.languages
+            for start in range(0, len(problems[language]), args.chunk)
+            if not chunk_path(out, language, args.offset + start,
+                              args.offset + min(start + args.chunk, len(problems[language]))).exists()]
+    if not todo:
+        return
+    trace_dir = out / "trace"
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    for stale in trace_dir.glob("trace-*.jsonl"):  # a killed run's records: its chunk is redone
+        stale.unlink()
+    os.environ["CODEFAST_GUARD_TRACE_DIR"] = str(trace_dir.resolve())  # before vLLM starts
+    from transformers import AutoTokenizer
+
+    from backends import BackendSpec, build_backend
+    from backends.protocol import PromptError
+    from guard.export import export_folder_for
+    from guard.vllm_processor import prompt_key, read_trace
+
+    tokenizer = AutoTokenizer.from_pretrained(export_folder_for(args.model, args.guard))
+    backend = build_backend(BackendSpec(backend="vllm", model=args.model, guard=args.guard,
+                                        max_num_seqs=args.max_num_seqs))
+    try:
+        for language, start in todo:
+            chunk = problems[language][start:start + args.chunk]
+            path = chunk_path(out, language, args.offset + start, args.offset + start + len(chunk))
+            params = method_params("baseline", language, args.max_new_tokens)
+            began = time.perf_counter()
+            futures = []
+            for problem in chunk:
+                try:
+                    futures.append(backend.submit(problem.prompt, params, observe_guard=True))
+                except PromptError as error:  # e.g. longer than the model's context: not served
+                    futures.append(error)
+            results = [f if isinstance(f, PromptError) else f.result() for f in futures]
+            wall_s = time.perf_counter() - began
+            traces = read_trace(trace_dir)
+            rows = []
+            for problem, result in zip(chunk, results):
+                if isinstance(result, PromptError) or result.finish_reason == "error":
+                    rows.append({"task_id": problem.task_id, "error": str(result) if isinstance(
+                        result, PromptError) else result.error})
+                    continue
+                key = prompt_key(tokenizer(problem.prompt, add_special_tokens=False)["input_ids"])
+                p_stops, p_dones, _ = traces[key]
+                n = len(result.token_ids)
+                rows.append({"task_id": problem.task_id, "token_ids": list(result.token_ids),
+                             "finish_reason": result.finish_reason,
+                             # the guard's observing asks vLLM for one step past the cap
+                             # (backends/vllm.py); the baseline is the capped run
+                             "num_generated_tokens": min(result.num_generated_tokens, args.max_new_tokens),
+                             "p_stop": [round(p, 6) for p in p_stops[:n]],
+                             "p_done": [round(p, 6) for p in p_dones[:n]]})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(gzip.compress(json.dumps({"wall_s": wall_s, "rows": rows}).encode()))
+            tmp.replace(path)  # whole or absent: a kill mid-write leaves no half chunk
+            for trace in trace_dir.glob("trace-*.jsonl"):  # done with: the processor appends anew
+                os.truncate(trace, 0)
+            num_tokens = sum(r.get("num_generated_tokens", 0) for r in rows)
+            print(f"[generate] {path.name}: {num_tokens} tokens in {wall_s:.0f} s", flush=True)
+    finally:
+        backend.shutdown()
+
+
+# ---- 2. replay -------------------------------------------------------------------------------------
+def replay_row(row: dict, problem, language: str, tokenizer, policies: dict, parse_ms: list) -> dict:
+    """method -> (tokens generated, text the method keeps, text to execute)."""
+    from guard.policy import find_stop
+    from guard.syntax import is_complete
+
+    ids = row["token_ids"]
+    token_texts = [tokenizer.decode([t]) for t in ids]  # as the processor's token table reads them
+    prefix_texts = [tokenizer.decode(ids[:i + 1]) for i in range(len(ids))]
+    full = prefix_texts[-1] if ids else ""
+    methods = {"baseline": (row["num_generated_tokens"], full, full)}
+    hit = replay_stop_words(full, [len(t) for t in prefix_texts], STOP_WORDS[language])
+    methods["stop_words"] = ((hit[0], hit[1], finish_completion(language, hit[1], True)) if hit
+                             else methods["baseline"])
+    for name, policy in policies.items():
+        def check(num_kept: int) -> bool:
+            began = time.perf_counter()
+            answer = is_complete(language, problem.prompt, tokenizer.decode(ids[:num_kept]))
+            parse_ms.append((time.perf_counter() - began) * 1e3)
+            return answer
+
+        stop = find_stop(row["p_stop"], token_texts, policy, row["p_done"] or None,
+                         is_complete=check if policy.syntax_gate else None)
+        if stop is None:
+            methods[name] = methods["baseline"]
+        else:
+            kept = tokenizer.decode(ids[:stop[1]])
+            methods[name] = (stop[0] + 1, kept, kept)
+        # + stop words: whichever fires first; on the same token the guard is checked first
+        guard, words = methods[name], methods["stop_words"]
+        methods[f"{name}+stop_words"] = guard if guard[0] <= words[0] else words
+    return methods
+
+
+def text_key(task_id: str, text: str) -> str:
+    return hashlib.sha1(f"{task_id}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def run_sandbox(language: str, wanted: dict[str, set[str]], cache_path: Path, num_workers: int) -> dict:
+    """passed, per (task id, text) key; runs only the texts the cache lacks, one round per
+    distinct text of a problem (evaluate takes one completion per problem)."""
+    passed = {}
+    if cache_path.exists():
+        for line in cache_path.read_text().splitlines():
+            record = json.loads(line)
+            passed[record["key"]] = record["passed"]
+    pending = {task: [t for t in texts if text_key(task, t) not in passed] for task, texts in wanted.items()}
+    while any(pending.values()):
+        batch = {task: texts.pop() for task, texts in pending.items() if texts}
+        results = evaluate(batch, language, num_workers=num_workers)
+        with cache_path.open("a") as f:
+            for result in results:
+                key = text_key(result.task_id, batch[result.task_id])
+                passed[key] = result.passed
+                f.write(json.dumps({"key": key, "passed": result.passed}) + "\n")
+    return passed
+
+
+def replay(args, out: Path, problems: dict) -> dict:
+    from transformers import AutoTokenizer
+
+    from guard.export import GuardExport, export_folder_for
+    from guard.syntax import is_complete
+
+    folder = export_folder_for(args.model, args.guard)
+    tokenizer, export = AutoTokenizer.from_pretrained(folder), GuardExport.load(folder)
+    base = replace(export.policy, syntax_gate=False)
+    policies = {"guard": base, "guard+gate": replace(base, syntax_gate=True)}
+    summary, early_stops, parse_ms = {}, [], []
+    (out / "sandbox").mkdir(parents=True, exist_ok=True)
+    for language in args.languages:
+        by_id = {p.task_id: p for p in problems[language]}
+        rows, wall_s = [], 0.0
+        for path in sorted((out / "generations").glob(f"{language}.*.json.gz")):
+            start, end = (int(x) for x in path.name.split(".")[1].split("-"))
+            if args.offset <= start and end <= args.offset + args.limit:
+                chunk = json.loads(gzip.decompress(path.read_bytes()))
+                num_unserved = sum("error" in row for row in chunk["rows"])
+                if num_unserved:
+                    summary.setdefault("num_unserved", {}).setdefault(language, 0)
+                    summary["num_unserved"][language] += num_unserved
+                rows += [row for row in chunk["rows"] if "error" not in row]
+                wall_s += chunk["wall_s"]
+        if len(rows) < len(problems[language]):
+            print(f"[replay] {language}: {len(rows)} of {len(problems[language])} generated and served;"
+                  " replaying those")
+        if not rows:
+            continue
+        replayed = {row["task_id"]: replay_row(row, by_id[row["task_id"]], language, tokenizer, policies, parse_ms)
+                    for row in rows}
+        wanted = {task: {m[2] for m in methods.values()} for task, methods in replayed.items()}
+        passed = run_sandbox(language, wanted, out / "sandbox" / f"{language}.jsonl", args.num_workers)
+        for method in METHODS:
+            outcomes = Counter()
+            for row in rows:
+                task = row["task_id"]
+                num_tokens, kept, executed = replayed[task][method]
+                outcomes["tokens"] += num_tokens
+                outcomes["passed"] += passed[text_key(task, executed)]
+                if method == "baseline":
+                    continue
+                full = replayed[task]["baseline"][1]
+                outcome = classify(language, by_id[task], full, kept, ends_at_eos=row["finish_reason"] == "eos")
+                outcomes[outcome] += 1
+                if outcome == "early":
+                    parses = is_complete(language, by_id[task].prompt, kept)
+                    outcomes["early_unparseable"] += not parses
+                    if method in ("guard", "guard+gate"):
+                        early_stops.append({"method": method, "language": language, "task_id": task,
+                                            "kept_parses": parses,
+                                            "last_kept_line": kept.rstrip("\n").rsplit("\n", 1)[-1].strip(),
+                                            "cut_line": full[len(kept):].lstrip("\n").split("\n", 1)[0].strip()})
+            summary.setdefault(method, {})[language] = {
+                "num_problems": len(rows), "num_tokens": outcomes.pop("tokens"),
+                "pass_at_1": outcomes.pop("passed") / len(rows), **outcomes}
+        summary.setdefault("generation_wall_s", {})[language] = wall_s
+    parse_ms.sort()
+    cost = {"num_parses": len(parse_ms),
+            "parse_ms_median": parse_ms[len(parse_ms) // 2] if parse_ms else 0.0,
+            "parse_ms_p95": parse_ms[int(0.95 * (len(parse_ms) - 1))] if parse_ms else 0.0}
+    return {"summary": summary, "early_stops": early_stops, "gate_cost": cost}
+
+
+def render(report: dict, args) -> str:
+    summary = report["summary"]
+    languages = [lang for lang in args.languages if lang in summary.get("baseline", {})]
+    lines = [f"# MBXP {args.split} problems {args.offset}-{args.offset + args.limit - 1} per language, "
+             "one vLLM greedy run, methods replayed", "",
+             f"`python -m benchmarks.full_split {' '.join(sys.argv[1:])}`"
+             + (f"; prompts the model could not serve (left out): {summary['num_unserved']}"
+                if summary.get("num_unserved") else ""), "",
+             "| method | " + " | ".join(f"{lang} tokens | {lang} pass@1" for lang in languages)
+             + " | all tokens | mean pass@1 |",
+             "|---|" + "---|---|" * len(languages) + "---|---|"]
+    for method in METHODS:
+        cells = summary[method]
+        row = [f"{cells[lang]['num_tokens']:,} | {cells[lang]['pass_at_1'] * 100:.1f}" for lang in languages]
+        total = sum(cells[lang]["num_tokens"] for lang in languages)
+        mean = sum(cells[lang]["pass_at_1"] for lang in languages) / len(languages)
+        lines.append(f"| {method} | " + " | ".join(row) + f" | {total:,} | {mean * 100:.2f} |")
+    lines += ["", "Stops against the labeler's cut (early / of which the kept code does not parse / exact / late /"
+              " no stop label):", "", "| method | language | problems | early | early, unparseable | exact | late | unlabeled |",
+              "|---|---|---|---|---|---|---|---|"]
+    for method in METHODS[1:]:
+        for lang in languages:
+            c = summary[method][lang]
+            lines.append(f"| {method} | {lang} | {c['num_problems']} | {c.get('early', 0)} | "
+                         f"{c.get('early_unparseable', 0)} | {c.get('exact', 0)} | {c.get('late', 0)} | "
+                         f"{c.get('unlabeled', 0)} |")
+    cost = report["gate_cost"]
+    lines += ["", f"Syntax gate: {cost['num_parses']} parses, {cost['parse_ms_median']:.3f} ms median, "
+              f"{cost['parse_ms_p95']:.3f} ms p95 per parse.", "", "Early stops (GenGuard, with and without the gate):", ""]
+    for stop in report["early_stops"]:
+        lines.append(f"- {stop['method']} {stop['language']} {stop['task_id']}: after `{stop['last_kept_line'][:60]}`"
+                     f" cut `{stop['cut_line'][:60]}`" + ("" if stop["kept_parses"] else " (kept code does not parse)"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=500)
+    parser.add_argument("--languages", nargs="+", default=list(LANGUAGES))
+    parser.add_argument("--chunk", type=int, default=50, help="prompts per saved chunk (the resume unit)")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--guard", default="default")
+    parser.add_argument("--max-new-tokens", type=int, default=300)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=2, help="sandbox processes")
+    parser.add_argument("--generate-only", action="store_true")
+    parser.add_argument("--replay-only", action="store_true", help="replay what is generated so far")
+    parser.add_argument("--out", default="reports/full_split")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    problems = {lang: split_problems(load_problems(lang), args.split)[args.offset:args.offset + args.limit]
+                for lang in args.languages}
+    if not args.replay_only:
+        generate(args, out, problems)
+    if args.generate_only:
+        return
+    report = replay(args, out, problems)
+    (out / "summary.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(render(report, args))
+    print(render(report, args))
+
+
+if __name__ == "__main__":
+    main()

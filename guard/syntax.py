@@ -1,0 +1,131 @@
+"""The syntax gate: a guard stop goes through only where the code kept so far is complete.
+
+The guard's rules are sure of themselves in places a parser vetoes at once: after the first of
+two comment lines that open a body (no statement yet), or inside an open list literal. So when
+the policy wants to stop, the language's parser reads prompt + the text the stop would keep, and
+the stop is refused unless that parses with no error (no open bracket, string or block) and the
+function the prompt opened has a body with at least one statement (comments and a Python
+docstring do not count). What a refusal does to the votes, and how long the gate may hold a
+sequence, is the policy's (guard/policy.py, `gate_step`); this module only answers "complete?".
+
+The parse runs only when a stop is proposed, never per token. Grammars come from the
+per-language wheels (tree-sitter-python, ...), which ship compiled parsers; the training
+labeler uses the same parsers (guard_training imports the runtime, never the other way).
+"""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+
+from tree_sitter import Language, Node, Parser
+
+LANGUAGES = ("python", "javascript", "go", "cpp")
+_GRAMMAR_MODULES = {"python": "tree_sitter_python", "javascript": "tree_sitter_javascript",
+                    "go": "tree_sitter_go", "cpp": "tree_sitter_cpp"}
+# Nodes that open a function body, per language (the gate asks for a statement in the innermost
+# one the prompt opened).
+_FUNCTION_NODE_TYPES = {
+    "python": {"function_definition"},
+    "javascript": {"function_declaration", "generator_function_declaration", "function_expression",
+                   "function", "arrow_function", "method_definition"},
+    "go": {"function_declaration", "method_declaration", "func_literal"},
+    "cpp": {"function_definition", "lambda_expression"},
+}
+# Body children that are not statements.
+_NOT_STATEMENTS = {"comment", "{", "}", ":"}
+
+
+@lru_cache(maxsize=None)
+def get_parser(language: str) -> Parser:
+    """One parser per language for the whole process (parsers are reusable across parses)."""
+    if language not in LANGUAGES:
+        raise ValueError(f"unsupported language {language!r}; choose from {LANGUAGES}")
+    try:
+        grammar = importlib.import_module(_GRAMMAR_MODULES[language])
+    except ImportError as error:
+        raise ImportError(f"GenGuard's syntax gate needs the {_GRAMMAR_MODULES[language]} grammar wheel "
+                          f"(pip install {_GRAMMAR_MODULES[language].replace('_', '-')})") from error
+    return Parser(Language(grammar.language()))
+
+
+def _opened_function(root: Node, prompt_end: int, language: str) -> Node | None:
+    """The innermost function whose body starts in the prompt and holds its last code byte
+    (`prompt_end`: the prompt's trailing whitespace may lie past a Python body's end)."""
+    found, node = None, root
+    while node is not None:
+        if node.type in _FUNCTION_NODE_TYPES[language]:
+            body = node.child_by_field_name("body")
+            if body is not None and body.start_byte < prompt_end:
+                found = node
+        # descend into the child that holds the prompt's end (the text after it was generated)
+        node = next((c for c in node.children if c.start_byte < prompt_end <= c.end_byte), None)
+    return found
+
+
+def _num_statements(body: Node, language: str) -> int:
+    children = [c for c in body.named_children if c.type not in _NOT_STATEMENTS]
+    if language == "go" and len(children) == 1 and children[0].type == "statement_list":
+        children = [c for c in children[0].named_children if c.type not in _NOT_STATEMENTS]
+    if (language == "python" and children and children[0].type == "expression_statement"
+            and children[0].named_child_count == 1 and children[0].named_children[0].type == "string"):
+        children = children[1:]  # the docstring documents the body, it is not one of its statements
+    return len(children)
+
+
+def _has_empty_block(root: Node) -> bool:
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.type == "block" and not any(c.type != "comment" for c in node.named_children):
+            return True
+        stack.extend(node.children)
+    return False
+
+
+def incomplete_reason(language: str, prompt: str, kept: str) -> str | None:
+    """Why prompt + kept is not complete code, or None when a stop there may go through."""
+    prompt_bytes = prompt.encode()
+    root = get_parser(language).parse(prompt_bytes + kept.encode()).root_node
+    if root.has_error:
+        return "syntax error or an open bracket, string or block"
+    if language == "python" and _has_empty_block(root):
+        # tree-sitter-python accepts `if n == 2:` at the end of the text with an empty block
+        return "an open block (a compound statement with no statement yet)"
+    function = _opened_function(root, len(prompt.rstrip().encode()), language)
+    if function is not None and _num_statements(function.child_by_field_name("body"), language) == 0:
+        return "the function the prompt opened has no statement yet"
+    return None
+
+
+def is_complete(language: str, prompt: str, kept: str) -> bool:
+    return incomplete_reason(language, prompt, kept) is None
+
+
+# Lines a prompt in each language starts a line with, and nothing else does: what `guess_language`
+# looks for when a request names no language.
+_MARKERS = {
+    "python": ("def ", "import ", "from ", "class "),
+    "javascript": ("function ", "const ", "let ", "var ", "/**", "module.exports"),
+    "go": ("package ", "func "),
+    "cpp": ("#include", "using namespace", "template<", "template <"),
+}
+
+
+def guess_language(prompt: str) -> str | None:
+    """The language a code prompt is written in, from its lines' first words; None when two
+    languages tie (a request should then name its language, or it goes ungated)."""
+    counts = dict.fromkeys(LANGUAGES, 0)
+    for line in prompt.splitlines():
+        stripped = line.lstrip()
+        for language, markers in _MARKERS.items():
+            if stripped.startswith(markers):
+                counts[language] += 1
+    best = max(counts.values())
+    winners = [language for language, count in counts.items() if count == best]
+    return winners[0] if best and len(winners) == 1 else None
+
+
+def gate_language(language: str | None, prompt: str) -> str | None:
+    """The language a request's stops are parsed in: its own, else the prompt's guess (None:
+    the request goes ungated)."""
+    return language if language is not None else guess_language(prompt)

@@ -1,0 +1,60 @@
+"""benchmarks.full_split's replay and sandbox cache: every method cut where its rule says, over
+one completion, and a rerun that runs no text twice."""
+from dataclasses import replace
+from types import SimpleNamespace
+
+from benchmarks import full_split
+from engine.tiny import build_tiny_tokenizer
+from guard.policy import StopPolicy
+
+PROMPT = "def first(xs):\n    \"\"\"The first item.\"\"\"\n"
+COMPLETION = "    table = [\n        xs[0],\n    ]\n    return table[0]\n\n\nprint(first([1]))\n"
+POLICY = StopPolicy(min_code_lines=1)
+
+
+def row_for(tokenizer, p_stop_of_line):
+    """A generated row whose p_stop is set per line of COMPLETION (one byte, one token)."""
+    ids = tokenizer(COMPLETION, add_special_tokens=False)["input_ids"]
+    p_stops, line = [], 0
+    for token_id in ids:
+        p_stops.append(p_stop_of_line[line])
+        line += "\n" in tokenizer.decode([token_id])
+    return {"task_id": "T/1", "token_ids": ids, "finish_reason": "eos", "num_generated_tokens": len(ids) + 1,
+            "p_stop": p_stops, "p_done": []}
+
+
+def test_replay_cuts_each_method_where_its_rule_says():
+    tokenizer = build_tiny_tokenizer()
+    problem = SimpleNamespace(prompt=PROMPT)
+    policies = {"guard": POLICY, "guard+gate": replace(POLICY, syntax_gate=True)}
+    # The guard is sure from the list's second line on: it cuts the open list; the gate lets
+    # the stop through at the first line start where the kept code parses: after the `]`.
+    row = row_for(tokenizer, [0.0, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99])
+    parse_ms = []
+    methods = full_split.replay_row(row, problem, "python", tokenizer, policies, parse_ms)
+    assert methods["baseline"] == (len(row["token_ids"]) + 1, COMPLETION, COMPLETION)
+    assert methods["guard"][1] == "    table = [\n"
+    assert methods["guard+gate"][1] == "    table = [\n        xs[0],\n    ]\n"
+    assert methods["stop_words"][1].rstrip("\n") == COMPLETION[:COMPLETION.index("\nprint")].rstrip("\n")
+    # + stop words: whichever stops first
+    assert methods["guard+stop_words"] == methods["guard"]
+    assert methods["guard+gate+stop_words"][0] == min(methods["guard+gate"][0], methods["stop_words"][0])
+    assert parse_ms  # the gate parsed only when a stop was proposed
+    assert len(parse_ms) < len(row["token_ids"])
+
+
+def test_sandbox_results_are_cached_by_problem_and_text(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_evaluate(batch, language, num_workers):
+        calls.append(dict(batch))
+        return [SimpleNamespace(task_id=task, passed="return" in text) for task, text in batch.items()]
+
+    monkeypatch.setattr(full_split, "evaluate", fake_evaluate)
+    wanted = {"A": {"x = 1\n", "return 1\n"}, "B": {"return 2\n"}}
+    cache = tmp_path / "python.jsonl"
+    passed = full_split.run_sandbox("python", {k: set(v) for k, v in wanted.items()}, cache, 2)
+    assert len(calls) == 2 and sum(len(c) for c in calls) == 3  # one round per distinct text
+    assert passed[full_split.text_key("A", "return 1\n")] and not passed[full_split.text_key("A", "x = 1\n")]
+    again = full_split.run_sandbox("python", {k: set(v) for k, v in wanted.items()}, cache, 2)
+    assert again == passed and len(calls) == 2  # the rerun ran nothing
