@@ -31,6 +31,8 @@ from evals.pass_at_k import evaluate, pass_at_1
 from guard.policy import StopPolicy, find_stop
 
 LANGUAGES = ("python", "javascript", "go", "cpp")
+# The committed caches of train prompts no guard was trained on (0-39, 280-319, 320-399).
+HELD_OUT_CACHES = "train.0.40,train.280.40,train.320.80"
 
 
 @torch.inference_mode()
@@ -47,14 +49,14 @@ def score_tokens(engine: Engine, prompt: str, completion_ids: list[int]) -> tupl
 
 
 def replay_policy(texts: list[str], p_stops: list[float], policy: StopPolicy,
-                  p_dones: list[float] | None = None) -> tuple[int, int] | None:
+                  p_dones: list[float] | None = None, is_complete=None) -> tuple[int, int] | None:
     """(tokens generated, tokens kept) when `policy` stops the sequence, None when it never does.
 
     `texts[i]` is the decoded text of tokens [0, i] (prefix decoding keeps multi-byte characters
     whole), so token i's own text is what it adds to texts[i - 1].
     """
     token_texts = [text[len(texts[i - 1]) if i else 0:] for i, text in enumerate(texts)]
-    stop = find_stop(p_stops, token_texts, policy, p_dones)
+    stop = find_stop(p_stops, token_texts, policy, p_dones, is_complete=is_complete)
     return None if stop is None else (stop[0] + 1, stop[1])
 
 

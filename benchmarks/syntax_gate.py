@@ -23,11 +23,11 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.policy_sweep import LANGUAGES, full_text, generated_samples
+from benchmarks.policy_sweep import HELD_OUT_CACHES, LANGUAGES, full_text, generated_samples, replay_policy
 from engine import Engine, EngineConfig
 from evals.mbxp import load_problems
 from evals.pass_at_k import evaluate
-from guard.policy import StopPolicy, find_stop
+from guard.policy import StopPolicy
 from guard.syntax import is_complete
 from benchmarks.stop_errors import against_cut
 
@@ -37,7 +37,6 @@ VARIANTS = ("guard", "guard+gate")
 def replay(sample: dict, prompt: str, language: str, policy: StopPolicy, parse_ms: list[float]):
     """(tokens generated, kept text, is_stopped) of one completion under `policy`."""
     texts = sample["texts"]
-    token_texts = [text[len(texts[i - 1]) if i else 0:] for i, text in enumerate(texts)]
 
     def check(num_kept: int) -> bool:
         start = time.perf_counter()
@@ -45,11 +44,11 @@ def replay(sample: dict, prompt: str, language: str, policy: StopPolicy, parse_m
         parse_ms.append((time.perf_counter() - start) * 1e3)
         return answer
 
-    stop = find_stop(sample["p_stop"], token_texts, policy, sample.get("p_done"),
-                     is_complete=check if policy.syntax_gate else None)
+    stop = replay_policy(texts, sample["p_stop"], policy, sample.get("p_done"),
+                         is_complete=check if policy.syntax_gate else None)
     if stop is None:
         return len(sample["ids"]), full_text(sample), False
-    return stop[0] + 1, texts[stop[1] - 1] if stop[1] else "", True
+    return stop[0], texts[stop[1] - 1] if stop[1] else "", True
 
 
 def classify(language: str, problem, full: str, kept: str, ends_at_eos: bool) -> str:
@@ -61,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--guard", default="default")
-    parser.add_argument("--caches", default="train.0.40,train.280.40,train.320.80")
+    parser.add_argument("--caches", default=HELD_OUT_CACHES)
     parser.add_argument("--cache-dir", default="reports/policy_sweep")
     parser.add_argument("--max-new-tokens", type=int, default=300, help="what the caches were made with")
     parser.add_argument("--max-lines", type=int, default=None, help="syntax_gate_max_lines (default: the policy's)")

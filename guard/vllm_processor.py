@@ -156,9 +156,9 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self.min_tokens = np.zeros(self.num_slots, dtype=np.int64)
         self.is_observed = np.zeros(self.num_slots, dtype=bool)  # votes only, never stopped
         self.prompt_keys: list[str | None] = [None] * self.num_slots
-        # The syntax gate's, per row: (prompt ids, language from the request or None: guess),
-        # its GateState, where the line being written starts, and the last parse (num_kept, ok).
-        self.gate_inputs: list[tuple | None] = [None] * self.num_slots
+        # The syntax gate's, per row: the request's prompt and language (`_GateRequest`), its
+        # GateState, where the line being written starts, and the last parse (num_kept, ok).
+        self.gate_inputs: list[_GateRequest | None] = [None] * self.num_slots
         self.gate_states: list[GateState] = [GateState()] * self.num_slots
         self.line_starts = np.zeros(self.num_slots, dtype=np.int64)
         self.last_parses: list[tuple[int, bool] | None] = [None] * self.num_slots
@@ -211,7 +211,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         if self._trace is not None:
             self.prompt_keys[index] = prompt_key(prompt_ids, params.stop or ())
         if self.policy.syntax_gate:
-            self.gate_inputs[index] = (list(prompt_ids or ()), (params.extra_args or {}).get(LANGUAGE_ARG))
+            self.gate_inputs[index] = _GateRequest(list(prompt_ids or ()), (params.extra_args or {}).get(LANGUAGE_ARG))
 
     def _set_column(self, index: int, stop_threshold: float) -> None:
         ints = [0] * len(_INT_FIELDS)
@@ -474,14 +474,11 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         last = self.last_parses[index]
         if last is not None and last[0] == num_kept:
             return last[1]
-        prompt_ids, language = self.gate_inputs[index]
-        tokenizer = self.tokenizer
-        prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        language = gate_language(language, prompt)
+        prompt, language = self.gate_inputs[index].resolve(self.tokenizer)
         if language is None:  # neither named nor told by the prompt: the row goes ungated
             self.last_parses[index] = (num_kept, True)
             return True
-        kept = tokenizer.decode(self.output_lists[index][:num_kept], skip_special_tokens=True)
+        kept = self.tokenizer.decode(self.output_lists[index][:num_kept], skip_special_tokens=True)
         answer = is_complete(language, prompt, kept)
         self.last_parses[index] = (num_kept, answer)
         return answer
@@ -548,6 +545,21 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         if records:
             self._trace.write("".join(json.dumps(r) + "\n" for r in records))
             self._trace.flush()
+
+
+class _GateRequest:
+    """A gated request's prompt and language, decoded and told apart at its first parse (and only
+    then: most requests never need it)."""
+
+    def __init__(self, prompt_ids: list[int], language: str | None):
+        self.prompt_ids, self.language, self.prompt = prompt_ids, language, None
+
+    def resolve(self, tokenizer) -> tuple[str, str | None]:
+        """(prompt text, language); language None: neither named nor told by the prompt."""
+        if self.prompt is None:
+            self.prompt = tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
+            self.language = gate_language(self.language, self.prompt)
+        return self.prompt, self.language
 
 
 def _open_trace():

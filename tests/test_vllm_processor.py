@@ -28,13 +28,18 @@ CODE = ["def f(x):\n    return x\n\ndef check():\n    assert f(1) == 1\n",
         "func f() {\n\tx := 1\n}\n\n// Test\nfunc main() {}\n"]
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    guard = GenGuard(64, TINY_MODEL_NAME, POLICY, has_done_head=True)
+def tiny_export(tmp_path_factory, policy: StopPolicy):
+    """The tiny model exported with a guard (random weights, a done head) under `policy`."""
+    guard = GenGuard(64, TINY_MODEL_NAME, policy, has_done_head=True)
     out = tmp_path_factory.mktemp("export") / "tiny"
     source, name = resolve_model_folder(TINY_MODEL_NAME)
     build_export(source, name, guard, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return tiny_export(tmp_path_factory, POLICY)
 
 
 def make(export_dir, num_slots=8, device_path=False):
@@ -144,11 +149,7 @@ GATED_CODE = [
 
 @pytest.fixture(scope="module")
 def gated_export_dir(tmp_path_factory):
-    guard = GenGuard(64, TINY_MODEL_NAME, GATED, has_done_head=True)
-    out = tmp_path_factory.mktemp("export") / "tiny-gated"
-    source, name = resolve_model_folder(TINY_MODEL_NAME)
-    build_export(source, name, guard, out)
-    return out
+    return tiny_export(tmp_path_factory, GATED)
 
 
 @pytest.mark.parametrize("device_path", [False, True])
