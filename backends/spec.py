@@ -18,7 +18,7 @@ NO_GUARD_NAMES = ("none", "off", "")
 @dataclass(frozen=True)
 class BackendSpec:
     backend: str = "codefast"  # "codefast" (ours, any HF causal LM) or "vllm"
-    model: str = "default"  # "default", "codefast/tiny-random" (codefast only), a local HF folder
+    model: str = "default"  # a packaged model ("default", "qwen2.5-coder-1.5b"), "codefast/tiny-random" (codefast only), a local HF folder
     guard: str | None = "default"  # "default" (shipped for the model), None, or a guard folder
     max_num_seqs: int = 8  # batch slots
     dtype: str = "auto"

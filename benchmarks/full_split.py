@@ -169,6 +169,22 @@ def run_sandbox(language: str, wanted: dict[str, set[str]], cache_path: Path, nu
     return passed
 
 
+def read_generations(out: Path, language: str, by_id: dict, offset: int, limit: int) -> tuple[list, int, float]:
+    """(served rows, number not served, generation wall seconds) of the problems in `by_id`
+    (problems offset .. offset + limit - 1) from the saved chunks, which may be cut differently:
+    a chunk that overlaps the range gives its rows in it and its share of the wall time."""
+    rows, num_unserved, wall_s = [], 0, 0.0
+    for path in sorted((out / "generations").glob(f"{language}.*.json.gz")):
+        start, end = (int(x) for x in path.name.split(".")[1].split("-"))
+        if start < offset + limit and offset < end:
+            chunk = json.loads(gzip.decompress(path.read_bytes()))
+            in_range = [row for row in chunk["rows"] if row["task_id"] in by_id]
+            num_unserved += sum("error" in row for row in in_range)
+            rows += [row for row in in_range if "error" not in row]
+            wall_s += chunk["wall_s"] * len(in_range) / max(1, len(chunk["rows"]))
+    return rows, num_unserved, wall_s
+
+
 def replay(args, out: Path, problems: dict) -> dict:
     from transformers import AutoTokenizer
 
@@ -183,17 +199,9 @@ def replay(args, out: Path, problems: dict) -> dict:
     (out / "sandbox").mkdir(parents=True, exist_ok=True)
     for language in args.languages:
         by_id = {p.task_id: p for p in problems[language]}
-        rows, wall_s = [], 0.0
-        for path in sorted((out / "generations").glob(f"{language}.*.json.gz")):
-            start, end = (int(x) for x in path.name.split(".")[1].split("-"))
-            if args.offset <= start and end <= args.offset + args.limit:
-                chunk = json.loads(gzip.decompress(path.read_bytes()))
-                num_unserved = sum("error" in row for row in chunk["rows"])
-                if num_unserved:
-                    summary.setdefault("num_unserved", {}).setdefault(language, 0)
-                    summary["num_unserved"][language] += num_unserved
-                rows += [row for row in chunk["rows"] if "error" not in row]
-                wall_s += chunk["wall_s"]
+        rows, num_unserved, wall_s = read_generations(out, language, by_id, args.offset, args.limit)
+        if num_unserved:
+            summary.setdefault("num_unserved", {})[language] = num_unserved
         if len(rows) < len(problems[language]):
             print(f"[replay] {language}: {len(rows)} of {len(problems[language])} generated and served;"
                   " replaying those")
@@ -213,10 +221,12 @@ def replay(args, out: Path, problems: dict) -> dict:
                 if method == "baseline":
                     continue
                 full = replayed[task]["baseline"][1]
-                outcome = classify(language, by_id[task], full, kept, ends_at_eos=row["finish_reason"] == "eos")
+                # Classed by the text the user gets: a stop word's stop puts back the closing
+                # brace it removed (finish_completion), so `kept` alone would look cut short.
+                outcome = classify(language, by_id[task], full, executed, ends_at_eos=row["finish_reason"] == "eos")
                 outcomes[outcome] += 1
                 if outcome == "early":
-                    parses = is_complete(language, by_id[task].prompt, kept)
+                    parses = is_complete(language, by_id[task].prompt, executed)
                     outcomes["early_unparseable"] += not parses
                     if method in ("guard", "guard+gate"):
                         early_stops.append({"method": method, "language": language, "task_id": task,

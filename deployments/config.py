@@ -23,7 +23,7 @@ def check_capacity(max_ongoing_requests: int, max_num_seqs: int) -> None:
 @dataclass(frozen=True)
 class ServeConfig:
     backend: str = "codefast"  # "codefast" (our engine, any HF causal LM) or "vllm"
-    model: str = "default"  # "default", "codefast/tiny-random", or a local HF folder
+    model: str = "default"  # a packaged model ("default", "qwen2.5-coder-1.5b"), "codefast/tiny-random", or a local HF folder
     guard: str | None = "default"  # "default" (the guard shipped for the model), None/"none", or a folder
     max_num_seqs: int = 8  # engine batch slots per replica
     dtype: str = "auto"

@@ -45,7 +45,7 @@ PROCESSOR_PATH = "guard.vllm_processor:GenGuardLogitsProcessor"
 class LLMAppConfig:
     """The `args:` of `serve run deployments/config.vllm.yaml` (validated before anything deploys)."""
 
-    model: str = "default"  # "default" or a local HF model folder
+    model: str = "default"  # a packaged model ("default", "qwen2.5-coder-1.5b") or a local HF model folder
     guard: str | None = "default"  # "default" (shipped for the model), None/"none", or a guard folder
     model_id: str | None = None  # the name clients use; None: the model's own name
     max_num_seqs: int = 16

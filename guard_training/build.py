@@ -9,6 +9,7 @@ re-running after a crash continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -27,23 +28,52 @@ LANGUAGES = ("python", "javascript", "go", "cpp")
 MIN_BLANK_LINE_DONE_SHARE = 0.95
 
 
+def sampling_backend(requested: str, model: str) -> str:
+    """The backend that samples: `auto` picks vLLM (faster even on CPU) when it is installed,
+    except for the tiny test model, where its ~30 s start outweighs the few tokens sampled."""
+    from engine.tiny import TINY_MODEL_NAME
+
+    if requested != "auto":
+        return requested
+    return "vllm" if importlib.util.find_spec("vllm") is not None and model != TINY_MODEL_NAME else "codefast"
+
+
+def sample_all(args: argparse.Namespace, languages: list[str], plan: SamplingPlan, samples_dir: Path) -> None:
+    """Step 1 for every language without a samples file, on one backend started once. The
+    backend is shut down before the features step loads the model for its hidden states."""
+    from backends.spec import BackendSpec, build_backend
+
+    todo = [lang for lang in languages if not (samples_dir / f"{lang}.jsonl").exists()]
+    if not todo:
+        return
+    backend_name = sampling_backend(args.backend, args.model)
+    print(f"[sampling] {', '.join(todo)} on the {backend_name} backend", flush=True)
+    backend = build_backend(BackendSpec(backend=backend_name, model=args.model, guard=None,
+                                        max_num_seqs=args.max_num_seqs, dtype=args.dtype))
+    try:
+        for language in todo:
+            print(f"[{language}] 1/3 sampling", flush=True)
+            sample_language(backend, language, plan, samples_dir, log=lambda line: print(line, flush=True))
+    finally:
+        backend.shutdown()
+
+
 def build(args: argparse.Namespace) -> Path:
-    from engine import Engine, EngineConfig
+    from engine.model_loading import load_model
 
     out = Path(args.out)
     languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
     unknown = set(languages) - set(LANGUAGES)
     if unknown:
         raise SystemExit(f"unknown languages {sorted(unknown)}; choose from {LANGUAGES}")
-    engine = Engine.from_pretrained(args.model, guard=None,
-                                    config=EngineConfig(max_num_seqs=args.max_num_seqs, dtype=args.dtype))
     plan = SamplingPlan(per_language=args.per_language, offset=args.offset,
                         temperatures=tuple(args.temperatures), max_new_tokens=args.max_new_tokens)
-    model, tokenizer = engine.runner.model, engine.tokenizer
+    sample_all(args, languages, plan, out / "samples")
+    loaded = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
     all_samples, shards, label_counts = [], [], {}
     for language in languages:
-        print(f"[{language}] 1/3 sampling", flush=True)
-        samples_path = sample_language(engine, language, plan, out / "samples")
+        samples_path = out / "samples" / f"{language}.jsonl"
         labeled_path = out / "labeled" / f"{language}.jsonl"
         if not labeled_path.exists():
             print(f"[{language}] 2/3 labeling", flush=True)
@@ -76,7 +106,7 @@ def build(args: argparse.Namespace) -> Path:
     policy = StopPolicy(stop_threshold=args.threshold, done_threshold=done_threshold,
                         min_code_lines=args.min_code_lines, done_needs_blank_line=needs_blank_line)
     guard, report = train_guard(features, labels, is_val, features.shape[1],
-                                model_name=engine.model_name, policy=policy,
+                                model_name=loaded.model_name, policy=policy,
                                 done_labels=None if done_threshold is None else done_labels)
     report["labeling"] = label_counts
     report["done_line_ends_opening_blank_line"] = f"{num_opening}/{num_done}"
@@ -93,7 +123,7 @@ def build(args: argparse.Namespace) -> Path:
     guard_dir = guard.save(out / "guard")
     print(json.dumps(report, indent=2))
     if args.ship:
-        target = SHIPPED_DIR / model_slug(engine.model_name)
+        target = SHIPPED_DIR / model_slug(loaded.model_name)
         shutil.copytree(guard_dir, target, dirs_exist_ok=True)
         print(f"shipped to {target}")
     return guard_dir
@@ -122,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the done rule fires only on a line end that opens a blank line; auto: when"
                         f" {MIN_BLANK_LINE_DONE_SHARE:.0%} of the training done line ends do")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--backend", default="auto", choices=("auto", "codefast", "vllm"),
+                   help="what samples (step 1): auto = vLLM where installed (faster), else our engine;"
+                        " features always come from the HF model")
     p.add_argument("--ship", action="store_true", help="copy the guard into guard/weights/")
     args = parser.parse_args(argv)
     build(args)

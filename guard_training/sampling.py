@@ -2,6 +2,8 @@
 
 Greedy plus a few sampled variants per prompt (temperature 0.2-0.8), so the probe sees diverse
 excess. One jsonl file per language, written atomically: a rerun skips finished languages.
+Sampling goes through the engine protocol, so it runs on whichever backend is fastest for the
+model (vLLM where it runs the model, else our engine) without a line here knowing which.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.engine import Engine
+from backends.protocol import GenerationBackend, PromptError
 from engine.params import SamplingParams
 from evals.mbxp import load_problems, split_problems
 
@@ -49,7 +51,8 @@ def training_problems(language: str, offset: int, per_language: int) -> list:
     return split_problems(load_problems(language), "train")[offset:offset + per_language]
 
 
-def sample_language(engine: Engine, language: str, plan: SamplingPlan, out_dir: Path) -> Path:
+def sample_language(backend: GenerationBackend, language: str, plan: SamplingPlan, out_dir: Path,
+                    log=print) -> Path:
     out_path = out_dir / f"{language}.jsonl"
     if out_path.exists():
         return out_path  # finished earlier: resumable by whole language shards
@@ -62,12 +65,24 @@ def sample_language(engine: Engine, language: str, plan: SamplingPlan, out_dir: 
             params.append(SamplingParams(max_new_tokens=plan.max_new_tokens, temperature=temperature,
                                          seed=plan.seed + 1000 * t_index + p_index,
                                          use_guard=False, top_p=0.95 if temperature else 1.0))
-    results = engine.generate(prompts, params, use_tqdm=True)
-    rows = [{"task_id": problem.task_id, "language": language, "entry_point": problem.entry_point,
-             "temperature": temperature, "prompt": problem.prompt,
-             "completion": result.text, "completion_ids": result.token_ids,
-             "finish_reason": result.finish_reason}
-            for (problem, temperature), result in zip(keys, results)]
+    futures, num_refused = [], 0
+    for prompt, sampling, key in zip(prompts, params, keys):
+        try:
+            futures.append((key, backend.submit(prompt, sampling)))
+        except PromptError as exc:  # e.g. longer than the model's context: no sample, say so
+            num_refused += 1
+            log(f"[{language}] {key[0].task_id} not sampled: {exc}")
+    rows = []
+    for index, ((problem, temperature), future) in enumerate(futures, start=1):
+        result = future.result()
+        rows.append({"task_id": problem.task_id, "language": language, "entry_point": problem.entry_point,
+                     "temperature": temperature, "prompt": problem.prompt,
+                     "completion": result.text, "completion_ids": list(result.token_ids),
+                     "finish_reason": result.finish_reason})
+        if index % max(1, len(futures) // 10) == 0 or index == len(futures):
+            log(f"[{language}] sampled {index}/{len(futures)}")
+    if num_refused:
+        log(f"[{language}] {num_refused} prompts refused by the backend")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out_path, rows)
     return out_path

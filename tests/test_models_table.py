@@ -1,0 +1,22 @@
+"""benchmarks.models_table: the guard facts it reads and the ratios it prints."""
+from types import SimpleNamespace
+
+from benchmarks import models_table
+
+
+def test_guard_facts_of_the_shipped_default_guard():
+    facts = models_table.guard_facts("default")
+    assert facts["model_name"] == "Qwen/Qwen2.5-Coder-0.5B-Instruct" and facts["hidden_size"] == 896
+    assert facts["num_guard_params"] == 896 * 2 + 2 + 896 + 1  # stop head + done head
+    assert facts["num_training_samples"] == 934 and facts["num_train_tokens"] == 149_107
+
+
+def test_render_prints_ratios_against_baseline_and_stop_words():
+    totals = {"baseline": {"num_tokens": 1000, "pass_at_1": 0.1, "num_early": 0, "num_early_unparseable": 0},
+              "stop_words": {"num_tokens": 400, "pass_at_1": 0.3, "num_early": 1, "num_early_unparseable": 0},
+              "guard": {"num_tokens": 300, "pass_at_1": 0.31, "num_early": 2, "num_early_unparseable": 1},
+              "guard+gate": {"num_tokens": 360, "pass_at_1": 0.32, "num_early": 1, "num_early_unparseable": 0}}
+    row = {"model_name": "m", "hidden_size": 8, "num_guard_params": 27, "num_training_samples": 5,
+           "num_train_tokens": 50, "totals": totals}
+    text = models_table.render([row], SimpleNamespace(limit=25, languages=["python"]))
+    assert "| m | Linear(8, 2+1) (27) | 5 (50) | 1,000 / 400 / 300 | 0.30x | 0.75x | 10.0 / 30.0 / 31.0 | 2 (1) | 0.90x, 32.0, 1 (0) |" in text
