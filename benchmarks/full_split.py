@@ -32,13 +32,29 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.codefast import LANGUAGES, method_params
-from benchmarks.policy_sweep import replay_stop_words
-from benchmarks.stop_words import STOP_WORDS, finish_completion
+from benchmarks.policy_sweep import replay_completion
 from benchmarks.syntax_gate import classify
 from evals.mbxp import load_problems, split_problems
 from evals.pass_at_k import evaluate
 
-METHODS = ("baseline", "stop_words", "guard", "guard+stop_words", "guard+gate", "guard+gate+stop_words")
+# GenGuard without the syntax gate, with the strict gate, and with the gate that lets closed stubs
+# through (guard/syntax.py `allows_stub`); each also with the stop words.
+GUARD_VARIANTS = ("guard", "guard+gate", "guard+gate_stubs")
+METHODS = ("baseline", "stop_words", *(m for v in GUARD_VARIANTS for m in (v, f"{v}+stop_words")))
+
+
+def guard_variants(policy) -> dict:
+    """GUARD_VARIANTS' policies, from a guard's own policy."""
+    base = replace(policy, syntax_gate=False, syntax_gate_allows_stub=False)
+    return {"guard": base, "guard+gate": replace(base, syntax_gate=True),
+            "guard+gate_stubs": replace(base, syntax_gate=True, syntax_gate_allows_stub=True)}
+
+
+def shipped_variant(policy) -> str:
+    """Which of GUARD_VARIANTS the guard's shipped policy is."""
+    if not policy.syntax_gate:
+        return "guard"
+    return "guard+gate_stubs" if policy.syntax_gate_allows_stub else "guard+gate"
 
 
 # ---- 1. generation -------------------------------------------------------------------------------
@@ -114,35 +130,20 @@ def generate(args, out: Path, problems: dict) -> None:
 # ---- 2. replay -------------------------------------------------------------------------------------
 def replay_row(row: dict, problem, language: str, tokenizer, policies: dict, parse_ms: list) -> dict:
     """method -> (tokens generated, text the method keeps, text to execute)."""
-    from guard.policy import find_stop
     from guard.syntax import is_complete
 
     ids = row["token_ids"]
-    token_texts = [tokenizer.decode([t]) for t in ids]  # as the processor's token table reads them
-    prefix_texts = [tokenizer.decode(ids[:i + 1]) for i in range(len(ids))]
-    full = prefix_texts[-1] if ids else ""
-    methods = {"baseline": (row["num_generated_tokens"], full, full)}
-    hit = replay_stop_words(full, [len(t) for t in prefix_texts], STOP_WORDS[language])
-    methods["stop_words"] = ((hit[0], hit[1], finish_completion(language, hit[1], True)) if hit
-                             else methods["baseline"])
-    for name, policy in policies.items():
-        def check(num_kept: int) -> bool:
-            began = time.perf_counter()
-            answer = is_complete(language, problem.prompt, tokenizer.decode(ids[:num_kept]))
-            parse_ms.append((time.perf_counter() - began) * 1e3)
-            return answer
 
-        stop = find_stop(row["p_stop"], token_texts, policy, row["p_done"] or None,
-                         is_complete=check if policy.syntax_gate else None)
-        if stop is None:
-            methods[name] = methods["baseline"]
-        else:
-            kept = tokenizer.decode(ids[:stop[1]])
-            methods[name] = (stop[0] + 1, kept, kept)
-        # + stop words: whichever fires first; on the same token the guard is checked first
-        guard, words = methods[name], methods["stop_words"]
-        methods[f"{name}+stop_words"] = guard if guard[0] <= words[0] else words
-    return methods
+    def check(num_kept: int, allows_stub: bool) -> bool:  # the gate's parse, timed
+        began = time.perf_counter()
+        answer = is_complete(language, problem.prompt, tokenizer.decode(ids[:num_kept]), allows_stub)
+        parse_ms.append((time.perf_counter() - began) * 1e3)
+        return answer
+
+    return replay_completion(language, [tokenizer.decode(ids[:i + 1]) for i in range(len(ids))],
+                             [tokenizer.decode([t]) for t in ids],  # as the processor's token table reads them
+                             row["p_stop"], row["p_done"], row["num_generated_tokens"], policies,
+                             is_complete_at=check)
 
 
 def text_key(task_id: str, text: str) -> str:
@@ -193,8 +194,7 @@ def replay(args, out: Path, problems: dict) -> dict:
 
     folder = export_folder_for(args.model, args.guard)
     tokenizer, export = AutoTokenizer.from_pretrained(folder), GuardExport.load(folder)
-    base = replace(export.policy, syntax_gate=False)
-    policies = {"guard": base, "guard+gate": replace(base, syntax_gate=True)}
+    policies = guard_variants(export.policy)
     summary, early_stops, parse_ms = {}, [], []
     (out / "sandbox").mkdir(parents=True, exist_ok=True)
     for language in args.languages:
@@ -226,9 +226,10 @@ def replay(args, out: Path, problems: dict) -> dict:
                 outcome = classify(language, by_id[task], full, executed, ends_at_eos=row["finish_reason"] == "eos")
                 outcomes[outcome] += 1
                 if outcome == "early":
-                    parses = is_complete(language, by_id[task].prompt, executed)
+                    # "parses": no syntax error or open block; a closed stub parses
+                    parses = is_complete(language, by_id[task].prompt, executed, allows_stub=True)
                     outcomes["early_unparseable"] += not parses
-                    if method in ("guard", "guard+gate"):
+                    if method in GUARD_VARIANTS:
                         early_stops.append({"method": method, "language": language, "task_id": task,
                                             "kept_parses": parses,
                                             "last_kept_line": kept.rstrip("\n").rsplit("\n", 1)[-1].strip(),
@@ -241,7 +242,8 @@ def replay(args, out: Path, problems: dict) -> dict:
     cost = {"num_parses": len(parse_ms),
             "parse_ms_median": parse_ms[len(parse_ms) // 2] if parse_ms else 0.0,
             "parse_ms_p95": parse_ms[int(0.95 * (len(parse_ms) - 1))] if parse_ms else 0.0}
-    return {"summary": summary, "early_stops": early_stops, "gate_cost": cost}
+    return {"summary": summary, "early_stops": early_stops, "gate_cost": cost,
+            "shipped": shipped_variant(export.policy)}
 
 
 def render(report: dict, args) -> str:
@@ -260,7 +262,8 @@ def render(report: dict, args) -> str:
         row = [f"{cells[lang]['num_tokens']:,} | {cells[lang]['pass_at_1'] * 100:.1f}" for lang in languages]
         total = sum(cells[lang]["num_tokens"] for lang in languages)
         mean = sum(cells[lang]["pass_at_1"] for lang in languages) / len(languages)
-        lines.append(f"| {method} | " + " | ".join(row) + f" | {total:,} | {mean * 100:.2f} |")
+        label = f"**{method}** (the shipped policy)" if method == report.get("shipped") else method
+        lines.append(f"| {label} | " + " | ".join(row) + f" | {total:,} | {mean * 100:.2f} |")
     lines += ["", "Stops against the labeler's cut (early / of which the kept code does not parse / exact / late /"
               " no stop label):", "", "| method | language | problems | early | early, unparseable | exact | late | unlabeled |",
               "|---|---|---|---|---|---|---|---|"]
@@ -271,7 +274,7 @@ def render(report: dict, args) -> str:
                          f"{c.get('early_unparseable', 0)} | {c.get('exact', 0)} | {c.get('late', 0)} | "
                          f"{c.get('unlabeled', 0)} |")
     cost = report["gate_cost"]
-    lines += ["", f"Syntax gate: {cost['num_parses']} parses, {cost['parse_ms_median']:.3f} ms median, "
+    lines += ["", f"Syntax gate (both variants): {cost['num_parses']} parses, {cost['parse_ms_median']:.3f} ms median, "
               f"{cost['parse_ms_p95']:.3f} ms p95 per parse.", "", "Early stops (GenGuard, with and without the gate):", ""]
     for stop in report["early_stops"]:
         lines.append(f"- {stop['method']} {stop['language']} {stop['task_id']}: after `{stop['last_kept_line'][:60]}`"

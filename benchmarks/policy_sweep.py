@@ -109,27 +109,47 @@ def full_text(sample: dict) -> str:
     return sample["texts"][-1] if sample["texts"] else ""
 
 
+def replay_completion(language: str, texts: list[str], token_texts: list[str], p_stops: list[float],
+                      p_dones: list[float] | None, num_baseline_tokens: int, policies: dict[str, StopPolicy],
+                      is_complete_at=None) -> dict[str, tuple[int, str, str]]:
+    """method -> (tokens generated, text the method keeps, text to execute) for one completion,
+    each method stopping as the engines apply it: the baseline, the stop words, every policy and
+    every policy + stop words. `texts[i]` is the decoded text of tokens [0, i]; `is_complete_at`
+    (num kept tokens, the policy's syntax_gate_allows_stub -> bool) is the syntax gate's check
+    for the policies that turn it on."""
+    full = texts[-1] if texts else ""
+    methods = {"baseline": (num_baseline_tokens, full, full)}
+    hit = replay_stop_words(full, [len(text) for text in texts], STOP_WORDS[language])
+    methods["stop_words"] = ((hit[0], hit[1], finish_completion(language, hit[1], True)) if hit
+                             else methods["baseline"])
+    for name, policy in policies.items():
+        check = None
+        if policy.syntax_gate:
+            check = lambda n, allows_stub=policy.syntax_gate_allows_stub: is_complete_at(n, allows_stub)  # noqa: E731
+        stop = find_stop(p_stops, token_texts, policy, p_dones or None, is_complete=check)
+        if stop is None:
+            methods[name] = methods["baseline"]
+        else:
+            kept = texts[stop[1] - 1] if stop[1] else ""
+            methods[name] = (stop[0] + 1, kept, kept)
+        # + stop words: whichever fires first; on the same token the engines check the guard first
+        guard, words = methods[name], methods["stop_words"]
+        methods[f"{name}+stop_words"] = guard if guard[0] <= words[0] else words
+    return methods
+
+
 def replay_methods(samples: list[dict], language: str, policies: dict[str, StopPolicy]) -> dict:
     """method -> one (tokens generated, text to execute) per sample."""
-    methods = {"baseline": [(len(s["ids"]), full_text(s)) for s in samples], "stop_words": []}
+    methods = {}
     for s in samples:
-        char_ends = [len(text) for text in s["texts"]]  # prefix decodes: where each token ends
-        hit = replay_stop_words(full_text(s), char_ends, STOP_WORDS[language])
-        methods["stop_words"].append((hit[0], finish_completion(language, hit[1], True)) if hit
-                                     else (len(s["ids"]), full_text(s)))
-    for name, policy in policies.items():
-        rows = []
-        for s in samples:
-            stop = replay_policy(s["texts"], s["p_stop"], policy, s.get("p_done"))
-            if stop is None:
-                rows.append((len(s["ids"]), full_text(s)))
-            else:
-                num_generated, num_kept = stop
-                rows.append((num_generated, s["texts"][num_kept - 1] if num_kept else ""))
-        methods[f"guard {name}"] = rows
-        # (d): whichever fires first; on the same token the engine checks the guard first.
-        methods[f"guard+stop_words {name}"] = [g if g[0] <= w[0] else w
-                                               for g, w in zip(rows, methods["stop_words"])]
+        token_texts = [text[len(s["texts"][i - 1]) if i else 0:] for i, text in enumerate(s["texts"])]
+        replayed = replay_completion(language, s["texts"], token_texts, s["p_stop"], s.get("p_done"),
+                                     len(s["ids"]), policies)
+        for method, (num_generated, _, executed) in replayed.items():
+            name = method.removesuffix("+stop_words")
+            label = (method if name not in policies else
+                     f"guard {name}" if name == method else f"guard+stop_words {name}")
+            methods.setdefault(label, []).append((num_generated, executed))
     return methods
 
 

@@ -23,7 +23,9 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.policy_sweep import HELD_OUT_CACHES, LANGUAGES, full_text, generated_samples, replay_policy
+from benchmarks.policy_sweep import (HELD_OUT_CACHES, LANGUAGES, full_text, generated_samples, replay_policy,
+                                     replay_stop_words)
+from benchmarks.stop_words import STOP_WORDS, finish_completion
 from engine import Engine, EngineConfig
 from evals.mbxp import load_problems
 from evals.pass_at_k import evaluate
@@ -31,7 +33,7 @@ from guard.policy import StopPolicy
 from guard.syntax import is_complete
 from benchmarks.stop_errors import against_cut
 
-VARIANTS = ("guard", "guard+gate")
+VARIANTS = ("guard", "guard+gate", "guard+gate, stubs pass")
 
 
 def replay(sample: dict, prompt: str, language: str, policy: StopPolicy, parse_ms: list[float]):
@@ -40,7 +42,7 @@ def replay(sample: dict, prompt: str, language: str, policy: StopPolicy, parse_m
 
     def check(num_kept: int) -> bool:
         start = time.perf_counter()
-        answer = is_complete(language, prompt, texts[num_kept - 1] if num_kept else "")
+        answer = is_complete(language, prompt, texts[num_kept - 1] if num_kept else "", policy.syntax_gate_allows_stub)
         parse_ms.append((time.perf_counter() - start) * 1e3)
         return answer
 
@@ -70,7 +72,7 @@ def main() -> None:
     base = replace(engine.guard.policy, syntax_gate=False)
     gated = replace(base, syntax_gate=True, **({} if args.max_lines is None else
                                                  {"syntax_gate_max_lines": args.max_lines}))
-    policies = {"guard": base, "guard+gate": gated}
+    policies = {"guard": base, "guard+gate": gated, "guard+gate, stubs pass": replace(gated, syntax_gate_allows_stub=True)}
     summary, early_stops, parse_ms, num_gate_stops = {}, [], [], 0
     for language in LANGUAGES:
         problems = {p.task_id: p for p in load_problems(language)}
@@ -90,9 +92,21 @@ def main() -> None:
             num_gate_stops += rows["guard+gate"][task_id][2] or rows["guard"][task_id][2]
         ungated = {t: kept for t, (_, kept, _) in rows["guard"].items()}
         passed = {"guard": {r.task_id: r.passed for r in evaluate(ungated, language)}}
-        differing = {t: kept for t, (_, kept, _) in rows["guard+gate"].items() if kept != ungated[t]}
-        passed["guard+gate"] = {**passed["guard"], **{r.task_id: r.passed for r in (
-            evaluate(differing, language) if differing else [])}}
+        differing = {}
+        for variant in VARIANTS[1:]:
+            differing[variant] = {t: kept for t, (_, kept, _) in rows[variant].items() if kept != ungated[t]}
+            passed[variant] = {**passed["guard"], **{r.task_id: r.passed for r in (
+                evaluate(differing[variant], language) if differing[variant] else [])}}
+        # the stop words on the same completions, for reference (not a variant of the guard)
+        words = {}
+        for task_id, sample in samples.items():
+            hit = replay_stop_words(full_text(sample), [len(t) for t in sample["texts"]], STOP_WORDS[language])
+            words[task_id] = ((hit[0], finish_completion(language, hit[1], True)) if hit
+                              else (len(sample["ids"]), full_text(sample)))
+        word_passed = {r.task_id: r.passed for r in evaluate({t: text for t, (_, text) in words.items()}, language)}
+        summary.setdefault("stop_words", {})[language] = {
+            "num_prompts": len(words), "num_tokens": sum(n for n, _ in words.values()),
+            "pass_at_1": sum(bool(word_passed.get(t)) for t in words) / len(words)}
         for variant in VARIANTS:
             outcomes = Counter()
             for task_id, (num_tokens, kept, is_stopped) in rows[variant].items():
@@ -102,7 +116,7 @@ def main() -> None:
                                    ends_at_eos=len(sample["ids"]) < args.max_new_tokens)
                 outcomes[outcome] += 1
                 if outcome == "early":
-                    is_parseable = is_complete(language, problem.prompt, kept)
+                    is_parseable = is_complete(language, problem.prompt, kept, allows_stub=True)  # a closed stub parses
                     outcomes["early, kept code does not parse"] += not is_parseable
                     cut_line = full[len(kept):].split("\n", 1)[0]
                     early_stops.append({"variant": variant, "language": language, "task_id": task_id,
@@ -112,14 +126,14 @@ def main() -> None:
                 "num_prompts": len(rows[variant]),
                 "num_tokens": sum(n for n, _, _ in rows[variant].values()),
                 "pass_at_1": sum(bool(passed[variant].get(t)) for t in rows[variant]) / len(rows[variant]),
-                "num_changed_by_gate": len(differing) if variant == "guard+gate" else 0,
+                "num_changed_by_gate": len(differing.get(variant, ())),
                 **outcomes}
     print(f"\nheld-out caches {args.caches}; gate: syntax_gate_max_lines={gated.syntax_gate_max_lines}\n")
     columns = ("num_prompts", "num_tokens", "pass_at_1", "early", "early, kept code does not parse", "exact",
                "late", "unlabeled", "num_changed_by_gate")
     print("| variant | language | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
-    for variant in VARIANTS:
+    for variant in ("stop_words", *VARIANTS):
         for language, row in summary[variant].items():
             cells = [f"{row.get(c, 0):.3f}" if c == "pass_at_1" else str(row.get(c, 0)) for c in columns]
             print(f"| {variant} | {language} | " + " | ".join(cells) + " |")

@@ -63,6 +63,7 @@ def replay_expectations(baseline_cell: dict, problems, tokenizer, export, traces
     """Per problem: what the policy replay says over (a)'s completion, with vLLM's probabilities:
     (stop index, kept tokens), or None for no stop."""
     from guard.policy import find_stop
+    from guard.syntax import gate_check
     from guard.vllm_processor import prompt_key
 
     expectations = []
@@ -74,7 +75,10 @@ def replay_expectations(baseline_cell: dict, problems, tokenizer, export, traces
         n = len(token_ids)
         if len(p_stops) < n:
             raise RuntimeError(f"{problem.task_id}: the trace has {len(p_stops)} positions for {n} tokens")
-        expectations.append(find_stop(p_stops[:n], texts, export.policy, p_dones[:n] if export.done_row else None))
+        check = gate_check(export.policy, problem.language, problem.prompt,
+                           lambda k, ids=token_ids: tokenizer.decode(ids[:k], skip_special_tokens=True))
+        expectations.append(find_stop(p_stops[:n], texts, export.policy, p_dones[:n] if export.done_row else None,
+                                      is_complete=check))
     return expectations
 
 
@@ -102,6 +106,7 @@ def self_replay(guard_cell: dict, problems, tokenizer, export, guard_traces, max
     requests' trace): identical input by construction, so every stop must match. A stop decided
     before its token was emitted has no token there; any code token decides alike ("x")."""
     from guard.policy import find_stop
+    from guard.syntax import gate_check
     from guard.vllm_processor import prompt_key
 
     matches, mismatches = 0, []
@@ -115,8 +120,10 @@ def self_replay(guard_cell: dict, problems, tokenizer, export, guard_traces, max
             got = (stop, len(row["token_ids"]))
         else:
             texts, got = texts[:max_new_tokens], None
+        check = gate_check(export.policy, problem.language, problem.prompt,
+                           lambda k, ids=emitted: tokenizer.decode(ids[:k], skip_special_tokens=True))
         expected = find_stop(p_stops[:len(texts)], texts, export.policy,
-                             p_dones[:len(texts)] if export.done_row is not None else None)
+                             p_dones[:len(texts)] if export.done_row is not None else None, is_complete=check)
         if expected == got:
             matches += 1
         else:

@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,24 +131,35 @@ def main(argv: list[str] | None = None) -> None:
     from guard.export import GuardExport, export_folder_for
     from guard.token_table import TABLE_FILE, TokenTable
 
+    from guard.probe import GenGuard, shipped_guard_dir
+
     torch.set_num_threads(1)
     folder = export_folder_for("default", "default")
     export = GuardExport.load(folder)
     table = TokenTable.load(folder / TABLE_FILE)
+    # The shipped guard with its syntax gate off, exported beside it: the gate's own cost per
+    # step, side by side (the steady state proposes no stop, so the gate never parses here).
+    ungated_guard = GenGuard.load(shipped_guard_dir(export.model_name))
+    ungated_guard.policy = replace(ungated_guard.policy, syntax_gate=False)
+    ungated_folder = export_folder_for("default", ungated_guard)
     streams = completion_streams()
     rows = []
     for batch_size in args.batch_sizes:
         warm = time_processor(folder, export, batch_size, args.steps, streams, is_cold=False)
+        ungated = time_processor(ungated_folder, GuardExport.load(ungated_folder), batch_size, args.steps, streams,
+                                 is_cold=False)
         cold = time_processor(folder, export, batch_size, args.steps, streams, is_cold=True)
         per_row = time_per_row_python(table, export.policy, batch_size, args.steps, streams)
         decode = time_decode_step(folder, batch_size) if args.with_decode_step else None
-        rows.append((batch_size, warm, cold, per_row, decode))
-    print("| running sequences | processor ms/step, warm (p90) | cold (p90) | per-row Python folds ms/step |"
-          " warm vs per-row | vLLM decode step ms | cold share of a step |")
-    print("|---|---|---|---|---|---|---|")
-    for batch_size, warm, cold, per_row, decode in rows:
+        rows.append((batch_size, warm, ungated, cold, per_row, decode))
+    print(f"shipped policy: syntax_gate={export.policy.syntax_gate}")
+    print("| running sequences | processor ms/step, warm (p90) | warm, gate off (p90) | cold (p90) |"
+          " per-row Python folds ms/step | warm vs per-row | vLLM decode step ms | cold share of a step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch_size, warm, ungated, cold, per_row, decode in rows:
         share = "" if decode is None else f"{100 * cold['median_ms'] / decode:.2f}%"
-        print(f"| {batch_size} | {warm['median_ms']:.3f} ({warm['p90_ms']:.3f}) | {cold['median_ms']:.3f}"
+        print(f"| {batch_size} | {warm['median_ms']:.3f} ({warm['p90_ms']:.3f}) | {ungated['median_ms']:.3f}"
+              f" ({ungated['p90_ms']:.3f}) | {cold['median_ms']:.3f}"
               f" ({cold['p90_ms']:.3f}) | {per_row:.3f} | {per_row / warm['median_ms']:.1f}x faster |"
               f" {'' if decode is None else f'{decode:.1f}'} | {share} |")
 

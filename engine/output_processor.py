@@ -80,7 +80,8 @@ class OutputProcessor:
             if language is not None:
                 seq.gate_state, is_stop = gate_step(
                     seq.gate_state, is_stop, is_line_end, num_kept, self.policy,
-                    lambda n: is_complete(language, seq.prompt, self.decode(seq.output_ids[:n])))
+                    lambda n: is_complete(language, seq.prompt, self.decode(seq.output_ids[:n]),
+                                          self.policy.syntax_gate_allows_stub))
         if is_stop:
             seq.num_kept_tokens = num_kept
             return True

@@ -40,7 +40,7 @@ excess (p_stop). A policy turns that stream of probabilities into one decision: 
 - syntax gate (`syntax_gate`, any policy): every stop the rules above propose is put to the
   language's parser (guard/syntax.py) with the text the stop would keep, and goes through only
   if that text is complete code (no open bracket, string or block; the opened function has a
-  statement). A refused stop changes nothing else: the votes go on as folded. The gate is
+  statement, or with `syntax_gate_allows_stub`, is a stub its `}` closed). A refused stop changes nothing else: the votes go on as folded. The gate is
   bounded: from its first refusal in a sequence it may refuse for `syntax_gate_max_lines` line
   ends, after which every stop goes through as without the gate, so a completion that never
   parses still ends under the rules above, at most that many lines later. `gate_step` is the
@@ -84,6 +84,9 @@ class StopPolicy:
     done_needs_blank_line: bool = False  # the done rule fires only on a line end opening a blank line
     syntax_gate: bool = False  # a stop goes through only where the kept code parses (see above)
     syntax_gate_max_lines: int = 8  # line ends after the gate's first refusal that it may still refuse
+    # The gate lets a stop through after a function the model closed with an empty body (a stub,
+    # guard/syntax.py `allows_stub`); False: the body needs a statement, closed or not.
+    syntax_gate_allows_stub: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", PolicyKind(self.kind))

@@ -82,8 +82,18 @@ def _has_empty_block(root: Node) -> bool:
     return False
 
 
-def incomplete_reason(language: str, prompt: str, kept: str) -> str | None:
-    """Why prompt + kept is not complete code, or None when a stop there may go through."""
+def _is_closed(body: Node) -> bool:
+    """Has the body's own closing brace been written (not one the parser made up)?"""
+    return body.child_count > 0 and body.children[-1].type == "}" and not body.children[-1].is_missing
+
+
+def incomplete_reason(language: str, prompt: str, kept: str, allows_stub: bool = False) -> str | None:
+    """Why prompt + kept is not complete code, or None when a stop there may go through.
+
+    `allows_stub`: a function whose body the model closed with no statement in it (`{ // Your
+    code here }`, the model's whole answer at times) is complete: the code parses and what
+    follows it is never that function. Python bodies have no closing token, so there a body
+    with no statement is always still open."""
     prompt_bytes = prompt.encode()
     root = get_parser(language).parse(prompt_bytes + kept.encode()).root_node
     if root.has_error:
@@ -92,13 +102,15 @@ def incomplete_reason(language: str, prompt: str, kept: str) -> str | None:
         # tree-sitter-python accepts `if n == 2:` at the end of the text with an empty block
         return "an open block (a compound statement with no statement yet)"
     function = _opened_function(root, len(prompt.rstrip().encode()), language)
-    if function is not None and _num_statements(function.child_by_field_name("body"), language) == 0:
-        return "the function the prompt opened has no statement yet"
+    if function is not None:
+        body = function.child_by_field_name("body")
+        if _num_statements(body, language) == 0 and not (allows_stub and _is_closed(body)):
+            return "the function the prompt opened has no statement yet"
     return None
 
 
-def is_complete(language: str, prompt: str, kept: str) -> bool:
-    return incomplete_reason(language, prompt, kept) is None
+def is_complete(language: str, prompt: str, kept: str, allows_stub: bool = False) -> bool:
+    return incomplete_reason(language, prompt, kept, allows_stub) is None
 
 
 # Lines a prompt in each language starts a line with, and nothing else does: what `guess_language`
@@ -129,3 +141,16 @@ def gate_language(language: str | None, prompt: str) -> str | None:
     """The language a request's stops are parsed in: its own, else the prompt's guess (None:
     the request goes ungated)."""
     return language if language is not None else guess_language(prompt)
+
+
+def gate_check(policy, language: str | None, prompt: str, decode_kept):
+    """The `is_complete` that `guard.policy.find_stop` takes for `policy`, bound as the engines
+    bind it: num_kept -> does prompt + `decode_kept(num_kept)` parse as complete code in the
+    request's language (named, else told from the prompt)? None without the gate; a request
+    whose language is neither named nor told goes ungated (every stop passes), as in both engines."""
+    if not policy.syntax_gate:
+        return None
+    language = gate_language(language, prompt)
+    if language is None:
+        return lambda num_kept: True
+    return lambda num_kept: is_complete(language, prompt, decode_kept(num_kept), policy.syntax_gate_allows_stub)

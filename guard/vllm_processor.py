@@ -479,7 +479,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
             self.last_parses[index] = (num_kept, True)
             return True
         kept = self.tokenizer.decode(self.output_lists[index][:num_kept], skip_special_tokens=True)
-        answer = is_complete(language, prompt, kept)
+        answer = is_complete(language, prompt, kept, self.policy.syntax_gate_allows_stub)
         self.last_parses[index] = (num_kept, answer)
         return answer
 
@@ -496,6 +496,10 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         and gate state move on (`guard.policy.gate_step`, as in our engine)."""
         host = lambda x: np.asarray(x if self.is_host else x.cpu().numpy(), dtype=bool)  # noqa: E731
         stops, ends = host(is_stop), host(is_line_end)
+        if not stops.any() and not self.is_gate_holding[row_ids].any():  # the common step: nothing to parse
+            ended = row_ids[ends]
+            self.line_starts[ended] = self.num_folded[ended]
+            return is_stop
         keeps = host(keeps_line) | self.policy.keep_stop_line
         allowed = stops.copy()
         # Python per row only where a stop is proposed or a refusal is counting line ends.

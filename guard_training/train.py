@@ -6,7 +6,7 @@ sample on both sides). One guard for all languages.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -126,8 +126,9 @@ def token_metrics(guard: GenGuard, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 def simulate_stop_line(p_stops: list[float], token_texts: list[str], policy: StopPolicy,
                        p_dones: list[float] | None = None) -> int | None:
-    """Line index (0-based) of the first line the policy drops, or None if it never stops."""
-    stop = find_stop(p_stops, token_texts, policy, p_dones)
+    """Line index (0-based) of the first line the policy drops, or None if it never stops. The
+    syntax gate is left out: it is chosen per model after the build, on held-out prompts."""
+    stop = find_stop(p_stops, token_texts, replace(policy, syntax_gate=False), p_dones)
     return None if stop is None else "".join(token_texts[:stop[1]]).count("\n")
 
 

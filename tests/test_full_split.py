@@ -1,6 +1,5 @@
 """benchmarks.full_split's replay and sandbox cache: every method cut where its rule says, over
 one completion, and a rerun that runs no text twice."""
-from dataclasses import replace
 from types import SimpleNamespace
 
 from benchmarks import full_split
@@ -26,7 +25,8 @@ def row_for(tokenizer, p_stop_of_line):
 def test_replay_cuts_each_method_where_its_rule_says():
     tokenizer = build_tiny_tokenizer()
     problem = SimpleNamespace(prompt=PROMPT)
-    policies = {"guard": POLICY, "guard+gate": replace(POLICY, syntax_gate=True)}
+    policies = full_split.guard_variants(POLICY)
+    assert full_split.shipped_variant(policies["guard+gate"]) == "guard+gate"
     # The guard is sure from the list's second line on: it cuts the open list; the gate lets
     # the stop through at the first line start where the kept code parses: after the `]`.
     row = row_for(tokenizer, [0.0, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99])
@@ -35,6 +35,7 @@ def test_replay_cuts_each_method_where_its_rule_says():
     assert methods["baseline"] == (len(row["token_ids"]) + 1, COMPLETION, COMPLETION)
     assert methods["guard"][1] == "    table = [\n"
     assert methods["guard+gate"][1] == "    table = [\n        xs[0],\n    ]\n"
+    assert methods["guard+gate_stubs"] == methods["guard+gate"]  # Python bodies never close: no stub rule
     assert methods["stop_words"][1].rstrip("\n") == COMPLETION[:COMPLETION.index("\nprint")].rstrip("\n")
     # + stop words: whichever stops first
     assert methods["guard+stop_words"] == methods["guard"]

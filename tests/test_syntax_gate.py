@@ -7,7 +7,7 @@ import pytest
 from engine import SamplingParams
 from evals.mbxp import load_problems, split_problems
 from guard.policy import GateState, StopPolicy, find_stop, gate_step
-from guard.syntax import LANGUAGES, guess_language, incomplete_reason, is_complete
+from guard.syntax import LANGUAGES, gate_check, guess_language, incomplete_reason, is_complete
 from tests.helpers import constant_guard, tiny_engine
 
 PROMPTS = {
@@ -47,6 +47,59 @@ def test_a_docstring_or_comments_are_not_a_statement():
     assert is_complete("python", prompt, "    # one\n    pass\n")
     # Later top-level code after a complete function is complete too (what a late stop keeps).
     assert is_complete("python", prompt, "    return 1\n\nprint(to_roman(3))\n")
+
+
+STUBS = {  # the model's whole answer at times: a body closed with only a comment in it
+    "javascript": "  // Your code here\n}\n",
+    "go": "\t// Your code here\n}\n",
+    "cpp": "  // Your code here\n}\n",
+}
+
+
+@pytest.mark.parametrize("language", sorted(STUBS))
+def test_a_closed_stub_passes_only_where_the_policy_allows_stubs(language):
+    prompt, stub = PROMPTS[language], STUBS[language]
+    assert not is_complete(language, prompt, stub)
+    assert is_complete(language, prompt, stub, allows_stub=True)
+    # still refused with stubs allowed: an open body, an open bracket
+    assert not is_complete(language, prompt, stub.rstrip("}\n") + "\n", allows_stub=True)
+    assert not is_complete(language, prompt, "  int x = (a +\n", allows_stub=True)
+
+
+def test_python_bodies_never_close_so_a_comment_only_body_stays_refused():
+    prompt = PROMPTS["python"]
+    assert not is_complete("python", prompt, "    # Your code here\n", allows_stub=True)
+    assert not is_complete("python", prompt, "    # Your code here\n\nprint(1)\n", allows_stub=True)
+
+
+def test_gate_check_binds_the_policy_language_and_prompt():
+    prompt, stub = PROMPTS["go"], STUBS["go"]
+    decode = {1: stub, 2: "\treturn a + b\n"}.get
+    assert gate_check(StopPolicy(), "go", prompt, decode) is None  # no gate: find_stop needs no check
+    strict = gate_check(StopPolicy(syntax_gate=True), None, prompt, decode)  # language told from the prompt
+    assert not strict(1) and not strict(2)
+    stubs = gate_check(StopPolicy(syntax_gate=True, syntax_gate_allows_stub=True), "go", prompt, decode)
+    assert stubs(1)
+    ungated = gate_check(StopPolicy(syntax_gate=True), None, "hello", decode)  # no language: every stop passes
+    assert ungated(1) and ungated(2)
+
+
+@pytest.mark.parametrize("allows_stub", [False, True])
+def test_our_engine_parses_with_the_policys_stub_rule(monkeypatch, allows_stub):
+    import engine.output_processor as output_processor
+
+    seen = []
+
+    def spy(language, prompt, kept, stub_rule=False):
+        seen.append(stub_rule)
+        return False
+
+    monkeypatch.setattr(output_processor, "is_complete", spy)
+    policy = StopPolicy(line_start_threshold=0.9, max_blank_lines=0, syntax_gate=True,
+                        syntax_gate_allows_stub=allows_stub)
+    engine = tiny_engine(guard=constant_guard(10.0, policy))
+    engine.generate(["int main() {\n"], SamplingParams(max_new_tokens=20, ignore_eos=True, language="cpp"))
+    assert seen and set(seen) == {allows_stub}
 
 
 @pytest.mark.parametrize("language", LANGUAGES)

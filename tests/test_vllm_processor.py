@@ -144,18 +144,22 @@ GATED_CODE = [
     ("int f(int x) {\n", "  int a[] = {\n    1,\n  };\n  return a[0];\n}\n\nint main() {}\n", "cpp"),
     ("def g(xs):\n", "    # sum\n    # them\n    return sum(\n        xs)\n\n\n\nprint(g([1]))\n", "python"),
     ("func f() int {\n", "\tx := []int{\n\t\t1,\n\t}\n\treturn x[0]\n}\n\nfunc main() {}\n", "go"),
+    # a stub: complete only where the policy lets a closed empty body through
+    ("func h() int {\n", "\t// Your code here\n}\n\nfunc main() {\n\th()\n}\n", "go"),
 ]
+GATED_STUB = replace(GATED, syntax_gate_allows_stub=True)
 
 
-@pytest.fixture(scope="module")
-def gated_export_dir(tmp_path_factory):
-    return tiny_export(tmp_path_factory, GATED)
+@pytest.fixture(scope="module", params=[GATED, GATED_STUB], ids=["strict", "stubs-pass"])
+def gated_export_dir(tmp_path_factory, request):
+    return tiny_export(tmp_path_factory, request.param)
 
 
 @pytest.mark.parametrize("device_path", [False, True])
 def test_gated_processor_stops_where_the_gated_replay_says(gated_export_dir, device_path):
     export = GuardExport.load(gated_export_dir)
     assert export.policy.syntax_gate
+    policy = export.policy
     table = TokenTable.load(gated_export_dir / TABLE_FILE)
     tokenizer = build_tiny_tokenizer()
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -173,8 +177,8 @@ def test_gated_processor_stops_where_the_gated_replay_says(gated_export_dir, dev
                                                                    p_stops, p_dones):
             token_texts = [tokenizer.decode([t]) for t in stream]
             check = lambda n, s=stream, p=prompt, lang=language: is_complete(  # noqa: E731
-                lang, p, tokenizer.decode(s[:n]))
-            expected = find_stop(list(p_stop), token_texts, GATED, list(p_done), is_complete=check)
+                lang, p, tokenizer.decode(s[:n]), policy.syntax_gate_allows_stub)
+            expected = find_stop(list(p_stop), token_texts, policy, list(p_done), is_complete=check)
             ungated = find_stop(list(p_stop), token_texts, POLICY, list(p_done))
             num_refused += ungated is not None and expected != ungated
             marker = out[-1] if out[-1] in export.marker_ids else None
