@@ -109,6 +109,16 @@ def full_text(sample: dict) -> str:
     return sample["texts"][-1] if sample["texts"] else ""
 
 
+def replay_stop_words_method(language: str, texts: list[str], num_baseline_tokens: int) -> tuple[int, str, str]:
+    """(tokens generated, text kept, text to execute) of the stop-word heuristic over one
+    completion (`texts[i]`: the decoded text of tokens [0, i]); its stop puts back the brace it cut."""
+    full = texts[-1] if texts else ""
+    hit = replay_stop_words(full, [len(text) for text in texts], STOP_WORDS[language])
+    if hit is None:
+        return num_baseline_tokens, full, full
+    return hit[0], hit[1], finish_completion(language, hit[1], True)
+
+
 def replay_completion(language: str, texts: list[str], token_texts: list[str], p_stops: list[float],
                       p_dones: list[float] | None, num_baseline_tokens: int, policies: dict[str, StopPolicy],
                       is_complete_at=None) -> dict[str, tuple[int, str, str]]:
@@ -118,10 +128,8 @@ def replay_completion(language: str, texts: list[str], token_texts: list[str], p
     (num kept tokens, the policy's syntax_gate_allows_stub -> bool) is the syntax gate's check
     for the policies that turn it on."""
     full = texts[-1] if texts else ""
-    methods = {"baseline": (num_baseline_tokens, full, full)}
-    hit = replay_stop_words(full, [len(text) for text in texts], STOP_WORDS[language])
-    methods["stop_words"] = ((hit[0], hit[1], finish_completion(language, hit[1], True)) if hit
-                             else methods["baseline"])
+    methods = {"baseline": (num_baseline_tokens, full, full),
+               "stop_words": replay_stop_words_method(language, texts, num_baseline_tokens)}
     for name, policy in policies.items():
         check = None
         if policy.syntax_gate:
@@ -140,16 +148,15 @@ def replay_completion(language: str, texts: list[str], token_texts: list[str], p
 
 def replay_methods(samples: list[dict], language: str, policies: dict[str, StopPolicy]) -> dict:
     """method -> one (tokens generated, text to execute) per sample."""
+    labels = {**{name: f"guard {name}" for name in policies},
+              **{f"{name}+stop_words": f"guard+stop_words {name}" for name in policies}}
     methods = {}
     for s in samples:
         token_texts = [text[len(s["texts"][i - 1]) if i else 0:] for i, text in enumerate(s["texts"])]
         replayed = replay_completion(language, s["texts"], token_texts, s["p_stop"], s.get("p_done"),
                                      len(s["ids"]), policies)
         for method, (num_generated, _, executed) in replayed.items():
-            name = method.removesuffix("+stop_words")
-            label = (method if name not in policies else
-                     f"guard {name}" if name == method else f"guard+stop_words {name}")
-            methods.setdefault(label, []).append((num_generated, executed))
+            methods.setdefault(labels.get(method, method), []).append((num_generated, executed))
     return methods
 
 

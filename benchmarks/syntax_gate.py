@@ -24,8 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.policy_sweep import (HELD_OUT_CACHES, LANGUAGES, full_text, generated_samples, replay_policy,
-                                     replay_stop_words)
-from benchmarks.stop_words import STOP_WORDS, finish_completion
+                                     replay_stop_words_method)
 from engine import Engine, EngineConfig
 from evals.mbxp import load_problems
 from evals.pass_at_k import evaluate
@@ -98,14 +97,11 @@ def main() -> None:
             passed[variant] = {**passed["guard"], **{r.task_id: r.passed for r in (
                 evaluate(differing[variant], language) if differing[variant] else [])}}
         # the stop words on the same completions, for reference (not a variant of the guard)
-        words = {}
-        for task_id, sample in samples.items():
-            hit = replay_stop_words(full_text(sample), [len(t) for t in sample["texts"]], STOP_WORDS[language])
-            words[task_id] = ((hit[0], finish_completion(language, hit[1], True)) if hit
-                              else (len(sample["ids"]), full_text(sample)))
-        word_passed = {r.task_id: r.passed for r in evaluate({t: text for t, (_, text) in words.items()}, language)}
+        words = {task_id: replay_stop_words_method(language, sample["texts"], len(sample["ids"]))
+                 for task_id, sample in samples.items()}
+        word_passed = {r.task_id: r.passed for r in evaluate({t: w[2] for t, w in words.items()}, language)}
         summary.setdefault("stop_words", {})[language] = {
-            "num_prompts": len(words), "num_tokens": sum(n for n, _ in words.values()),
+            "num_prompts": len(words), "num_tokens": sum(w[0] for w in words.values()),
             "pass_at_1": sum(bool(word_passed.get(t)) for t in words) / len(words)}
         for variant in VARIANTS:
             outcomes = Counter()

@@ -129,9 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from guard.export import GuardExport, export_folder_for
-    from guard.token_table import TABLE_FILE, TokenTable
-
     from guard.probe import GenGuard, shipped_guard_dir
+    from guard.token_table import TABLE_FILE, TokenTable
 
     torch.set_num_threads(1)
     folder = export_folder_for("default", "default")
@@ -142,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ungated_guard = GenGuard.load(shipped_guard_dir(export.model_name))
     ungated_guard.policy = replace(ungated_guard.policy, syntax_gate=False)
     ungated_folder = export_folder_for("default", ungated_guard)
+    ungated_export = GuardExport.load(ungated_folder)
     streams = completion_streams()
     rows = []
     for batch_size in args.batch_sizes:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = {"on": [], "off": []}
         for gate in ("on", "off", "on", "off"):
             runs[gate].append(time_processor(folder if gate == "on" else ungated_folder,
-                                             export if gate == "on" else GuardExport.load(ungated_folder),
+                                             export if gate == "on" else ungated_export,
                                              batch_size, args.steps, streams, is_cold=False))
         warm, ungated = (min(runs[gate], key=lambda r: r["median_ms"]) for gate in ("on", "off"))
         cold = time_processor(folder, export, batch_size, args.steps, streams, is_cold=True)

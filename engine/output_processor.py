@@ -10,7 +10,7 @@ from functools import cached_property
 import numpy as np
 
 from guard.policy import StopPolicy, fold_token, gate_step
-from guard.syntax import gate_language, is_complete
+from guard.syntax import gate_check
 from guard.token_table import TokenTable
 
 from engine.runner import RunnerOutput
@@ -76,12 +76,9 @@ class OutputProcessor:
                     else seq.line_start)
         is_stop = decision.is_stop
         if self.policy.syntax_gate and (is_stop or seq.gate_state.num_refusals):
-            language = gate_language(seq.params.language, seq.prompt)
-            if language is not None:
-                seq.gate_state, is_stop = gate_step(
-                    seq.gate_state, is_stop, is_line_end, num_kept, self.policy,
-                    lambda n: is_complete(language, seq.prompt, self.decode(seq.output_ids[:n]),
-                                          self.policy.syntax_gate_allows_stub))
+            check = gate_check(self.policy, seq.params.language, seq.prompt,
+                               lambda n: self.decode(seq.output_ids[:n]))
+            seq.gate_state, is_stop = gate_step(seq.gate_state, is_stop, is_line_end, num_kept, self.policy, check)
         if is_stop:
             seq.num_kept_tokens = num_kept
             return True

@@ -496,29 +496,25 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         and gate state move on (`guard.policy.gate_step`, as in our engine)."""
         host = lambda x: np.asarray(x if self.is_host else x.cpu().numpy(), dtype=bool)  # noqa: E731
         stops, ends = host(is_stop), host(is_line_end)
-        if not stops.any() and not self.is_gate_holding[row_ids].any():  # the common step: nothing to parse
-            ended = row_ids[ends]
-            self.line_starts[ended] = self.num_folded[ended]
-            return is_stop
-        keeps = host(keeps_line) | self.policy.keep_stop_line
-        allowed = stops.copy()
         # Python per row only where a stop is proposed or a refusal is counting line ends.
         # (Observed rows never stop: their stops are not parsed.)
         candidates = (stops | self.is_gate_holding[row_ids]) & ~self.is_observed[row_ids]
-        for j in np.flatnonzero(candidates).tolist():
-            index = int(row_ids[j])
-            if self.gate_inputs[index] is None:
-                continue
-            num_kept = int(self.num_folded[index]) if keeps[j] else int(self.line_starts[index])
-            self.gate_states[index], allowed[j] = gate_step(
-                self.gate_states[index], bool(stops[j]), bool(ends[j]), num_kept, self.policy,
-                lambda n, i=index: self._kept_is_complete(i, n))
-            self.is_gate_holding[index] = self.gate_states[index].num_refusals > 0
+        if candidates.any():  # most steps: none, and nothing else to copy
+            keeps = host(keeps_line) | self.policy.keep_stop_line
+            allowed = stops.copy()
+            for j in np.flatnonzero(candidates).tolist():
+                index = int(row_ids[j])
+                if self.gate_inputs[index] is None:
+                    continue
+                num_kept = int(self.num_folded[index]) if keeps[j] else int(self.line_starts[index])
+                self.gate_states[index], allowed[j] = gate_step(
+                    self.gate_states[index], bool(stops[j]), bool(ends[j]), num_kept, self.policy,
+                    lambda n, i=index: self._kept_is_complete(i, n))
+                self.is_gate_holding[index] = self.gate_states[index].num_refusals > 0
+            is_stop = allowed if self.is_host else torch.as_tensor(allowed, device=self.device)
         ended = row_ids[ends]
         self.line_starts[ended] = self.num_folded[ended]
-        if self.is_host:
-            return allowed
-        return torch.as_tensor(allowed, device=self.device)
+        return is_stop
 
     def _gate_will(self, guarded: np.ndarray, will: np.ndarray) -> np.ndarray:
         """The rows a line-start stop would end before sampling, less those whose kept text (the

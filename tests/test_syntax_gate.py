@@ -86,7 +86,7 @@ def test_gate_check_binds_the_policy_language_and_prompt():
 
 @pytest.mark.parametrize("allows_stub", [False, True])
 def test_our_engine_parses_with_the_policys_stub_rule(monkeypatch, allows_stub):
-    import engine.output_processor as output_processor
+    import guard.syntax
 
     seen = []
 
@@ -94,7 +94,7 @@ def test_our_engine_parses_with_the_policys_stub_rule(monkeypatch, allows_stub):
         seen.append(stub_rule)
         return False
 
-    monkeypatch.setattr(output_processor, "is_complete", spy)
+    monkeypatch.setattr(guard.syntax, "is_complete", spy)
     policy = StopPolicy(line_start_threshold=0.9, max_blank_lines=0, syntax_gate=True,
                         syntax_gate_allows_stub=allows_stub)
     engine = tiny_engine(guard=constant_guard(10.0, policy))
