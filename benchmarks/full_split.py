@@ -28,33 +28,17 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.codefast import LANGUAGES, method_params
-from benchmarks.policy_sweep import replay_completion
+from benchmarks.policy_sweep import GUARD_VARIANTS, guard_variants, replay_completion, shipped_variant
 from benchmarks.syntax_gate import classify
 from evals.mbxp import load_problems, split_problems
 from evals.pass_at_k import evaluate
 
 # GenGuard without the syntax gate, with the strict gate, and with the gate that lets closed stubs
 # through (guard/syntax.py `allows_stub`); each also with the stop words.
-GUARD_VARIANTS = ("guard", "guard+gate", "guard+gate_stubs")
 METHODS = ("baseline", "stop_words", *(m for v in GUARD_VARIANTS for m in (v, f"{v}+stop_words")))
-
-
-def guard_variants(policy) -> dict:
-    """GUARD_VARIANTS' policies, from a guard's own policy."""
-    base = replace(policy, syntax_gate=False, syntax_gate_allows_stub=False)
-    return {"guard": base, "guard+gate": replace(base, syntax_gate=True),
-            "guard+gate_stubs": replace(base, syntax_gate=True, syntax_gate_allows_stub=True)}
-
-
-def shipped_variant(policy) -> str:
-    """Which of GUARD_VARIANTS the guard's shipped policy is."""
-    if not policy.syntax_gate:
-        return "guard"
-    return "guard+gate_stubs" if policy.syntax_gate_allows_stub else "guard+gate"
 
 
 # ---- 1. generation -------------------------------------------------------------------------------

@@ -35,6 +35,25 @@ LANGUAGES = ("python", "javascript", "go", "cpp")
 HELD_OUT_CACHES = "train.0.40,train.280.40,train.320.80"
 
 
+# The guard's policy three ways: no syntax gate, the strict gate, the gate that lets a closed stub
+# through (benchmarks.full_split, models_table and syntax_gate replay all three).
+GUARD_VARIANTS = ("guard", "guard+gate", "guard+gate_stubs")
+
+
+def guard_variants(policy) -> dict:
+    """GUARD_VARIANTS' policies, from a guard's own policy."""
+    base = replace(policy, syntax_gate=False, syntax_gate_allows_stub=False)
+    return {"guard": base, "guard+gate": replace(base, syntax_gate=True),
+            "guard+gate_stubs": replace(base, syntax_gate=True, syntax_gate_allows_stub=True)}
+
+
+def shipped_variant(policy) -> str:
+    """Which of GUARD_VARIANTS the guard's shipped policy is."""
+    if not policy.syntax_gate:
+        return "guard"
+    return "guard+gate_stubs" if policy.syntax_gate_allows_stub else "guard+gate"
+
+
 @torch.inference_mode()
 def score_tokens(engine: Engine, prompt: str, completion_ids: list[int]) -> tuple[list[float], list[float] | None]:
     """p_stop and p_done (None without a done head) of every generated token, from the hidden

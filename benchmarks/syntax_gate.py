@@ -1,9 +1,10 @@
 """The syntax gate, replayed: the shipped policy with and without it over the same greedy completions.
 
 For each committed `benchmarks.policy_sweep` cache named (`SPLIT.OFFSET.LIMIT`), the guard scores
-every token once (teacher-forced), and the policy is replayed twice, without and with the gate
-(`StopPolicy.syntax_gate`, the parser bound to the prompt and language as the engines bind it).
-Per language it prints, for both: tokens generated, pass@1 (sandbox; the gated completions run
+every token once (teacher-forced), and the guard's policy is replayed three ways
+(`policy_sweep.GUARD_VARIANTS`: no gate, the strict gate, the gate that lets a closed stub
+through; `StopPolicy.syntax_gate`, the parser bound to the prompt and language as the engines
+bind it). Per language it prints, for each: tokens generated, pass@1 (sandbox; the gated completions run
 only where they differ), and the stops against the labeler's cut of the same completion (early /
 exact / late, plus early stops whose kept code does not parse), then every early stop with the
 line it cut at, and the gate's cost: parses and milliseconds per proposed stop.
@@ -23,16 +24,14 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.policy_sweep import (HELD_OUT_CACHES, LANGUAGES, full_text, generated_samples, replay_policy,
-                                     replay_stop_words_method)
+from benchmarks.policy_sweep import (GUARD_VARIANTS, HELD_OUT_CACHES, LANGUAGES, full_text, generated_samples,
+                                     guard_variants, replay_policy, replay_stop_words_method)
 from engine import Engine, EngineConfig
 from evals.mbxp import load_problems
 from evals.pass_at_k import evaluate
 from guard.policy import StopPolicy
 from guard.syntax import is_complete
 from benchmarks.stop_errors import against_cut
-
-VARIANTS = ("guard", "guard+gate", "guard+gate, stubs pass")
 
 
 def replay(sample: dict, prompt: str, language: str, policy: StopPolicy, parse_ms: list[float]):
@@ -68,14 +67,16 @@ def main() -> None:
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     engine = Engine.from_pretrained(args.model, guard=args.guard, config=EngineConfig(max_num_seqs=1))
-    base = replace(engine.guard.policy, syntax_gate=False)
-    gated = replace(base, syntax_gate=True, **({} if args.max_lines is None else
-                                                 {"syntax_gate_max_lines": args.max_lines}))
-    policies = {"guard": base, "guard+gate": gated, "guard+gate, stubs pass": replace(gated, syntax_gate_allows_stub=True)}
+    # The same three variants as benchmarks.full_split and models_table (no gate, strict, stubs pass), from the
+    # guard's own policy, whatever gate it ships with.
+    policies = guard_variants(engine.guard.policy)
+    if args.max_lines is not None:
+        policies = {name: replace(policy, syntax_gate_max_lines=args.max_lines) for name, policy in policies.items()}
+    gated = policies["guard+gate"]
     summary, early_stops, parse_ms, num_gate_stops = {}, [], [], 0
     for language in LANGUAGES:
         problems = {p.task_id: p for p in load_problems(language)}
-        rows = {variant: {} for variant in VARIANTS}  # task_id -> (tokens, kept, is_stopped)
+        rows = {variant: {} for variant in GUARD_VARIANTS}  # task_id -> (tokens, kept, is_stopped)
         samples = {}
         for cache in args.caches.split(","):
             split, offset, limit = cache.split(".")
@@ -92,7 +93,7 @@ def main() -> None:
         ungated = {t: kept for t, (_, kept, _) in rows["guard"].items()}
         passed = {"guard": {r.task_id: r.passed for r in evaluate(ungated, language)}}
         differing = {}
-        for variant in VARIANTS[1:]:
+        for variant in GUARD_VARIANTS[1:]:
             differing[variant] = {t: kept for t, (_, kept, _) in rows[variant].items() if kept != ungated[t]}
             passed[variant] = {**passed["guard"], **{r.task_id: r.passed for r in (
                 evaluate(differing[variant], language) if differing[variant] else [])}}
@@ -103,7 +104,7 @@ def main() -> None:
         summary.setdefault("stop_words", {})[language] = {
             "num_prompts": len(words), "num_tokens": sum(w[0] for w in words.values()),
             "pass_at_1": sum(bool(word_passed.get(t)) for t in words) / len(words)}
-        for variant in VARIANTS:
+        for variant in GUARD_VARIANTS:
             outcomes = Counter()
             for task_id, (num_tokens, kept, is_stopped) in rows[variant].items():
                 sample, problem = samples[task_id], problems[task_id]
@@ -129,7 +130,7 @@ def main() -> None:
                "late", "unlabeled", "num_changed_by_gate")
     print("| variant | language | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
-    for variant in ("stop_words", *VARIANTS):
+    for variant in ("stop_words", *GUARD_VARIANTS):
         for language, row in summary[variant].items():
             cells = [f"{row.get(c, 0):.3f}" if c == "pass_at_1" else str(row.get(c, 0)) for c in columns]
             print(f"| {variant} | {language} | " + " | ".join(cells) + " |")

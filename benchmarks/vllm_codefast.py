@@ -13,8 +13,9 @@ It also checks, per problem:
 - exactness: (c) stops exactly where the policy replay (`guard.policy.find_stop`) says over (a)'s
   completion, with the guard probabilities vLLM computed in (a) (run with the guard observing:
   it counts and traces its votes, never stops; the processor's cost is a fraction of a percent
-  of a step, `benchmarks.vllm_processor_cost`); and over (c)'s own tokens and probabilities,
-  which also covers a completion whose greedy text changed between the two runs;
+  of a step, `benchmarks.vllm_processor_cost`), a completion whose greedy text or guard
+  probabilities changed between the two runs counted apart; and over (c)'s own tokens and
+  probabilities, which covers those too;
 - agreement with our engine: (c)'s kept text against (e)'s, each difference classified.
 
 Cells are saved as they finish (`--out`); a rerun reuses them.
@@ -82,23 +83,46 @@ def replay_expectations(baseline_cell: dict, problems, tokenizer, export, traces
     return expectations
 
 
-def exactness(expectations: list, guard_cell: dict, baseline_cell: dict) -> dict:
+def probabilities_changed(problems, tokenizer, traces, guard_traces, guard_cell: dict) -> list[bool]:
+    """Per problem: did the guard probabilities vLLM computed for (c)'s tokens differ from those it
+    computed for the same positions in (a)? (Same logits give the same float64 probabilities;
+    another batch layout's bf16 sums give others, here as for the greedy text.)"""
+    from guard.vllm_processor import prompt_key
+
+    changed = []
+    for problem, row in zip(problems, guard_cell["problems"]):
+        key = prompt_key(tokenizer(problem.prompt, add_special_tokens=False)["input_ids"])
+        (a_stop, a_done, _), (c_stop, c_done, _) = traces[key], guard_traces[key]
+        last = row["guard_stop_index"] if row.get("guard_stop_index") is not None else len(row["token_ids"])
+        n = min(len(a_stop), len(c_stop), last + 1)
+        changed.append(a_stop[:n] != c_stop[:n] or a_done[:n] != c_done[:n])
+    return changed
+
+
+def exactness(expectations: list, guard_cell: dict, baseline_cell: dict, changed: list[bool] | None = None) -> dict:
     """(c) against the replay: a match is the same stop index and the same number of kept tokens
-    (or no stop in both). A (c) completion that is not a prefix of (a)'s is counted apart: vLLM's
-    greedy text itself differed between the two runs (other batches, other bf16 roundings)."""
-    matches, mismatches, diverged = 0, [], 0
-    for expected, row, base in zip(expectations, guard_cell["problems"], baseline_cell["problems"]):
+    (or no stop in both). The replay's input is (a)'s run, so two cases are counted apart, as
+    vLLM's own nondeterminism between the two runs (other batches, other bf16 roundings): a (c)
+    completion that is not a prefix of (a)'s (the greedy text changed), and, with `changed`
+    (`probabilities_changed`), one whose guard probabilities changed though its tokens did not.
+    Anything else is a mismatch: the processor did not do what the policy says."""
+    matches, mismatches, diverged, probs_changed = 0, [], 0, 0
+    changed = changed or [False] * len(expectations)
+    for expected, row, base, is_changed in zip(expectations, guard_cell["problems"], baseline_cell["problems"],
+                                               changed):
         is_prefix = base["token_ids"][:len(row["token_ids"])] == row["token_ids"]
         got = ((row["guard_stop_index"], len(row["token_ids"])) if row["finish_reason"] == "guard" else None)
         if got == expected:
             matches += 1
         elif not is_prefix:
             diverged += 1
+        elif is_changed:
+            probs_changed += 1
         else:
             mismatches.append({"task_id": row["task_id"], "expected": expected, "got": got,
                                "finish_reason": row["finish_reason"]})
     return {"num_problems": len(expectations), "num_exact": matches, "num_diverged": diverged,
-            "mismatches": mismatches}
+            "num_probs_changed": probs_changed, "mismatches": mismatches}
 
 
 def self_replay(guard_cell: dict, problems, tokenizer, export, guard_traces, max_new_tokens: int) -> dict:
@@ -188,7 +212,9 @@ def render(cells: dict, languages, checks: dict, args) -> str:
     for language, check in checks.items():
         exact, own = check["exactness"], check["self_replay"]
         lines.append(f"- {language}: stops as the replay over (a) says {exact['num_exact']}/{exact['num_problems']}"
-                     f" ({exact['num_diverged']} whose greedy text changed between runs); as the replay over"
+                     f" ({exact['num_diverged']} whose greedy text changed between runs,"
+                     f" {exact.get('num_probs_changed', 0)} whose guard probabilities changed, same tokens;"
+                     f" {len(exact['mismatches'])} other); as the replay over"
                      f" its own tokens says {own['num_exact']}/{own['num_problems']};"
                      f" vs our engine: {check['agreement']['counts']}")
     return "\n".join(lines) + "\n"
@@ -261,7 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     for language in args.languages:
         expectations = replay_expectations(cells[(language, "baseline")], problems[language], tokenizer, export, traces)
         checks[language] = {
-            "exactness": exactness(expectations, cells[(language, "guard")], cells[(language, "baseline")]),
+            "exactness": exactness(expectations, cells[(language, "guard")], cells[(language, "baseline")],
+                                   probabilities_changed(problems[language], tokenizer, traces, guard_traces,
+                                                         cells[(language, "guard")])),
             "self_replay": self_replay(cells[(language, "guard")], problems[language], tokenizer, export,
                                        guard_traces, args.max_new_tokens),
             "agreement": agreement(cells[(language, "guard")], cells[(language, "engine_guard")]),

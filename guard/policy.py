@@ -40,10 +40,11 @@ excess (p_stop). A policy turns that stream of probabilities into one decision: 
 - syntax gate (`syntax_gate`, any policy): every stop the rules above propose is put to the
   language's parser (guard/syntax.py) with the text the stop would keep, and goes through only
   if that text is complete code (no open bracket, string or block; the opened function has a
-  statement, or with `syntax_gate_allows_stub`, is a stub its `}` closed). A refused stop changes nothing else: the votes go on as folded. The gate is
-  bounded: from its first refusal in a sequence it may refuse for `syntax_gate_max_lines` line
-  ends, after which every stop goes through as without the gate, so a completion that never
-  parses still ends under the rules above, at most that many lines later. `gate_step` is the
+  statement, or with `syntax_gate_allows_stub`, is a stub its `}` closed). A refused stop
+  changes nothing else: the votes go on as folded. The gate is bounded: from its first refusal
+  in a sequence it may refuse for `syntax_gate_max_lines` line ends, after which every stop goes
+  through as without the gate, so a completion that never parses still ends under the rules
+  above, at most that many lines later. `gate_step` is the
   whole rule; the engines call it, in Python, only on a token whose fold proposed a stop.
 
 One definition, three kinds of numbers. `_fold` is the whole rule set, written with operators
@@ -422,7 +423,11 @@ NO_REFUSAL = -1  # GateState.num_lines_since_refusal before the gate's first ref
 class GateState:
     num_lines_since_refusal: int = NO_REFUSAL  # line ends since the gate's first refusal
     num_refusals: int = 0
-    refused_num_kept: int = -1  # the kept length of the last refusal: the same text is not parsed again
+    # The last parse, (kept length, complete?): a line-start stop is proposed again by each of the
+    # line's first tokens, and the vLLM processor asks before sampling and again at the fold after
+    # it, always about the same text; one memo, here, serves every caller.
+    last_num_kept: int = -1
+    is_last_complete: bool = False
 
 
 def gate_may_refuse(gate: GateState, policy: StopPolicy) -> bool:
@@ -430,14 +435,25 @@ def gate_may_refuse(gate: GateState, policy: StopPolicy) -> bool:
     return policy.syntax_gate and gate.num_lines_since_refusal < policy.syntax_gate_max_lines
 
 
+def gate_parse(gate: GateState, num_kept: int, is_complete) -> tuple[GateState, bool]:
+    """(new gate state, is the text of the first `num_kept` tokens complete code): parsed with
+    `is_complete(num_kept)` unless the last parse was of that same text."""
+    if num_kept == gate.last_num_kept:
+        return gate, gate.is_last_complete
+    answer = bool(is_complete(num_kept))
+    return replace(gate, last_num_kept=num_kept, is_last_complete=answer), answer
+
+
 def gate_step(gate: GateState, is_stop: bool, is_line_end: bool, num_kept: int, policy: StopPolicy,
               is_complete) -> tuple[GateState, bool]:
     """After one token's fold: (new gate state, does the stop go through). A proposed stop keeps
     the sequence's first `num_kept` tokens; `is_complete(num_kept)` parses their text, and is
-    called only when a stop is proposed, the gate may still refuse it, and that text was not
-    refused already (a line-start stop is proposed again by each of the line's first tokens)."""
-    is_refused = is_stop and gate_may_refuse(gate, policy) and (
-        num_kept == gate.refused_num_kept or not is_complete(num_kept))
+    called only when a stop is proposed, the gate may still refuse it, and the last parse was
+    not of that same text (`gate_parse`)."""
+    is_refused = False
+    if is_stop and gate_may_refuse(gate, policy):
+        gate, is_complete_now = gate_parse(gate, num_kept, is_complete)
+        is_refused = not is_complete_now
     lines = gate.num_lines_since_refusal
     if is_refused and lines == NO_REFUSAL:
         lines = 0
@@ -445,7 +461,7 @@ def gate_step(gate: GateState, is_stop: bool, is_line_end: bool, num_kept: int, 
         lines += 1
     if lines == gate.num_lines_since_refusal and not is_refused:
         return gate, is_stop
-    return (GateState(lines, gate.num_refusals + is_refused, num_kept if is_refused else gate.refused_num_kept),
+    return (replace(gate, num_lines_since_refusal=lines, num_refusals=gate.num_refusals + is_refused),
             is_stop and not is_refused)
 
 

@@ -59,7 +59,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from guard.export import GuardExport, MarkerKind
 from guard.policy import (FEATURE_FIELDS, VOTE_FIELDS, GateState, PolicyKind, TokenFeatures, VoteArrays,
-                          fold_arrays, gate_may_refuse, gate_step, line_start_would_stop)
+                          fold_arrays, gate_may_refuse, gate_parse, gate_step, line_start_would_stop)
 from guard.syntax import LANGUAGES, gate_language, is_complete
 from guard.token_table import TABLE_FILE, TokenTable
 
@@ -135,6 +135,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         is_code[list(self.export.eos_token_ids)] = False
         is_code[self.guard_cols] = False
         self.table = table
+        self.is_line_end_host = table.arrays["is_line_end"]  # the syntax gate's, on the host
         if self.is_host:
             self.features = table.arrays
             self.packed_features = table.packed()
@@ -157,11 +158,10 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self.is_observed = np.zeros(self.num_slots, dtype=bool)  # votes only, never stopped
         self.prompt_keys: list[str | None] = [None] * self.num_slots
         # The syntax gate's, per row: the request's prompt and language (`_GateRequest`), its
-        # GateState, where the line being written starts, and the last parse (num_kept, ok).
+        # GateState (which remembers the last parse), and where the line being written starts.
         self.gate_inputs: list[_GateRequest | None] = [None] * self.num_slots
         self.gate_states: list[GateState] = [GateState()] * self.num_slots
         self.line_starts = np.zeros(self.num_slots, dtype=np.int64)
-        self.last_parses: list[tuple[int, bool] | None] = [None] * self.num_slots
         self.is_gate_holding = np.zeros(self.num_slots, dtype=bool)  # refused once: counts line ends
         self._parked: OrderedDict[int, tuple] = OrderedDict()
         self.num_lost_requests = 0
@@ -233,19 +233,17 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         return (self.output_lists[index], self.is_guarded[index], self.num_folded[index],
                 self.has_probs[index], self.temperature[index], self.min_tokens[index],
                 self.is_observed[index], self.prompt_keys[index], self.gate_inputs[index],
-                self.gate_states[index], self.line_starts[index], self.last_parses[index],
-                self.is_gate_holding[index])
+                self.gate_states[index], self.line_starts[index], self.is_gate_holding[index])
 
     def _set_host_facts(self, index: int, facts: tuple) -> None:
         (self.output_lists[index], self.is_guarded[index], self.num_folded[index], self.has_probs[index],
          self.temperature[index], self.min_tokens[index], self.is_observed[index],
          self.prompt_keys[index], self.gate_inputs[index], self.gate_states[index],
-         self.line_starts[index], self.last_parses[index], self.is_gate_holding[index]) = facts
+         self.line_starts[index], self.is_gate_holding[index]) = facts
 
     def _clear(self, index: int) -> None:
         self._version += 1
-        self._set_host_facts(index, (None, False, 0, False, 0.0, 0, False, None, None, GateState(), 0, None,
-                                      False))
+        self._set_host_facts(index, (None, False, 0, False, 0.0, 0, False, None, None, GateState(), 0, False))
 
     def _park(self, index: int) -> None:
         output_ids = self.output_lists[index]
@@ -359,7 +357,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
             else:
                 ints[_INT[name]] = value
         if self.policy.syntax_gate:
-            is_stop = self._gate_folded(row_ids, is_stop, keeps_line, tokens.is_line_end)
+            is_stop = self._gate_folded(row_ids, token_ids, is_stop, keeps_line)
         if is_stop.any() if self.is_host else True:
             kind = _select(keeps_line | self.policy.keep_stop_line, int(MarkerKind.KEEP),
                            _select(tokens.is_line_end, int(MarkerKind.DROP_ENDED), int(MarkerKind.DROP_OPEN)))
@@ -469,19 +467,13 @@ class GenGuardLogitsProcessor(LogitsProcessor):
 
     # ---- the syntax gate (host work, only for rows proposing a stop) ---------------------------------
     def _kept_is_complete(self, index: int, num_kept: int) -> bool:
-        """Does the row's prompt + its first `num_kept` output tokens parse as complete code? The
-        last answer is kept: a pre-decided line-start stop and the fold after it ask the same."""
-        last = self.last_parses[index]
-        if last is not None and last[0] == num_kept:
-            return last[1]
+        """Does the row's prompt + its first `num_kept` output tokens parse as complete code?
+        (Asked through `gate_parse` / `gate_step`, whose GateState remembers the last answer.)"""
         prompt, language = self.gate_inputs[index].resolve(self.tokenizer)
         if language is None:  # neither named nor told by the prompt: the row goes ungated
-            self.last_parses[index] = (num_kept, True)
             return True
         kept = self.tokenizer.decode(self.output_lists[index][:num_kept], skip_special_tokens=True)
-        answer = is_complete(language, prompt, kept, self.policy.syntax_gate_allows_stub)
-        self.last_parses[index] = (num_kept, answer)
-        return answer
+        return is_complete(language, prompt, kept, self.policy.syntax_gate_allows_stub)
 
     @property
     def tokenizer(self):
@@ -491,16 +483,21 @@ class GenGuardLogitsProcessor(LogitsProcessor):
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         return self._tokenizer
 
-    def _gate_folded(self, row_ids: np.ndarray, is_stop, keeps_line, is_line_end):
+    def _gate_folded(self, row_ids: np.ndarray, token_ids: np.ndarray, is_stop, keeps_line):
         """The stops the fold proposed, less those the gate refuses; every gated row's line start
         and gate state move on (`guard.policy.gate_step`, as in our engine)."""
-        host = lambda x: np.asarray(x if self.is_host else x.cpu().numpy(), dtype=bool)  # noqa: E731
-        stops, ends = host(is_stop), host(is_line_end)
+        # Line ends from the host's token ids and table; on a GPU the stop and keep flags come
+        # over in one copy (the wait for the device this step's fold costs).
+        ends = self.is_line_end_host[token_ids]
+        if self.is_host:
+            stops = np.asarray(is_stop, dtype=bool)
+        else:
+            stops, keeps_line = torch.stack((is_stop.bool(), keeps_line.bool())).cpu().numpy()
         # Python per row only where a stop is proposed or a refusal is counting line ends.
         # (Observed rows never stop: their stops are not parsed.)
         candidates = (stops | self.is_gate_holding[row_ids]) & ~self.is_observed[row_ids]
-        if candidates.any():  # most steps: none, and nothing else to copy
-            keeps = host(keeps_line) | self.policy.keep_stop_line
+        if candidates.any():  # most steps: none
+            keeps = np.asarray(keeps_line, dtype=bool) | self.policy.keep_stop_line
             allowed = stops.copy()
             for j in np.flatnonzero(candidates).tolist():
                 index = int(row_ids[j])
@@ -523,7 +520,9 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         for j in np.flatnonzero(will):
             index = int(guarded[j])
             if self.gate_inputs[index] is not None and gate_may_refuse(self.gate_states[index], self.policy):
-                will[j] = self._kept_is_complete(index, int(self.line_starts[index]))
+                self.gate_states[index], will[j] = gate_parse(
+                    self.gate_states[index], int(self.line_starts[index]),
+                    lambda n, i=index: self._kept_is_complete(i, n))
         return will
 
     # ---- tracing (tests and the exactness check) ---------------------------------------------------

@@ -2,7 +2,7 @@
 one completion, and a rerun that runs no text twice."""
 from types import SimpleNamespace
 
-from benchmarks import full_split
+from benchmarks import full_split, policy_sweep
 from engine.tiny import build_tiny_tokenizer
 from guard.policy import StopPolicy
 
@@ -25,8 +25,8 @@ def row_for(tokenizer, p_stop_of_line):
 def test_replay_cuts_each_method_where_its_rule_says():
     tokenizer = build_tiny_tokenizer()
     problem = SimpleNamespace(prompt=PROMPT)
-    policies = full_split.guard_variants(POLICY)
-    assert full_split.shipped_variant(policies["guard+gate"]) == "guard+gate"
+    policies = policy_sweep.guard_variants(POLICY)
+    assert policy_sweep.shipped_variant(policies["guard+gate"]) == "guard+gate"
     # The guard is sure from the list's second line on: it cuts the open list; the gate lets
     # the stop through at the first line start where the kept code parses: after the `]`.
     row = row_for(tokenizer, [0.0, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99])

@@ -6,7 +6,7 @@ import pytest
 
 from engine import SamplingParams
 from evals.mbxp import load_problems, split_problems
-from guard.policy import GateState, StopPolicy, find_stop, gate_step
+from guard.policy import GateState, StopPolicy, find_stop, gate_parse, gate_step
 from guard.syntax import LANGUAGES, gate_check, guess_language, incomplete_reason, is_complete
 from tests.helpers import constant_guard, tiny_engine
 
@@ -131,6 +131,25 @@ def test_gate_step_refuses_goes_on_and_gives_up_after_the_bounded_delay():
     gate, allowed = gate_step(gate, True, False, 7, POLICY, never)
     assert allowed and calls == [3]  # past the delay: the stop goes through unparsed
     assert gate_step(GateState(), True, False, 3, StopPolicy(), never)[1]  # gate off
+
+
+def test_gate_parse_remembers_the_last_answer_either_way():
+    calls = []
+
+    def parse(n):
+        calls.append(n)
+        return n >= 5
+
+    gate, answer = gate_parse(GateState(), 5, parse)
+    assert answer and calls == [5]
+    gate, answer = gate_parse(gate, 5, parse)  # asked again (before sampling, then at the fold)
+    assert answer and calls == [5] and gate.num_refusals == 0
+    gate, allowed = gate_step(gate, True, False, 5, POLICY, parse)  # the stop goes through unparsed
+    assert allowed and calls == [5]
+    gate, allowed = gate_step(GateState(), True, False, 3, POLICY, parse)
+    assert not allowed and calls == [5, 3] and gate.last_num_kept == 3
+    gate, answer = gate_parse(gate, 6, parse)  # another text: parsed
+    assert answer and calls == [5, 3, 6]
 
 
 def test_find_stop_waits_for_the_open_list_to_close():

@@ -7,7 +7,7 @@ import pytest
 
 
 from backends import BackendSpec, build_backend
-from benchmarks.vllm_codefast import exactness, replay_expectations, self_replay
+from benchmarks.vllm_codefast import exactness, probabilities_changed, replay_expectations, self_replay
 from engine import PromptError, SamplingParams
 from evals.mbxp import load_problems, split_problems
 from guard.export import GuardExport
@@ -60,8 +60,10 @@ def test_guarded_vllm_stops_exactly_where_the_policy_replay_says(backend, proble
     export = GuardExport.load(backend.folder)
     expectations = replay_expectations(as_cell(problems, observed),
                                        problems, backend.tokenizer, export, read_trace(trace_dir))
-    report = exactness(expectations, as_cell(problems, guarded), as_cell(problems, observed))
-    assert report["num_exact"] + report["num_diverged"] == len(problems), report
+    changed = probabilities_changed(problems, backend.tokenizer, read_trace(trace_dir),
+                                    read_trace(trace_dir, mode="on"), as_cell(problems, guarded))
+    report = exactness(expectations, as_cell(problems, guarded), as_cell(problems, observed), changed)
+    assert not report["mismatches"], report
     assert report["num_exact"] >= len(problems) - 1, report
     own = self_replay(as_cell(problems, guarded), problems, backend.tokenizer, export,
                       read_trace(trace_dir, mode="on"), MAX_NEW_TOKENS)

@@ -207,6 +207,57 @@ def test_device_path_makes_the_same_logits_as_the_numpy_path(export_dir):
     assert any(out[-1] in export.marker_ids for out in host)
 
 
+class HostReads:
+    """Counts, per processor step, the tensor reads that make the host wait for the device
+    (`.cpu()`, `.item()`, `.tolist()`, truth tests): on a GPU each is a sync. (`.numpy()` of a
+    GPU tensor raises; it comes after `.cpu()`.)"""
+    METHODS = ("cpu", "item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch, processor):
+        self.per_step, self.is_inside = [], False
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                if self.is_inside:
+                    self.per_step[-1] += 1
+                return _original(tensor, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        apply = processor.apply
+
+        def counted_apply(logits):
+            self.per_step.append(0)
+            self.is_inside = True
+            try:
+                return apply(logits)
+            finally:
+                self.is_inside = False
+        processor.apply = counted_apply
+
+
+def test_device_path_waits_for_the_device_only_for_the_syntax_gate(export_dir, tmp_path_factory, monkeypatch):
+    """Ungated, the device path never reads a tensor back; gated, it reads two: the fold's
+    proposed stops (with their keep flags) and, before sampling, the line-start stops."""
+    tokenizer = build_tiny_tokenizer()
+    gated_dir = tiny_export(tmp_path_factory, GATED)
+    for folder, most in ((export_dir, 0), (gated_dir, 2)):
+        export = GuardExport.load(folder)
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        streams = [encode(c) for _, c, _ in GATED_CODE]
+        rng = np.random.default_rng(3)
+        p_stops, p_dones = zip(*(schedules(rng, len(s), (0.65, 0.93, 0.991)) for s in streams))
+        processor = make(folder, device_path=True)
+        reads = HostReads(monkeypatch, processor)
+        outputs = simulate(processor, export, streams, p_stops, p_dones, rng,
+                           prompts=[encode(p) for p, _, _ in GATED_CODE],
+                           languages=[language for _, _, language in GATED_CODE])
+        assert any(out[-1] in export.marker_ids for out in outputs)  # it stopped rows
+        assert len(reads.per_step) > 10 and max(reads.per_step) == most
+        if most:  # every step reads the line-start stops; every step after the first, the fold's
+            assert reads.per_step[0] == 1 and min(reads.per_step[1:]) == 2
+        monkeypatch.undo()
+
+
 def test_observed_and_unguarded_requests_are_never_stopped(export_dir):
     export = GuardExport.load(export_dir)
     tokenizer = build_tiny_tokenizer()
