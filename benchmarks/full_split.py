@@ -63,7 +63,8 @@ def generate(args, out: Path, problems: dict) -> None:
     from backends import BackendSpec, build_backend
     from backends.protocol import PromptError
     from guard.export import export_folder_for
-    from guard.vllm_processor import prompt_key, read_trace
+    from benchmarks.vllm_codefast import trace_key
+    from guard.vllm_processor import read_trace
 
     tokenizer = AutoTokenizer.from_pretrained(export_folder_for(args.model, args.guard))
     backend = build_backend(BackendSpec(backend="vllm", model=args.model, guard=args.guard,
@@ -89,8 +90,7 @@ def generate(args, out: Path, problems: dict) -> None:
                     rows.append({"task_id": problem.task_id, "error": str(result) if isinstance(
                         result, PromptError) else result.error})
                     continue
-                key = prompt_key(tokenizer(problem.prompt, add_special_tokens=False)["input_ids"])
-                p_stops, p_dones, _ = traces[key]
+                p_stops, p_dones, _ = traces[trace_key(tokenizer, problem.prompt)]
                 n = len(result.token_ids)
                 rows.append({"task_id": problem.task_id, "token_ids": list(result.token_ids),
                              "finish_reason": result.finish_reason,

@@ -60,17 +60,22 @@ def run_cell(submit, language: str, method: str, problems, max_new_tokens: int, 
     }
 
 
+def trace_key(tokenizer, prompt: str) -> str | None:
+    """The key of a prompt's records in the processor's trace (`guard.vllm_processor.prompt_key`)."""
+    from guard.vllm_processor import prompt_key
+
+    return prompt_key(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 def replay_expectations(baseline_cell: dict, problems, tokenizer, export, traces) -> list:
     """Per problem: what the policy replay says over (a)'s completion, with vLLM's probabilities:
     (stop index, kept tokens), or None for no stop."""
     from guard.policy import find_stop
     from guard.syntax import gate_check
-    from guard.vllm_processor import prompt_key
 
     expectations = []
     for problem, row in zip(problems, baseline_cell["problems"]):
-        prompt_ids = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
-        p_stops, p_dones, _ = traces[prompt_key(prompt_ids)]
+        p_stops, p_dones, _ = traces[trace_key(tokenizer, problem.prompt)]
         token_ids = row["token_ids"]
         texts = [tokenizer.decode([t]) for t in token_ids]
         n = len(token_ids)
@@ -87,11 +92,9 @@ def probabilities_changed(problems, tokenizer, traces, guard_traces, guard_cell:
     """Per problem: did the guard probabilities vLLM computed for (c)'s tokens differ from those it
     computed for the same positions in (a)? (Same logits give the same float64 probabilities;
     another batch layout's bf16 sums give others, here as for the greedy text.)"""
-    from guard.vllm_processor import prompt_key
-
     changed = []
     for problem, row in zip(problems, guard_cell["problems"]):
-        key = prompt_key(tokenizer(problem.prompt, add_special_tokens=False)["input_ids"])
+        key = trace_key(tokenizer, problem.prompt)
         (a_stop, a_done, _), (c_stop, c_done, _) = traces[key], guard_traces[key]
         last = row["guard_stop_index"] if row.get("guard_stop_index") is not None else len(row["token_ids"])
         n = min(len(a_stop), len(c_stop), last + 1)
@@ -131,12 +134,10 @@ def self_replay(guard_cell: dict, problems, tokenizer, export, guard_traces, max
     before its token was emitted has no token there; any code token decides alike ("x")."""
     from guard.policy import find_stop
     from guard.syntax import gate_check
-    from guard.vllm_processor import prompt_key
 
     matches, mismatches = 0, []
     for problem, row in zip(problems, guard_cell["problems"]):
-        prompt_ids = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
-        p_stops, p_dones, emitted = guard_traces[prompt_key(prompt_ids)]
+        p_stops, p_dones, emitted = guard_traces[trace_key(tokenizer, problem.prompt)]
         texts = [tokenizer.decode([t]) for t in emitted]
         if row["finish_reason"] == "guard":
             stop = row["guard_stop_index"]

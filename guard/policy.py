@@ -44,8 +44,8 @@ excess (p_stop). A policy turns that stream of probabilities into one decision: 
   changes nothing else: the votes go on as folded. The gate is bounded: from its first refusal
   in a sequence it may refuse for `syntax_gate_max_lines` line ends, after which every stop goes
   through as without the gate, so a completion that never parses still ends under the rules
-  above, at most that many lines later. `gate_step` is the
-  whole rule; the engines call it, in Python, only on a token whose fold proposed a stop.
+  above, at most that many lines later. `gate_step` is the whole rule; the engines call it, in
+  Python, only on a token whose fold proposed a stop.
 
 One definition, three kinds of numbers. `_fold` is the whole rule set, written with operators
 and `where` only, so the same function folds one token of one sequence on Python scalars (our

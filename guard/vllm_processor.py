@@ -135,7 +135,6 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         is_code[list(self.export.eos_token_ids)] = False
         is_code[self.guard_cols] = False
         self.table = table
-        self.is_line_end_host = table.arrays["is_line_end"]  # the syntax gate's, on the host
         if self.is_host:
             self.features = table.arrays
             self.packed_features = table.packed()
@@ -144,6 +143,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
             self.floats = np.zeros((len(_FLOAT_FIELDS), self.num_slots), dtype=np.float64)
         else:
             self.features = table.to_torch(self.device)
+            self.is_line_end_host = table.arrays["is_line_end"]  # the syntax gate's line ends
             self.is_code_col = torch.as_tensor(is_code, device=self.device)
             self.ints = torch.zeros((len(_INT_FIELDS), self.num_slots), dtype=torch.int64, device=self.device)
             self.floats = torch.zeros((len(_FLOAT_FIELDS), self.num_slots), dtype=torch.float64,
@@ -357,7 +357,11 @@ class GenGuardLogitsProcessor(LogitsProcessor):
             else:
                 ints[_INT[name]] = value
         if self.policy.syntax_gate:
-            is_stop = self._gate_folded(row_ids, token_ids, is_stop, keeps_line)
+            # Line ends: on the host, the flags just gathered; on a GPU, the host's own table
+            # (no copy from the device for them).
+            ends = (np.asarray(tokens.is_line_end, dtype=bool) if self.is_host
+                    else self.is_line_end_host[token_ids])
+            is_stop = self._gate_folded(row_ids, ends, is_stop, keeps_line)
         if is_stop.any() if self.is_host else True:
             kind = _select(keeps_line | self.policy.keep_stop_line, int(MarkerKind.KEEP),
                            _select(tokens.is_line_end, int(MarkerKind.DROP_ENDED), int(MarkerKind.DROP_OPEN)))
@@ -483,12 +487,11 @@ class GenGuardLogitsProcessor(LogitsProcessor):
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         return self._tokenizer
 
-    def _gate_folded(self, row_ids: np.ndarray, token_ids: np.ndarray, is_stop, keeps_line):
+    def _gate_folded(self, row_ids: np.ndarray, ends: np.ndarray, is_stop, keeps_line):
         """The stops the fold proposed, less those the gate refuses; every gated row's line start
         and gate state move on (`guard.policy.gate_step`, as in our engine)."""
-        # Line ends from the host's token ids and table; on a GPU the stop and keep flags come
-        # over in one copy (the wait for the device this step's fold costs).
-        ends = self.is_line_end_host[token_ids]
+        # On a GPU the stop and keep flags come over in one copy (the wait for the device this
+        # step's fold costs).
         if self.is_host:
             stops = np.asarray(is_stop, dtype=bool)
         else:
