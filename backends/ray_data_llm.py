@@ -30,6 +30,7 @@ def guarded_processor_config(model: str = "default", guard: str = "default", *, 
                              max_model_len: int = 8192):
     from ray.data.llm import vLLMEngineProcessorConfig
 
+    from backends.spec import VLLM_CPU_EXECUTOR, VLLM_CPU_EXECUTOR_ENV
     from engine.dtypes import resolve_dtype
     from guard.export import export_folder_for
 
@@ -41,6 +42,8 @@ def guarded_processor_config(model: str = "default", guard: str = "default", *, 
                      "max_model_len": max_model_len, "seed": 0}
     if is_cpu:  # an explicit KV size; vLLM then skips its reserve-92%-of-RAM check
         engine_kwargs["kv_cache_memory_bytes"] = kv_cache_gib << 30
+        engine_kwargs["distributed_executor_backend"] = VLLM_CPU_EXECUTOR
+        env_vars |= VLLM_CPU_EXECUTOR_ENV
     return vLLMEngineProcessorConfig(
         model_source=str(folder),
         engine_kwargs=engine_kwargs,

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from backends.protocol import GenerationBackend, ModelInfo
-from backends.spec import BackendSpec
+from backends.spec import VLLM_CPU_EXECUTOR, VLLM_CPU_EXECUTOR_ENV, BackendSpec
 from engine.dtypes import resolve_dtype
 from engine.engine import EngineDeadError, StepEvent, encode_prompt
 from engine.params import SamplingParams
@@ -131,6 +131,9 @@ class VllmBackend(GenerationBackend):
             kwargs["logits_processors"] = [GenGuardLogitsProcessor]
         if device == "cpu":  # an explicit KV size; vLLM then skips its reserve-92%-of-RAM check
             kwargs["kv_cache_memory_bytes"] = self.spec.kv_cache_gib * GIB
+            for name, value in VLLM_CPU_EXECUTOR_ENV.items():  # read when the config is built, below
+                os.environ.setdefault(name, value)
+            kwargs["distributed_executor_backend"] = VLLM_CPU_EXECUTOR
         else:
             kwargs["gpu_memory_utilization"] = self.spec.gpu_memory_utilization
         args = AsyncEngineArgs(model=str(self.folder), dtype=resolve_dtype(self.spec.dtype, device),

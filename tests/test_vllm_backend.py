@@ -53,6 +53,8 @@ def as_cell(problems, results):
 
 def test_guarded_vllm_stops_exactly_where_the_policy_replay_says(backend, problems, trace_dir):
     assert backend.info.has_guard and backend.info.backend == "vllm"
+    # On CPU the model runs inside the engine-core process, on every core (backends/spec.py).
+    assert backend._engine.vllm_config.parallel_config.distributed_executor_backend == "uni"
     observed = run(backend, problems, observe=True)
     guarded = run(backend, problems)
     assert all(r.finish_reason != "guard" for r in observed)
