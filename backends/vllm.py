@@ -121,8 +121,7 @@ class VllmBackend(GenerationBackend):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        for name, value in _LOOPBACK_ENV.items():
-            os.environ.setdefault(name, value)
+        env = dict(_LOOPBACK_ENV)
         enforce_eager = self.spec.enforce_eager if self.spec.enforce_eager is not None else device == "cpu"
         kwargs = {}
         if self.export is not None:
@@ -131,11 +130,12 @@ class VllmBackend(GenerationBackend):
             kwargs["logits_processors"] = [GenGuardLogitsProcessor]
         if device == "cpu":  # an explicit KV size; vLLM then skips its reserve-92%-of-RAM check
             kwargs["kv_cache_memory_bytes"] = self.spec.kv_cache_gib * GIB
-            for name, value in VLLM_CPU_EXECUTOR_ENV.items():  # read when the config is built, below
-                os.environ.setdefault(name, value)
             kwargs["distributed_executor_backend"] = VLLM_CPU_EXECUTOR
+            env |= VLLM_CPU_EXECUTOR_ENV
         else:
             kwargs["gpu_memory_utilization"] = self.spec.gpu_memory_utilization
+        for name, value in env.items():  # read by vLLM when the config is built, below
+            os.environ.setdefault(name, value)
         args = AsyncEngineArgs(model=str(self.folder), dtype=resolve_dtype(self.spec.dtype, device),
                                max_num_seqs=self.spec.max_num_seqs, max_model_len=self.max_model_len,
                                enforce_eager=enforce_eager, seed=0, disable_log_stats=True, **kwargs)

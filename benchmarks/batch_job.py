@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-LANGUAGES = ("python", "javascript", "go", "cpp")
+from guard.syntax import LANGUAGES
+
 OVERHEAD_TARGET = 0.10
 MEMORY_GROWTH_TARGET = 0.10  # "flat": the bigger corpus may cost at most 10% more driver memory
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,8 @@ from benchmarks.stop_words import STOP_WORDS, finish_completion
 from engine import Engine, EngineConfig, SamplingParams
 from evals.mbxp import load_problems, split_problems
 from evals.pass_at_k import evaluate, pass_at_1
+from guard.syntax import LANGUAGES
 
-LANGUAGES = ("python", "javascript", "go", "cpp")
 METHODS = ("baseline", "stop_words", "guard", "guard+stop_words")
 METHOD_LABELS = {"baseline": "(a) baseline: EOS / max tokens", "stop_words": "(b) stop words",
                  "guard": "(c) GenGuard", "guard+stop_words": "(d) GenGuard + stop words"}

@@ -29,8 +29,8 @@ from engine import Engine, EngineConfig, SamplingParams
 from evals.mbxp import load_problems, split_problems
 from evals.pass_at_k import evaluate, pass_at_1
 from guard.policy import StopPolicy, find_stop
+from guard.syntax import LANGUAGES
 
-LANGUAGES = ("python", "javascript", "go", "cpp")
 # The committed caches of train prompts no guard was trained on (0-39, 280-319, 320-399).
 HELD_OUT_CACHES = "train.0.40,train.280.40,train.320.80"
 

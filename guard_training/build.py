@@ -19,10 +19,10 @@ import numpy as np
 from guard_training.features import done_ends_opening_blank_line, extract_features, label_samples, load_shard, save_shard
 from guard.policy import StopPolicy
 from guard.probe import SHIPPED_DIR, model_slug
+from guard.syntax import LANGUAGES
 from guard_training.sampling import SamplingPlan, read_jsonl, sample_language, write_jsonl_atomic
 from guard_training.train import TrainConfig, line_stop_errors, split_by_sample, train_guard
 
-LANGUAGES = ("python", "javascript", "go", "cpp")
 # `--done-needs-blank-line auto` turns the requirement on when at least this share of the training
 # done line ends open a blank line: the model's own habit, not a few lucky samples.
 MIN_BLANK_LINE_DONE_SHARE = 0.95

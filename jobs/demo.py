@@ -19,9 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from guard.syntax import LANGUAGES
 from jobs.generate import JobConfig, connect_ray, new_run_id, run_job
-
-LANGUAGES = ("python", "javascript", "go", "cpp")
 
 
 def write_corpus(path: Path, per_language: int) -> int:
