@@ -247,7 +247,8 @@ class VllmBackend(GenerationBackend):
         # A stop decided on the last allowed token's own vote (a line end, the done rule) is
         # forced one step later: one more step is allowed, and _result cuts it off again when
         # the guard did not use it, so the cap acts as in our engine (guard first, then length).
-        max_tokens = params.max_new_tokens + (1 if extra.get(GUARD_ARG) not in (None, "off") else 0)
+        # An observing guard never stops, so it gets no extra step.
+        max_tokens = params.max_new_tokens + (1 if extra.get(GUARD_ARG) not in (None, "off", OBSERVE) else 0)
         return VllmParams(
             n=1, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
             max_tokens=max_tokens, stop=list(params.stop) or None,

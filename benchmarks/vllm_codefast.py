@@ -31,6 +31,7 @@ from pathlib import Path
 from benchmarks.codefast import LANGUAGES, method_params
 from benchmarks.stop_words import finish_completion
 from evals.mbxp import load_problems, split_problems
+from engine import SamplingParams
 from evals.pass_at_k import evaluate, pass_at_1
 
 VLLM_METHODS = ("baseline", "stop_words", "guard", "guard+stop_words")
@@ -60,11 +61,36 @@ def run_cell(submit, language: str, method: str, problems, max_new_tokens: int, 
     }
 
 
-def trace_key(tokenizer, prompt: str) -> str | None:
+def trace_key(tokenizer, prompt: str, stop=()) -> str | None:
     """The key of a prompt's records in the processor's trace (`guard.vllm_processor.prompt_key`)."""
     from guard.vllm_processor import prompt_key
 
-    return prompt_key(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return prompt_key(tokenizer(prompt, add_special_tokens=False)["input_ids"], stop)
+
+
+# The guard mode each vLLM method's requests run in, as the processor's decode records name it.
+TRACE_MODES = {"baseline": "observe", "stop_words": "off", "guard": "on", "guard+stop_words": "on"}
+
+
+def add_decoded_tokens(backend, cell: dict, problems, trace_dir: Path, max_new_tokens: int) -> None:
+    """Adds to a vLLM cell the tokens vLLM's engine decoded, per problem and in all, from the
+    processor's decode records. They differ from the output's tokens where a stop string ended the
+    request: vLLM matches stop strings in its front end, and the engine decodes on until the
+    front end's abort reaches it. A guard stop is an EOS the engine's own scheduler sees in the
+    step that samples it. One tiny request runs first, because vLLM hands the processor the
+    batch's removals (the records) at the engine's next step."""
+    from guard.vllm_processor import read_decoded
+
+    backend.submit("#", SamplingParams(max_new_tokens=1, use_guard=False)).result(timeout=600)
+    decoded = read_decoded(trace_dir)
+    method = cell["method"]
+    stop = method_params(method, cell["language"], max_new_tokens).stop
+    for problem, row in zip(problems, cell["problems"]):
+        key = (trace_key(backend.tokenizer, problem.prompt, stop), TRACE_MODES[method])
+        if key not in decoded:
+            raise RuntimeError(f"no decode record for {problem.task_id} ({method}) in {trace_dir}")
+        row["num_decoded_tokens"] = decoded[key]
+    cell["num_decoded_tokens"] = sum(row["num_decoded_tokens"] for row in cell["problems"])
 
 
 def replay_expectations(baseline_cell: dict, problems, tokenizer, export, traces) -> list:
@@ -179,36 +205,41 @@ def agreement(vllm_cell: dict, engine_cell: dict) -> dict:
 
 
 def render(cells: dict, languages, checks: dict, args) -> str:
+    """Tokens: the output's (each result's `num_generated_tokens`); decoded: what the engine
+    decoded (`add_decoded_tokens`), the work the stop saved or not."""
     methods = list(VLLM_METHODS) + ["engine_guard"]
     lines = [f"default model, {args.limit} MBXP test problems per language, greedy, max_new_tokens"
              f" {args.max_new_tokens}, {args.max_num_seqs} slots\n",
-             "| language | method | tokens | wall s | tok/s | pass@1 | vs (a) | vs (e) |", "|---|---|---|---|---|---|---|---|"]
-    totals = {m: [0, 0.0, 0.0] for m in methods}
+             "| language | method | tokens | decoded | wall s | tok/s | pass@1 | time vs (a) | time vs (e) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    totals = {m: [0, 0, 0.0, 0.0] for m in methods}
     for language in languages:
         for method in methods:
             cell = cells.get((language, method))
             if cell is None:
                 continue
             base, ours = cells.get((language, "baseline")), cells.get((language, "engine_guard"))
+            decoded = cell.get("num_decoded_tokens")
             totals[method][0] += cell["num_generated_tokens"]
-            totals[method][1] += cell["wall_s"]
-            totals[method][2] += cell["pass_at_1"] * 100 / len(languages)
-            lines.append(
-                f"| {language} | {LABELS[method]} | {cell['num_generated_tokens']} | {cell['wall_s']:.0f}"
-                f" | {cell['num_generated_tokens'] / cell['wall_s']:.1f} | {cell['pass_at_1'] * 100:.1f}"
-                f" | {base['wall_s'] / cell['wall_s']:.2f}x | {ours['wall_s'] / cell['wall_s']:.2f}x |"
-                if base and ours else
-                f"| {language} | {LABELS[method]} | {cell['num_generated_tokens']} | {cell['wall_s']:.0f}"
-                f" | {cell['num_generated_tokens'] / cell['wall_s']:.1f} | {cell['pass_at_1'] * 100:.1f} | | |")
+            totals[method][1] += decoded or 0
+            totals[method][2] += cell["wall_s"]
+            totals[method][3] += cell["pass_at_1"] * 100 / len(languages)
+            ratios = (f" {base['wall_s'] / cell['wall_s']:.2f}x | {ours['wall_s'] / cell['wall_s']:.2f}x |"
+                      if base and ours else " | |")
+            lines.append(f"| {language} | {LABELS[method]} | {cell['num_generated_tokens']} | {decoded or '-'}"
+                         f" | {cell['wall_s']:.0f} | {cell['num_generated_tokens'] / cell['wall_s']:.1f}"
+                         f" | {cell['pass_at_1'] * 100:.1f} |{ratios}")
     lines.append("")
-    lines.append("| all four | tokens | wall s | mean pass@1 | time vs (a) | time vs (e) |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("| all four | tokens | decoded | decoded vs (b) | wall s | mean pass@1 | time vs (a) | time vs (e) |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for method in methods:
-        tokens, wall, mean_pass = totals[method]
+        tokens, decoded, wall, mean_pass = totals[method]
         if not wall:
             continue
-        lines.append(f"| {LABELS[method]} | {tokens} | {wall:.0f} | {mean_pass:.2f}"
-                     f" | {totals['baseline'][1] / wall:.2f}x | {totals['engine_guard'][1] / wall:.2f}x |")
+        vs_stop_words = f"{decoded / totals['stop_words'][1]:.3f}x" if decoded and totals["stop_words"][1] else "-"
+        lines.append(f"| {LABELS[method]} | {tokens} | {decoded or '-'} | {vs_stop_words} | {wall:.0f}"
+                     f" | {mean_pass:.2f} | {totals['baseline'][2] / wall:.2f}x"
+                     f" | {totals['engine_guard'][2] / wall:.2f}x |")
     lines.append("")
     for language, check in checks.items():
         exact, own = check["exactness"], check["self_replay"]
@@ -257,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                 cell = run_cell(lambda p, sp, obs: backend.submit(p, sp, observe_guard=obs), language, method,
                                 problems[language], args.max_new_tokens, args.num_workers,
                                 observe=method == "baseline")
+                add_decoded_tokens(backend, cell, problems[language], trace_dir, args.max_new_tokens)
                 cell_path(language, method).write_text(json.dumps(cell))
                 cells[(language, method)] = cell
         finally:
@@ -271,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[engine] {language} guard", flush=True)
                 cell = run_cell(lambda p, sp, obs: backend.submit(p, sp), language, "engine_guard",
                                 problems[language], args.max_new_tokens, args.num_workers)
+                # Our engine counts every decode step, the one whose token the guard stopped on too.
+                cell["num_decoded_tokens"] = cell["num_generated_tokens"]
                 cell_path(language, "engine_guard").write_text(json.dumps(cell))
                 cells[(language, "engine_guard")] = cell
         finally:

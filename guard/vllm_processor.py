@@ -30,7 +30,10 @@ Per request, `SamplingParams.extra_args["guard"]` is "on" (default), "off", a st
 in (0, 1) (the OpenAI server passes `vllm_xargs` there), or "observe": the votes are counted but
 never stop the request; with `CODEFAST_GUARD_TRACE_DIR` set, guarded and observed requests write
 their guard probabilities and tokens there (`read_trace`), which is how the exactness check
-replays the policy over vLLM's own completions with vLLM's own probabilities. The guard runs only where the markers
+replays the policy over vLLM's own completions with vLLM's own probabilities, and every request,
+guarded or not, writes how many tokens the engine decoded for it when it leaves the batch
+(`read_decoded`): vLLM checks stop strings in its front end and aborts the request from there,
+so the engine decodes on until the abort lands, tokens the request's output never shows. The guard runs only where the markers
 can end the request (they are in `stop_token_ids`: every request of the exported model unless it
 sets `ignore_eos`, in which case the caller must add them, as backends/vllm.py does).
 
@@ -169,6 +172,8 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self._active_key = None
         self._active_cache = (np.zeros(0, dtype=np.int64), [])
         self._trace = _open_trace()
+        # Tracing only, every row's (prompt key, guard mode, output list): its decode record.
+        self.traced_rows: list[tuple[str, str, list[int]] | None] = [None] * self.num_slots
 
     def is_argmax_invariant(self) -> bool:
         return False  # it forces and masks tokens: greedy requests need it too
@@ -177,6 +182,8 @@ class GenGuardLogitsProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
             return  # new tokens are folded in apply(), when async scheduling has filled them in
+        if self._trace is not None:
+            self._trace_decoded(batch_update)
         self._version += 1
         for index in batch_update.removed:
             self._park(index)
@@ -529,6 +536,35 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         return will
 
     # ---- tracing (tests and the exactness check) ---------------------------------------------------
+    def _trace_decoded(self, batch_update: BatchUpdate) -> None:
+        """Follow every row through the batch; a row that leaves writes its output list's length,
+        each token the engine sampled for it (a preempted request writes again when it ends)."""
+        rows = self.traced_rows
+        records = []
+
+        def leave(index: int) -> None:
+            if rows[index] is not None:
+                key, mode, output_ids = rows[index]
+                records.append({"prompt": key, "mode": mode, "num_decoded": len(output_ids)})
+                rows[index] = None
+
+        for index in batch_update.removed:
+            leave(index)
+        for index, params, prompt_ids, output_ids in batch_update.added:
+            leave(index)  # vLLM gives a freed row to a new request without listing it as removed
+            setting = parse_guard_arg((params.extra_args or {}).get(GUARD_ARG))
+            mode = "off" if setting is False else OBSERVE if setting == OBSERVE else "on"
+            rows[index] = (prompt_key(prompt_ids, params.stop or ()), mode, output_ids)
+        for a, b, direction in batch_update.moved:
+            if direction == MoveDirectionality.SWAP:
+                rows[a], rows[b] = rows[b], rows[a]
+            else:  # condensing: a live row fills the row of one that left, unlisted as removed
+                leave(b)
+                rows[b], rows[a] = rows[a], None
+        if records:
+            self._trace.write("".join(json.dumps(r) + "\n" for r in records))
+            self._trace.flush()
+
     def _write_trace(self, rows: np.ndarray) -> None:
         """One record per guarded row: the probabilities of the token at `position`, about to be
         sampled, and the token emitted at the step before (position - 1). A row whose step was a
@@ -579,7 +615,7 @@ def read_trace(trace_dir: str | Path, mode: str = OBSERVE) -> dict[str, tuple[li
     for path in sorted(Path(trace_dir).glob("trace-*.jsonl")):
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            if record.get("mode", OBSERVE) == mode:
+            if record.get("mode", OBSERVE) == mode and "position" in record:
                 by_prompt.setdefault(record["prompt"], {})[record["position"]] = (
                     record["p_stop"], record["p_done"], record.get("last_token"))
     traces = {}
@@ -588,6 +624,20 @@ def read_trace(trace_dir: str | Path, mode: str = OBSERVE) -> dict[str, tuple[li
         tokens = [positions[i + 1][2] for i in range(max(positions)) if i + 1 in positions]
         traces[key] = ([p for p, _, _ in ordered], [d for _, d, _ in ordered], tokens)
     return traces
+
+
+def read_decoded(trace_dir: str | Path) -> dict[tuple[str, str], int]:
+    """Per (prompt key, mode "off" / "on" / "observe"): the tokens the engine decoded for that
+    request, written when it left the batch. vLLM hands processors a batch's removals at the
+    engine's next step, so the last requests of a run are written once another request runs."""
+    decoded: dict[tuple[str, str], int] = {}
+    for path in sorted(Path(trace_dir).glob("trace-*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if "num_decoded" in record:
+                key = (record["prompt"], record["mode"])
+                decoded[key] = max(decoded.get(key, 0), record["num_decoded"])
+    return decoded
 
 
 def prompt_key(prompt_ids, stop=()) -> str | None:

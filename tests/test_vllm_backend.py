@@ -58,6 +58,9 @@ def test_guarded_vllm_stops_exactly_where_the_policy_replay_says(backend, proble
     observed = run(backend, problems, observe=True)
     guarded = run(backend, problems)
     assert all(r.finish_reason != "guard" for r in observed)
+    # An observing guard never stops, so it gets no extra step past the cap (the baseline's cost).
+    assert any(r.finish_reason == "length" for r in observed)
+    assert all(r.num_generated_tokens <= MAX_NEW_TOKENS for r in observed)
     assert sum(r.finish_reason == "guard" for r in guarded) >= 6, [r.finish_reason for r in guarded]
     export = GuardExport.load(backend.folder)
     expectations = replay_expectations(as_cell(problems, observed),
@@ -104,3 +107,32 @@ def test_per_request_guard_off_threshold_and_bad_prompts(backend, problems):
     stats = backend.stats()
     assert stats["num_guard_stops"] >= 1 and stats["num_running"] == 0
     backend.check_health()
+
+
+def test_decoded_tokens_count_what_vllm_decoded_past_a_stop_string(backend, problems, trace_dir):
+    from benchmarks.vllm_codefast import add_decoded_tokens, method_params
+
+    one_each = problems[::2]  # one problem per language
+    futures = {(method, language): (problem, backend.submit(problem.prompt, method_params(method, language,
+                                                                                       MAX_NEW_TOKENS)))
+               for method in ("stop_words", "guard")
+               for problem, language in zip(one_each, ("python", "javascript", "go", "cpp"))}
+    cells = {}
+    for (method, language), (problem, future) in futures.items():
+        result = future.result(timeout=600)
+        cells[(method, language)] = ({"method": method, "language": language,
+                                      "problems": [{"num_generated_tokens": result.num_generated_tokens}]},
+                                     problem, result)
+    for cell, problem, _ in cells.values():
+        add_decoded_tokens(backend, cell, [problem], trace_dir, MAX_NEW_TOKENS)
+    stop_word_rows = [(cell["problems"][0], result) for (method, _), (cell, _, result) in cells.items()
+                      if method == "stop_words"]
+    assert all(result.finish_reason == "stop" for _, result in stop_word_rows)
+    # vLLM aborts a stop-string request from its front end; the engine has decoded on meanwhile.
+    assert all(row["num_decoded_tokens"] >= len(result.token_ids) for row, result in stop_word_rows)
+    assert sum(row["num_decoded_tokens"] - len(result.token_ids) for row, result in stop_word_rows) >= 1, \
+        stop_word_rows
+    for (method, _), (cell, _, result) in cells.items():
+        if method == "guard":  # the guard's marker is an EOS: the scheduler ends the request at once
+            assert result.finish_reason == "guard"
+            assert cell["num_decoded_tokens"] == result.num_generated_tokens == len(result.token_ids) + 1

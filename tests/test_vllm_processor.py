@@ -19,7 +19,8 @@ from guard.policy import StopPolicy, find_stop
 from guard.syntax import is_complete
 from guard.probe import GenGuard
 from guard.token_table import TABLE_FILE, TokenTable
-from guard.vllm_processor import GenGuardLogitsProcessor, parse_guard_arg
+from guard.vllm_processor import (TRACE_DIR_ENV, GenGuardLogitsProcessor, parse_guard_arg, prompt_key, read_decoded,
+                                  read_trace)
 
 POLICY = StopPolicy(done_threshold=0.9, done_needs_blank_line=True, min_code_lines=1)
 CODE = ["def f(x):\n    return x\n\ndef check():\n    assert f(1) == 1\n",
@@ -342,3 +343,30 @@ def test_bad_settings_and_missing_exports_fail_loudly(tmp_path, export_dir):
     (broken / "genguard_vllm.json").write_text("{not json")
     with pytest.raises(ExportError, match="not a valid GenGuard export"):
         GuardExport.load(broken)
+
+
+def test_decode_records_follow_rows_through_removal_reuse_condense_and_swap(export_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(TRACE_DIR_ENV, str(tmp_path))  # read when the processor is made
+    export = GuardExport.load(export_dir)
+    processor = make(export_dir, num_slots=4)
+    outputs = {name: [] for name in "abcde"}
+    prompt = {name: [i + 1] for i, name in enumerate("abcde")}
+    modes = {"a": "on", "b": "off", "c": "observe", "d": "on", "e": "off"}
+
+    def added(index, name):
+        return (index, params(export, guard=modes[name]), prompt[name], outputs[name])
+
+    processor.update_state(BatchUpdate(4, removed=[], moved=[], added=[added(i, n) for i, n in enumerate("abcd")]))
+    for name, num in zip("abcd", (3, 5, 7, 2)):
+        outputs[name].extend([7] * num)
+    # b left, its row went to e (no removal listed); a left, d's row slid down into it (condense).
+    processor.update_state(BatchUpdate(3, removed=[], moved=[(3, 0, MoveDirectionality.UNIDIRECTIONAL)],
+                                       added=[added(1, "e")]))
+    outputs["d"].append(7)
+    processor.update_state(BatchUpdate(3, removed=[], added=[], moved=[(0, 2, MoveDirectionality.SWAP)]))
+    outputs["e"].extend([7] * 4)
+    processor.update_state(BatchUpdate(0, removed=[0, 1, 2], added=[], moved=[]))
+    decoded = read_decoded(tmp_path)
+    assert decoded == {(prompt_key(prompt[n]), modes[n]): num
+                       for n, num in zip("abcde", (3, 5, 7, 3, 4))}
+    assert read_trace(tmp_path) == {} and read_trace(tmp_path, mode="on") == {}  # no step records mixed in
