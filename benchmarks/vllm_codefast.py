@@ -30,8 +30,8 @@ from pathlib import Path
 
 from benchmarks.codefast import LANGUAGES, method_params
 from benchmarks.stop_words import finish_completion
-from evals.mbxp import load_problems, split_problems
 from engine import SamplingParams
+from evals.mbxp import load_problems, split_problems
 from evals.pass_at_k import evaluate, pass_at_1
 
 VLLM_METHODS = ("baseline", "stop_words", "guard", "guard+stop_words")

@@ -159,7 +159,6 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self.temperature = np.zeros(self.num_slots, dtype=np.float64)  # 0: greedy
         self.min_tokens = np.zeros(self.num_slots, dtype=np.int64)
         self.is_observed = np.zeros(self.num_slots, dtype=bool)  # votes only, never stopped
-        self.prompt_keys: list[str | None] = [None] * self.num_slots
         # The syntax gate's, per row: the request's prompt and language (`_GateRequest`), its
         # GateState (which remembers the last parse), and where the line being written starts.
         self.gate_inputs: list[_GateRequest | None] = [None] * self.num_slots
@@ -172,7 +171,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self._active_key = None
         self._active_cache = (np.zeros(0, dtype=np.int64), [])
         self._trace = _open_trace()
-        # Tracing only, every row's (prompt key, guard mode, output list): its decode record.
+        # Tracing only, every row's (prompt key, guard mode, output list), for its records.
         self.traced_rows: list[tuple[str, str, list[int]] | None] = [None] * self.num_slots
 
     def is_argmax_invariant(self) -> bool:
@@ -215,8 +214,6 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self.is_observed[index] = setting == OBSERVE
         threshold = setting if isinstance(setting, float) else self.policy.stop_threshold
         self._set_column(index, threshold)
-        if self._trace is not None:
-            self.prompt_keys[index] = prompt_key(prompt_ids, params.stop or ())
         if self.policy.syntax_gate:
             self.gate_inputs[index] = _GateRequest(list(prompt_ids or ()), (params.extra_args or {}).get(LANGUAGE_ARG))
 
@@ -239,18 +236,18 @@ class GenGuardLogitsProcessor(LogitsProcessor):
     def _host_facts(self, index: int) -> tuple:
         return (self.output_lists[index], self.is_guarded[index], self.num_folded[index],
                 self.has_probs[index], self.temperature[index], self.min_tokens[index],
-                self.is_observed[index], self.prompt_keys[index], self.gate_inputs[index],
-                self.gate_states[index], self.line_starts[index], self.is_gate_holding[index])
+                self.is_observed[index], self.gate_inputs[index], self.gate_states[index],
+                self.line_starts[index], self.is_gate_holding[index])
 
     def _set_host_facts(self, index: int, facts: tuple) -> None:
         (self.output_lists[index], self.is_guarded[index], self.num_folded[index], self.has_probs[index],
          self.temperature[index], self.min_tokens[index], self.is_observed[index],
-         self.prompt_keys[index], self.gate_inputs[index], self.gate_states[index],
-         self.line_starts[index], self.is_gate_holding[index]) = facts
+         self.gate_inputs[index], self.gate_states[index], self.line_starts[index],
+         self.is_gate_holding[index]) = facts
 
     def _clear(self, index: int) -> None:
         self._version += 1
-        self._set_host_facts(index, (None, False, 0, False, 0.0, 0, False, None, None, GateState(), 0, False))
+        self._set_host_facts(index, (None, False, 0, False, 0.0, 0, False, None, GateState(), 0, False))
 
     def _park(self, index: int) -> None:
         output_ids = self.output_lists[index]
@@ -571,11 +568,11 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         partial prefill writes a position again; the last record counts."""
         records = []
         for index in rows:
-            key = self.prompt_keys[index]
+            key, mode, _ = self.traced_rows[index]
             if key is None:
                 continue
             output_ids = self.output_lists[index]
-            records.append({"prompt": key, "mode": OBSERVE if self.is_observed[index] else "on",
+            records.append({"prompt": key, "mode": mode,
                             "position": int(self.num_folded[index]),
                             "last_token": int(output_ids[-1]) if output_ids else None,
                             "p_stop": float(self.floats[_FLOAT["p_stop"], index]),
@@ -612,12 +609,10 @@ def read_trace(trace_dir: str | Path, mode: str = OBSERVE) -> dict[str, tuple[li
     """Per prompt key, for the requests traced in `mode` ("observe" or "on"): (p_stop, p_done) of
     every position they reached, and the tokens they emitted before the last one."""
     by_prompt: dict[str, dict[int, tuple]] = {}
-    for path in sorted(Path(trace_dir).glob("trace-*.jsonl")):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("mode", OBSERVE) == mode and "position" in record:
-                by_prompt.setdefault(record["prompt"], {})[record["position"]] = (
-                    record["p_stop"], record["p_done"], record.get("last_token"))
+    for record in _trace_records(trace_dir):
+        if record.get("mode", OBSERVE) == mode and "position" in record:
+            by_prompt.setdefault(record["prompt"], {})[record["position"]] = (
+                record["p_stop"], record["p_done"], record.get("last_token"))
     traces = {}
     for key, positions in by_prompt.items():
         ordered = [positions[i] for i in range(max(positions) + 1) if i in positions]
@@ -631,13 +626,18 @@ def read_decoded(trace_dir: str | Path) -> dict[tuple[str, str], int]:
     request, written when it left the batch. vLLM hands processors a batch's removals at the
     engine's next step, so the last requests of a run are written once another request runs."""
     decoded: dict[tuple[str, str], int] = {}
+    for record in _trace_records(trace_dir):
+        if "num_decoded" in record:
+            key = (record["prompt"], record["mode"])
+            decoded[key] = max(decoded.get(key, 0), record["num_decoded"])
+    return decoded
+
+
+def _trace_records(trace_dir: str | Path):
+    """Every record of every trace file (one a process) in `trace_dir`."""
     for path in sorted(Path(trace_dir).glob("trace-*.jsonl")):
         for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if "num_decoded" in record:
-                key = (record["prompt"], record["mode"])
-                decoded[key] = max(decoded.get(key, 0), record["num_decoded"])
-    return decoded
+            yield json.loads(line)
 
 
 def prompt_key(prompt_ids, stop=()) -> str | None:
