@@ -49,7 +49,8 @@ def guard_facts(model: str) -> dict:
             "num_guard_params": sum(p.numel() for p in guard.parameters()),
             "num_training_samples": sum(c.get("labeled", 0) for c in training.get("labeling", {}).values()),
             "num_train_tokens": training.get("num_train_tokens", 0),
-            "sampling": guard.metadata.get("sampling", {})}
+            "sampling": guard.metadata.get("sampling", {}),
+            "syntax_gate_max_lines": guard.policy.syntax_gate_max_lines}
 
 
 def model_row(model: str, out: Path, args) -> dict:
@@ -83,12 +84,15 @@ def render(rows: list[dict], args) -> str:
     for row in rows:
         t, shipped = row["totals"], row["shipped"]
         base, words, guard = (t[m]["num_tokens"] for m in ("baseline", "stop_words", shipped))
+        policy = VARIANT_NAMES[shipped]
+        if shipped != "guard" and row.get("syntax_gate_max_lines") is not None:  # the bound differs per guard
+            policy += f", {row['syntax_gate_max_lines']}-line bound"
         others = "; ".join(
             f"{VARIANT_NAMES[v]}: {t[v]['num_tokens'] / words:.2f}x, {t[v]['pass_at_1'] * 100:.2f},"
             f" {t[v]['num_early']} ({t[v]['num_early_unparseable']})" for v in GUARD_VARIANTS if v != shipped)
         lines.append(
             f"| {row['model_name']} | Linear({row['hidden_size']}, 2+1) ({row['num_guard_params']:,}) |"
-            f" {row['num_training_samples']:,} ({row['num_train_tokens']:,}) | {VARIANT_NAMES[shipped]} |"
+            f" {row['num_training_samples']:,} ({row['num_train_tokens']:,}) | {policy} |"
             f" {base:,} / {words:,} / {guard:,} | {guard / base:.2f}x | {guard / words:.2f}x |"
             f" {t['baseline']['pass_at_1'] * 100:.2f} / {t['stop_words']['pass_at_1'] * 100:.2f} /"
             f" {t[shipped]['pass_at_1'] * 100:.2f} | {t[shipped]['num_early']}"

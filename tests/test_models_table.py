@@ -9,6 +9,7 @@ def test_guard_facts_of_the_shipped_default_guard():
     assert facts["model_name"] == "Qwen/Qwen2.5-Coder-0.5B-Instruct" and facts["hidden_size"] == 896
     assert facts["num_guard_params"] == 896 * 2 + 2 + 896 + 1  # stop head + done head
     assert facts["num_training_samples"] == 934 and facts["num_train_tokens"] == 149_107
+    assert facts["syntax_gate_max_lines"] == 2  # chosen on held-out train prompts (docs/stop-policy-choices.md)
 
 
 def test_render_prints_the_shipped_policy_and_ratios_against_baseline_and_stop_words():
@@ -25,3 +26,9 @@ def test_render_prints_the_shipped_policy_and_ratios_against_baseline_and_stop_w
     # a guard shipped with the gate is shown by that policy's numbers
     text = models_table.render([{**row, "shipped": "guard+gate_stubs"}], SimpleNamespace(limit=25, languages=["python"]))
     assert "| gate, stubs pass | 1,000 / 400 / 320 | 0.32x | 0.80x | 10.00 / 30.00 / 32.00 | 1 (0) | no gate: 0.75x" in text
+    # with the gate, the row names its bound; without it there is no bound to name
+    text = models_table.render([{**row, "shipped": "guard+gate_stubs", "syntax_gate_max_lines": 2}],
+                               SimpleNamespace(limit=25, languages=["python"]))
+    assert "| gate, stubs pass, 2-line bound | 1,000 / 400 / 320 |" in text
+    text = models_table.render([{**row, "syntax_gate_max_lines": 2}], SimpleNamespace(limit=25, languages=["python"]))
+    assert "| no gate | 1,000 / 400 / 300 |" in text
