@@ -192,6 +192,15 @@ class VllmBackend(GenerationBackend):
         asyncio.run_coroutine_threadsafe(self._pump(request, put, is_stream=False), self._loop)
         return future
 
+    def reset_prefix_cache(self) -> bool:
+        """Empties vLLM's prefix cache; False when vLLM refused (it does while requests run).
+        A prompt found there is prefilled only past the cached blocks, in other matrix shapes than
+        a fresh prefill, and bf16 sums over other shapes can round otherwise: two runs that must
+        compute alike (benchmarks.vllm_exactness) empty it first."""
+        if self._engine is None:
+            raise RuntimeError("the vLLM backend is shut down")
+        return asyncio.run_coroutine_threadsafe(self._engine.reset_prefix_cache(), self._loop).result(timeout=60)
+
     def stats(self) -> dict:
         with self._stats_lock:
             return {"backend": "vllm", "num_requests": self._num_requests, "num_running": self._num_running,

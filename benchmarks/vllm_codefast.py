@@ -252,6 +252,21 @@ def render(cells: dict, languages, checks: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prepare_run(args) -> tuple[Path, Path, dict]:
+    """The run's folder (`cells/` made), the processor's trace folder (set for the engine to
+    read: call before vLLM starts) and `--limit` test problems per language from `--offset` (0
+    where the command has none)."""
+    from guard.vllm_processor import TRACE_DIR_ENV
+
+    out = Path(args.out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    trace_dir = out / "trace"
+    os.environ[TRACE_DIR_ENV] = str(trace_dir.resolve())
+    start = getattr(args, "offset", 0)
+    problems = {lang: split_problems(load_problems(lang), "test")[start:start + args.limit] for lang in args.languages}
+    return out, trace_dir, problems
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=100)
@@ -262,11 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports/vllm_codefast")
     args = parser.parse_args(argv)
 
-    out = Path(args.out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    trace_dir = out / "trace"
-    os.environ["CODEFAST_GUARD_TRACE_DIR"] = str(trace_dir.resolve())  # before vLLM starts
-    problems = {lang: split_problems(load_problems(lang), "test")[:args.limit] for lang in args.languages}
+    out, trace_dir, problems = prepare_run(args)
 
     def cell_path(language, method):
         return out / "cells" / f"{language}.{method}.json"

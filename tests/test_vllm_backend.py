@@ -136,3 +136,24 @@ def test_decoded_tokens_count_what_vllm_decoded_past_a_stop_string(backend, prob
         if method == "guard":  # the guard's marker is an EOS: the scheduler ends the request at once
             assert result.finish_reason == "guard"
             assert cell["num_decoded_tokens"] == result.num_generated_tokens == len(result.token_ids) + 1
+
+
+def test_exactness_run_caps_the_observed_run_at_the_guard_stop(backend, problems, trace_dir):
+    """benchmarks.vllm_exactness: the prefix cache empties when idle, each observed request is
+    capped at what its guarded run decoded, and the replay over that capped run gives the stop."""
+    from benchmarks import vllm_exactness
+
+    one_each = problems[1::2]
+    guarded = vllm_exactness.run(backend, one_each, MAX_NEW_TOKENS)
+    caps = [vllm_exactness.observe_cap(row) for row in guarded["problems"]]
+    assert all(cap <= MAX_NEW_TOKENS + 1 for cap in caps) and any(cap < MAX_NEW_TOKENS for cap in caps)
+    observed = vllm_exactness.run(backend, one_each, MAX_NEW_TOKENS, caps)
+    for row, cap in zip(observed["problems"], caps):
+        assert row["finish_reason"] != "guard" and len(row["token_ids"]) <= cap
+    assert sum(len(row["token_ids"]) == cap for row, cap in zip(observed["problems"], caps)) >= 3
+    export = GuardExport.load(backend.folder)
+    expectations = replay_expectations(observed, one_each, backend.tokenizer, export, read_trace(trace_dir))
+    report = exactness(expectations, guarded, observed)
+    assert not report["mismatches"], report
+    assert report["num_exact"] + report["num_diverged"] == len(one_each) and report["num_exact"] >= 3, report
+    assert backend.reset_prefix_cache() is True

@@ -1,0 +1,126 @@
+"""Exactness with the batch layout held fixed: vLLM + GenGuard against the policy replay.
+
+    python -m benchmarks.vllm_exactness --limit 100 --out reports/vllm_exactness
+
+`benchmarks.vllm_codefast` checks, at 16 slots, that the guarded run (c) stops where the policy
+replay (`guard.policy.find_stop`) says over the unguarded run (a), with the guard probabilities
+vLLM computed in (a). There about one completion in ten cannot be compared: vLLM's CPU kernels
+sum bf16 in an order that depends on the batch's shape, so (c)'s greedy text or probabilities
+differ from (a)'s before the stop, and the replay's input is not what (c) saw.
+
+Here the layout cannot move: every request runs alone (`max_num_seqs` 1), in the same order in
+both runs, and vLLM's prefix cache is emptied before each run (a cached prompt is prefilled in
+other shapes), so (a) computes each completion as (c) did, and every difference is the
+processor's:
+1. (c) vLLM + GenGuard, greedy, max `--max-new-tokens` new tokens;
+2. (a) the same prompts with the guard observing (it traces its probabilities, never stops), each
+   capped at the tokens (c) decoded: through the step that sampled the guard's stop marker where
+   the guard stopped (the policy decides from the tokens up to there, so the replay needs no
+   more; a stop the replay over (a) would make later shows as no stop within the cap, a mismatch
+   all the same), else as many as (c) ran. Each request then takes the same steps in both runs.
+Per problem: replay over (a) == (c)'s (stop index, kept tokens), and whether (a)'s tokens and
+probabilities equal (c)'s up to the stop (they must, or the layout still moved).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from benchmarks.codefast import LANGUAGES, method_params
+from benchmarks.vllm_codefast import (exactness, prepare_run, probabilities_changed, replay_expectations,
+                                      self_replay)
+
+
+def observe_cap(row: dict) -> int:
+    """New tokens for (a)'s request: as many as (c)'s engine decoded, the step that sampled the
+    guard's stop marker included (the policy may have voted past its stop index to get there)."""
+    return row["num_generated_tokens"]
+
+
+def run(backend, problems, max_new_tokens: int, caps: list[int] | None = None) -> dict:
+    """One request at a time (the backend has one slot) in problem order; (a) when `caps` is given."""
+    if not backend.reset_prefix_cache():
+        raise RuntimeError("vLLM refused to empty its prefix cache")
+    start = time.perf_counter()
+    futures = []
+    for index, problem in enumerate(problems):
+        if caps is None:
+            futures.append(backend.submit(problem.prompt, method_params("guard", problem.language, max_new_tokens)))
+        else:
+            futures.append(backend.submit(problem.prompt, method_params("baseline", problem.language, caps[index]),
+                                          observe_guard=True))
+    results = [future.result(timeout=1800) for future in futures]
+    return {"wall_s": time.perf_counter() - start,
+            "problems": [{"task_id": p.task_id, "token_ids": list(r.token_ids), "finish_reason": r.finish_reason,
+                          "guard_stop_index": r.guard_stop_index, "num_generated_tokens": r.num_generated_tokens}
+                         for p, r in zip(problems, results)]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--offset", type=int, default=0, help="first test problem per language")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--languages", nargs="+", default=list(LANGUAGES))
+    parser.add_argument("--max-new-tokens", type=int, default=300)
+    parser.add_argument("--out", default="reports/vllm_exactness")
+    args = parser.parse_args(argv)
+
+    out, trace_dir, problems = prepare_run(args)
+
+    from backends import BackendSpec, build_backend
+    from guard.export import GuardExport
+    from guard.vllm_processor import read_trace
+
+    backend = build_backend(BackendSpec(backend="vllm", max_num_seqs=1))
+    try:
+        export = GuardExport.load(backend.folder)
+        checks = {}
+        for language in args.languages:
+            path = out / "cells" / f"{language}.json"
+            if path.is_file():  # a rerun reuses finished languages
+                cells = json.loads(path.read_text())
+            else:
+                print(f"[vllm, 1 slot] {language} guard", flush=True)
+                guard = run(backend, problems[language], args.max_new_tokens)
+                caps = [observe_cap(row) for row in guard["problems"]]
+                print(f"[vllm, 1 slot] {language} observed, capped", flush=True)
+                cells = {"guard": guard, "observed": run(backend, problems[language], args.max_new_tokens, caps)}
+                path.write_text(json.dumps(cells))
+            traces, guard_traces = read_trace(trace_dir), read_trace(trace_dir, mode="on")
+            tokenizer, rows = backend.tokenizer, problems[language]
+            expectations = replay_expectations(cells["observed"], rows, tokenizer, export, traces)
+            changed = probabilities_changed(rows, tokenizer, traces, guard_traces, cells["guard"])
+            same_input = sum(not is_changed and seen["token_ids"][:len(row["token_ids"])] == row["token_ids"]
+                             for is_changed, row, seen in zip(changed, cells["guard"]["problems"],
+                                                              cells["observed"]["problems"]))
+            checks[language] = {
+                "exactness": exactness(expectations, cells["guard"], cells["observed"], changed),
+                "num_same_tokens_and_probabilities": same_input,
+                "self_replay": self_replay(cells["guard"], rows, tokenizer, export, guard_traces,
+                                           args.max_new_tokens),
+                "num_guard_stops": sum(r["finish_reason"] == "guard" for r in cells["guard"]["problems"]),
+                "wall_s": {"guard": cells["guard"]["wall_s"], "observed": cells["observed"]["wall_s"]},
+            }
+    finally:
+        backend.shutdown()
+    (out / "checks.json").write_text(json.dumps(checks, indent=2))
+    lines = [f"vLLM + GenGuard vs the policy replay over vLLM's unguarded run, one slot, greedy, max"
+             f" {args.max_new_tokens} new tokens, MBXP test problems"
+             f" {args.offset}-{args.offset + args.limit - 1}", "",
+             "| language | problems | guard stops | same tokens and probabilities in both runs | exact |"
+             " greedy text changed | probabilities changed | mismatches | self-replay exact |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for language, check in checks.items():
+        e, s = check["exactness"], check["self_replay"]
+        lines.append(f"| {language} | {e['num_problems']} | {check['num_guard_stops']} |"
+                     f" {check['num_same_tokens_and_probabilities']} | {e['num_exact']} |"
+                     f" {e['num_diverged']} | {e['num_probs_changed']} | {len(e['mismatches'])} | {s['num_exact']} |")
+    total = {k: sum(c["exactness"][k] for c in checks.values()) for k in ("num_problems", "num_exact")}
+    lines += ["", f"all: {total['num_exact']} of {total['num_problems']} exact"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
