@@ -134,12 +134,14 @@ def exactness(expectations: list, guard_cell: dict, baseline_cell: dict, changed
     vLLM's own nondeterminism between the two runs (other batches, other bf16 roundings): a (c)
     completion that is not a prefix of (a)'s (the greedy text changed), and, with `changed`
     (`probabilities_changed`), one whose guard probabilities changed though its tokens did not.
-    Anything else is a mismatch: the processor did not do what the policy says."""
-    matches, mismatches, diverged, probs_changed = 0, [], 0, 0
+    Anything else is a mismatch: the processor did not do what the policy says. Also counted: the
+    completions whose replay input was (c)'s own, same tokens and (with `changed`) probabilities."""
+    matches, mismatches, diverged, probs_changed, same_input = 0, [], 0, 0, 0
     changed = changed or [False] * len(expectations)
     for expected, row, base, is_changed in zip(expectations, guard_cell["problems"], baseline_cell["problems"],
                                                changed):
         is_prefix = base["token_ids"][:len(row["token_ids"])] == row["token_ids"]
+        same_input += is_prefix and not is_changed
         got = ((row["guard_stop_index"], len(row["token_ids"])) if row["finish_reason"] == "guard" else None)
         if got == expected:
             matches += 1
@@ -151,7 +153,7 @@ def exactness(expectations: list, guard_cell: dict, baseline_cell: dict, changed
             mismatches.append({"task_id": row["task_id"], "expected": expected, "got": got,
                                "finish_reason": row["finish_reason"]})
     return {"num_problems": len(expectations), "num_exact": matches, "num_diverged": diverged,
-            "num_probs_changed": probs_changed, "mismatches": mismatches}
+            "num_probs_changed": probs_changed, "num_same_input": same_input, "mismatches": mismatches}
 
 
 def self_replay(guard_cell: dict, problems, tokenizer, export, guard_traces, max_new_tokens: int) -> dict:

@@ -74,36 +74,34 @@ def main(argv: list[str] | None = None) -> None:
 
     backend = build_backend(BackendSpec(backend="vllm", max_num_seqs=1))
     try:
-        export = GuardExport.load(backend.folder)
-        checks = {}
+        export, tokenizer = GuardExport.load(backend.folder), backend.tokenizer
+        cells = {}
         for language in args.languages:
             path = out / "cells" / f"{language}.json"
             if path.is_file():  # a rerun reuses finished languages
-                cells = json.loads(path.read_text())
-            else:
-                print(f"[vllm, 1 slot] {language} guard", flush=True)
-                guard = run(backend, problems[language], args.max_new_tokens)
-                caps = [observe_cap(row) for row in guard["problems"]]
-                print(f"[vllm, 1 slot] {language} observed, capped", flush=True)
-                cells = {"guard": guard, "observed": run(backend, problems[language], args.max_new_tokens, caps)}
-                path.write_text(json.dumps(cells))
-            traces, guard_traces = read_trace(trace_dir), read_trace(trace_dir, mode="on")
-            tokenizer, rows = backend.tokenizer, problems[language]
-            expectations = replay_expectations(cells["observed"], rows, tokenizer, export, traces)
-            changed = probabilities_changed(rows, tokenizer, traces, guard_traces, cells["guard"])
-            same_input = sum(not is_changed and seen["token_ids"][:len(row["token_ids"])] == row["token_ids"]
-                             for is_changed, row, seen in zip(changed, cells["guard"]["problems"],
-                                                              cells["observed"]["problems"]))
-            checks[language] = {
-                "exactness": exactness(expectations, cells["guard"], cells["observed"], changed),
-                "num_same_tokens_and_probabilities": same_input,
-                "self_replay": self_replay(cells["guard"], rows, tokenizer, export, guard_traces,
-                                           args.max_new_tokens),
-                "num_guard_stops": sum(r["finish_reason"] == "guard" for r in cells["guard"]["problems"]),
-                "wall_s": {"guard": cells["guard"]["wall_s"], "observed": cells["observed"]["wall_s"]},
-            }
+                cells[language] = json.loads(path.read_text())
+                continue
+            print(f"[vllm, 1 slot] {language} guard", flush=True)
+            guard = run(backend, problems[language], args.max_new_tokens)
+            caps = [observe_cap(row) for row in guard["problems"]]
+            print(f"[vllm, 1 slot] {language} observed, capped", flush=True)
+            cells[language] = {"guard": guard, "observed": run(backend, problems[language], args.max_new_tokens, caps)}
+            path.write_text(json.dumps(cells[language]))
     finally:
         backend.shutdown()
+    traces, guard_traces = read_trace(trace_dir), read_trace(trace_dir, mode="on")
+    checks = {}
+    for language, runs in cells.items():
+        language_problems = problems[language]
+        expectations = replay_expectations(runs["observed"], language_problems, tokenizer, export, traces)
+        changed = probabilities_changed(language_problems, tokenizer, traces, guard_traces, runs["guard"])
+        checks[language] = {
+            "exactness": exactness(expectations, runs["guard"], runs["observed"], changed),
+            "self_replay": self_replay(runs["guard"], language_problems, tokenizer, export, guard_traces,
+                                       args.max_new_tokens),
+            "num_guard_stops": sum(r["finish_reason"] == "guard" for r in runs["guard"]["problems"]),
+            "wall_s": {"guard": runs["guard"]["wall_s"], "observed": runs["observed"]["wall_s"]},
+        }
     (out / "checks.json").write_text(json.dumps(checks, indent=2))
     lines = [f"vLLM + GenGuard vs the policy replay over vLLM's unguarded run, one slot, greedy, max"
              f" {args.max_new_tokens} new tokens, MBXP test problems"
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     for language, check in checks.items():
         e, s = check["exactness"], check["self_replay"]
         lines.append(f"| {language} | {e['num_problems']} | {check['num_guard_stops']} |"
-                     f" {check['num_same_tokens_and_probabilities']} | {e['num_exact']} |"
+                     f" {e['num_same_input']} | {e['num_exact']} |"
                      f" {e['num_diverged']} | {e['num_probs_changed']} | {len(e['mismatches'])} | {s['num_exact']} |")
     total = {k: sum(c["exactness"][k] for c in checks.values()) for k in ("num_problems", "num_exact")}
     lines += ["", f"all: {total['num_exact']} of {total['num_problems']} exact"]
