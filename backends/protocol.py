@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from engine.engine import EngineDeadError, PromptError, StepEvent
+from engine.errors import EngineDeadError, PromptError
 from engine.params import SamplingParams
-from engine.sequence import Result
+from engine.sequence import Result, StepEvent
 
 BACKEND_NAMES = ("codefast", "vllm")
 

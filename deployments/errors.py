@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.metrics import serve_metrics
 from deployments.protocol import ErrorDetail, ErrorResponse, RequestError
-from engine.engine import EngineDeadError, PromptError, SequenceError
+from engine.errors import EngineDeadError, PromptError, SequenceError
 
 logger = logging.getLogger("ray.serve")
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from engine.engine import EngineDeadError
+from engine.errors import EngineDeadError
 
 # Longest a single step may run before the engine reports itself unhealthy. A prefill of
 # max_prefill_tokens on a slow CPU takes tens of seconds; a step of minutes is a hung device.

@@ -5,11 +5,13 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from engine.params import SamplingParams
 from guard.policy import GateState, VoteState
+
+if TYPE_CHECKING:  # torch is the runner's; this module stays light (engine/errors.py says why)
+    import torch
 
 
 class SequenceStatus(enum.Enum):
@@ -130,3 +132,13 @@ class Result:
             guard_stop_index=seq.num_output_tokens - 1 if seq.finish_reason is FinishReason.GUARD else None,
             num_gate_refusals=seq.gate_state.num_refusals,
         )
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What one step produced for one request: new text (streams only), and the result once done."""
+
+    request_id: str
+    text_delta: str
+    is_finished: bool
+    result: Result | None = None

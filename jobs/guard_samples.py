@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from engine.dtypes import DTYPE_NAMES
-from guard_training.build import LANGUAGES
+from guard.syntax import LANGUAGES
 from guard_training.sampling import training_problems, write_jsonl_atomic
 from jobs.generate import JobConfig, run_job
 from jobs.output import read_output

@@ -123,7 +123,9 @@ def test_done_head_learns_a_separable_line_end_signal():
     config = TrainConfig(batch_size=32, learning_rate=3e-2)  # ~250 line ends: enough steps to converge
     guard, report = train_guard(features.astype(np.float32), labels, is_val, hidden, config, done_labels=done)
     assert report["done_head"]["val_precision"] > 0.8 and report["done_head"]["val_recall"] > 0.8
-    p_done = guard.done_probs(torch.from_numpy(features[is_val]).float())
+    # The shipped head itself (not only the report) tells the line ends apart.
+    p_done = guard.done_probs(torch.from_numpy(features[is_val]).float()).numpy()
+    assert p_done[done[is_val] == 1].mean() > 0.5 > p_done[done[is_val] == 0].mean()
     # Without done labels there is no done head.
     assert train_guard(features.astype(np.float32), labels, is_val, hidden)[0].done_linear is None
 

@@ -69,6 +69,22 @@ def rows_by_key(table: pa.Table, id_column: str = "id") -> dict:
     return {(row[id_column], row["sample_index"]): row for row in table.to_pylist()}
 
 
+def test_a_jobs_driver_and_its_bookkeeping_import_neither_torch_nor_transformers():
+    """What a job's driver, ledger, id registries, Ray Data tasks and HTTP workers import. Each of
+    them is its own process; torch and transformers cost each one seconds of CPU and hundreds of
+    MiB (engine/errors.py), which doubled test_jobs.py's time here. Only the engine actors need them."""
+    code = ("import sys, backends, engine, jobs.corpus, jobs.generate, jobs.guard_samples, jobs.http_worker,"
+            " jobs.ledger, jobs.output, jobs.rows\n"
+            "from engine import EngineDeadError, PromptError, Result, SamplingParams, StepEvent\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=job_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
+    with pytest.raises(AttributeError, match="no attribute 'Engin'"):
+        __import__("engine").Engin
+
+
 # ---- jobs on the session Ray -------------------------------------------------------------------
 def test_jsonl_job_keeps_columns_applies_row_settings_and_makes_bad_rows_error_rows(ray_session, tmp_path):
     records = [{"id": f"r{i}", "prompt": good_prompt(i), "difficulty": i % 3, "tags": ["t", str(i)]}

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import yaml
 
-from deployments.llm_app import LLMAppConfig, build_app, build_llm_config
+from deployments.llm_app import LLMAppConfig, LocalModelCallback, build_app, build_llm_config
 from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
 from tests.helpers import constant_guard
@@ -115,3 +115,19 @@ def test_shipped_llm_configs_are_valid():
         LLMAppConfig.from_args({"max_num_seq": 4})
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         LLMAppConfig(max_num_seqs=8, max_ongoing_requests=4)
+
+
+def test_ray_serve_llm_skips_its_model_download_task_only_for_a_model_folder(tmp_path):
+    import asyncio
+
+    from ray.serve.llm import LLMConfig
+
+    for source, is_skipped in ((str(tmp_path), True), ("Qwen/Qwen2.5-Coder-0.5B-Instruct", False),
+                               (str(tmp_path / "missing"), False)):
+        llm_config = LLMConfig(model_loading_config={"model_id": "m", "model_source": source},
+                               accelerator_config={"kind": "cpu"})
+        callback = LocalModelCallback(llm_config=llm_config)
+        asyncio.run(callback.on_before_node_init())
+        assert callback.ctx.run_init_node is not is_skipped, source
+    cpu = LLMAppConfig(model=TINY_MODEL_NAME, guard=None, dtype="float32")
+    assert build_llm_config(cpu).callback_config.callback_class is LocalModelCallback
