@@ -31,9 +31,8 @@ from backends.protocol import GenerationBackend, ModelInfo
 from backends.spec import VLLM_CPU_EXECUTOR, VLLM_CPU_EXECUTOR_ENV, BackendSpec
 from engine.dtypes import resolve_dtype
 from engine.errors import EngineDeadError, encode_prompt
-from engine.sequence import StepEvent
 from engine.params import SamplingParams
-from engine.sequence import Result
+from engine.sequence import Result, StepEvent
 from guard.export import last_line_end
 
 logger = logging.getLogger(__name__)

@@ -254,18 +254,17 @@ def render(cells: dict, languages, checks: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prepare_run(args) -> tuple[Path, Path, dict]:
+def prepare_run(args, offset: int = 0) -> tuple[Path, Path, dict]:
     """The run's folder (`cells/` made), the processor's trace folder (set for the engine to
-    read: call before vLLM starts) and `--limit` test problems per language from `--offset` (0
-    where the command has none)."""
+    read: call before vLLM starts) and `--limit` test problems per language from `offset`."""
     from guard.vllm_processor import TRACE_DIR_ENV
 
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     trace_dir = out / "trace"
     os.environ[TRACE_DIR_ENV] = str(trace_dir.resolve())
-    start = getattr(args, "offset", 0)
-    problems = {lang: split_problems(load_problems(lang), "test")[start:start + args.limit] for lang in args.languages}
+    problems = {lang: split_problems(load_problems(lang), "test")[offset:offset + args.limit]
+                for lang in args.languages}
     return out, trace_dir, problems
 
 

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports/vllm_exactness")
     args = parser.parse_args(argv)
 
-    out, trace_dir, problems = prepare_run(args)
+    out, trace_dir, problems = prepare_run(args, args.offset)
 
     from backends import BackendSpec, build_backend
     from guard.export import GuardExport

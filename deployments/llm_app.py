@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # CallbackBase: the base of LLMConfig.callback_config's class (a public field); Ray exports no
-# other path to it in 2.60.0 (pinned, requirements-vllm-cpu.txt).
+# other path to it in 2.60.0 (pinned in requirements.txt and pyproject.toml).
 from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.llm import LLMConfig, LLMServer, build_openai_app
 
