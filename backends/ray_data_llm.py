@@ -19,9 +19,7 @@ from functools import cache
 from pathlib import Path
 
 from guard.syntax import LANGUAGES
-from guard.vllm_processor import GUARD_ARG, LANGUAGE_ARG
-
-PROCESSOR_PATH = "guard.vllm_processor:GenGuardLogitsProcessor"
+from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, PROCESSOR_PATH
 
 
 def guarded_processor_config(model: str = "default", guard: str = "default", *, max_num_seqs: int = 16,
@@ -52,6 +50,13 @@ def guarded_processor_config(model: str = "default", guard: str = "default", *, 
         placement_group_config={"bundles": [{"CPU": num_cpus}]} if is_cpu else None,
         batch_size=batch_size, concurrency=concurrency,
         chat_template_stage=False,  # code completion: the prompt is the code to continue
+        # The engine's own output has the text (vLLM detokenizes as it goes) and guard_postprocess
+        # decodes a guard stop's kept ids itself, so Ray Data LLM's detokenize stage would only
+        # decode everything again, in one more actor. Its tokenize stage moves tokenizing off the
+        # engine's actor, worth it beside a GPU; on a CPU node that actor (a process importing
+        # transformers) takes the CPU the engine runs on, and vLLM tokenizes the prompt itself.
+        tokenize_stage=not is_cpu,
+        detokenize_stage=False,
     )
 
 

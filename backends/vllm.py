@@ -242,7 +242,7 @@ class VllmBackend(GenerationBackend):
         from vllm import SamplingParams as VllmParams
         from vllm.sampling_params import RequestOutputKind
 
-        from guard.vllm_processor import GUARD_ARG, LANGUAGE_ARG, OBSERVE
+        from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, OBSERVE
 
         extra = {}
         stop_token_ids = []

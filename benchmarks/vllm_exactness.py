@@ -52,7 +52,8 @@ def run(backend, problems, max_new_tokens: int, caps: list[int] | None = None) -
                                           observe_guard=True))
     results = [future.result(timeout=1800) for future in futures]
     return {"wall_s": time.perf_counter() - start,
-            "problems": [{"task_id": p.task_id, "token_ids": list(r.token_ids), "finish_reason": r.finish_reason,
+            "problems": [{"task_id": p.task_id, "text": r.text, "token_ids": list(r.token_ids),
+                          "finish_reason": r.finish_reason,
                           "guard_stop_index": r.guard_stop_index, "num_generated_tokens": r.num_generated_tokens}
                          for p, r in zip(problems, results)]}
 

@@ -36,12 +36,13 @@ from pathlib import Path
 from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.llm import LLMConfig, LLMServer, build_openai_app
 
+from guard.vllm_contract import GUARD_ARG, PROCESSOR_PATH
+
 logger = logging.getLogger("ray.serve")
 
 GENGUARD_CONFIG_KEY = "genguard"  # in LLMConfig.experimental_configs: what to export in the replica
 GUARD_FINISH_REASON = "guard"
 DEFAULT_GUARD = {"completions": "on", "chat": "off"}
-PROCESSOR_PATH = "guard.vllm_processor:GenGuardLogitsProcessor"
 
 
 @dataclass(frozen=True)
@@ -203,9 +204,9 @@ class GenGuardLLMServer(LLMServer):
         if self._guard_view is None:
             return await run(request, raw_request_info)
         xargs = dict(request.vllm_xargs or {})
-        xargs.setdefault("guard", DEFAULT_GUARD[method])
+        xargs.setdefault(GUARD_ARG, DEFAULT_GUARD[method])
         request.vllm_xargs = xargs
-        if xargs["guard"] == "off":
+        if xargs[GUARD_ARG] == "off":
             return await run(request, raw_request_info)
         wants_ids = bool(request.return_token_ids)
         request.return_token_ids = True  # the kept text is cut at a token, not a character

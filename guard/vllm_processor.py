@@ -65,9 +65,8 @@ from guard.policy import (FEATURE_FIELDS, VOTE_FIELDS, GateState, PolicyKind, To
                           fold_arrays, gate_may_refuse, gate_parse, gate_step, line_start_would_stop)
 from guard.syntax import LANGUAGES, gate_language, is_complete
 from guard.token_table import TABLE_FILE, TokenTable
+from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, OBSERVE, parse_guard_arg
 
-GUARD_ARG = "guard"  # the per-request key in SamplingParams.extra_args
-LANGUAGE_ARG = "language"  # the per-request code language, for the syntax gate
 TRACE_DIR_ENV = "CODEFAST_GUARD_TRACE_DIR"  # set: write every request's guard probabilities (tests)
 _SAMPLING_EPS = 1e-5  # vLLM's: a temperature below it is greedy
 _NO_MARKER = -1
@@ -79,31 +78,6 @@ _INT = {name: i for i, name in enumerate(_INT_FIELDS)}
 _FLOAT = {name: i for i, name in enumerate(_FLOAT_FIELDS)}
 _LAST = operator.itemgetter(-1)  # a C call per output list: the step's cheapest way to read them
 _MAX_PARKED_FACTOR = 4  # parked requests kept, per batch slot (oldest dropped first)
-
-
-OBSERVE = "observe"
-
-
-def parse_guard_arg(value) -> float | bool | str:
-    """The per-request setting: True (on, the export's threshold), False (off), a threshold, or
-    "observe" (votes are counted and traced, the request is never stopped: the baseline of the
-    exactness check)."""
-    if value is None or value == "on" or value is True:
-        return True
-    if value == "off" or value is False:
-        return False
-    if value == OBSERVE:
-        return OBSERVE
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"extra_args['{GUARD_ARG}'] must be 'on', 'off', 'observe' or a stop"
-                             f" threshold in (0, 1), got {value!r}") from None
-    if isinstance(value, (int, float)) and 0 < float(value) < 1:
-        return float(value)
-    raise ValueError(f"extra_args['{GUARD_ARG}'] must be 'on', 'off', 'observe' or a stop threshold"
-                     f" in (0, 1), got {value!r}")
 
 
 class GenGuardLogitsProcessor(LogitsProcessor):

@@ -28,9 +28,23 @@ def ray_session():
              runtime_env={"env_vars": RAY_LOCAL_ENV}, log_to_driver=False,
              ignore_reinit_error=True)
     yield ray
-    try:
+    try:  # the Serve instance of `serve_url`, if a test started it
         from ray import serve
         serve.shutdown()
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session):
+    """One Serve instance (controller and HTTP proxy on a free loopback port) for the run. Each
+    test module deploys its app there and deletes it when done; stopping and restarting Serve for
+    each module cost 10-15 s here."""
+    from ray import serve
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"

@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from jobs.generate import JobConfig, parse_args, run_job
 from jobs.output import read_output
 from scripts.ray_local import RAY_LOCAL_ENV
 from tests.conftest import REPO_ROOT
-from tests.helpers import constant_guard
+from tests.helpers import constant_guard, engine_stack_imported_by, free_port
 from tests.test_job_inputs import StubServer
 
 NUM_ROWS = 200
@@ -73,14 +72,10 @@ def test_a_jobs_driver_and_its_bookkeeping_import_neither_torch_nor_transformers
     """What a job's driver, ledger, id registries, Ray Data tasks and HTTP workers import. Each of
     them is its own process; torch and transformers cost each one seconds of CPU and hundreds of
     MiB (engine/errors.py), which doubled test_jobs.py's time here. Only the engine actors need them."""
-    code = ("import sys, backends, engine, jobs.corpus, jobs.generate, jobs.guard_samples, jobs.http_worker,"
-            " jobs.ledger, jobs.output, jobs.rows\n"
-            "from engine import EngineDeadError, PromptError, Result, SamplingParams, StepEvent\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=job_env(), capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "[]"
+    assert engine_stack_imported_by(
+        "import backends, engine, jobs.corpus, jobs.generate, jobs.guard_samples, jobs.http_worker, jobs.ledger,"
+        " jobs.output, jobs.rows\nfrom engine import EngineDeadError, PromptError, Result, SamplingParams, StepEvent"
+    ) == []
     with pytest.raises(AttributeError, match="no attribute 'Engin'"):
         __import__("engine").Engin
 
@@ -314,12 +309,6 @@ def test_a_killed_driver_rerun_gives_exactly_one_row_per_id(ray_session, tmp_pat
     summary = run_job(config)
     assert summary["num_rows"] == num_rows - summary["num_already_done"]
     assert_exactly_once(tmp_path / "out", {(str(i), 0) for i in range(num_rows)})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalHead:

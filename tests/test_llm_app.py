@@ -14,7 +14,7 @@ from deployments.llm_app import LLMAppConfig, LocalModelCallback, build_app, bui
 from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
 from tests.helpers import constant_guard
-from tests.test_serve import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 APP_NAME = "codefast-llm-test"
@@ -31,18 +31,15 @@ def sure_guard(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, sure_guard):
+def url(serve_url, sure_guard):
     from ray import serve
 
     config = LLMAppConfig(model=TINY_MODEL_NAME, guard=sure_guard, max_num_seqs=4, kv_cache_gib=1,
                           max_model_len=512, dtype="float32")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     with ThreadPoolExecutor(1) as pool:  # serve.run has no timeout of its own
         pool.submit(serve.run, build_app(config), name=APP_NAME, route_prefix="/").result(DEPLOY_TIMEOUT_S)
-    yield f"http://127.0.0.1:{port}"
+    yield serve_url
     serve.delete(APP_NAME)
-    serve.shutdown()
 
 
 def post(url, path, body):

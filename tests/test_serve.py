@@ -6,7 +6,6 @@ hand-set GenGuard whose stop probability (0.73) is below its own threshold (0.9)
 loaded but only stops a request that lowers the threshold (`guard: 0.5`). The fault-injection
 test adds a second app on the same Serve instance (tests/serve_faults.py), since it kills replicas.
 """
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -80,14 +79,8 @@ def test_request_fields_map_to_sampling_params():
 
 
 # ---- the deployed app ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory):
+def server(serve_url, tmp_path_factory):
     from ray import serve
 
     from deployments.serve_cli import start_server
@@ -99,12 +92,12 @@ def server(ray_session, tmp_path_factory):
     config = ServeConfig(model=TINY_MODEL_NAME, guard=str(guard_dir), max_num_seqs=4, dtype="float32",
                          max_ongoing_requests=8, min_replicas=1, max_replicas=2,
                          target_ongoing_requests=8, num_cpus=1)
-    port = free_port()
+    port = int(serve_url.rsplit(":", 1)[1])
     with ThreadPoolExecutor(1) as pool:  # serve.run has no timeout of its own
         url = pool.submit(start_server, config, "127.0.0.1", port, APP_NAME).result(DEPLOY_TIMEOUT_S)
+    assert url == serve_url
     yield url
     serve.delete(APP_NAME)
-    serve.shutdown()  # the next user of the shared Ray gets a fresh proxy on its own port
 
 
 def stats(url: str) -> dict:

@@ -10,14 +10,13 @@ from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
 from tests.helpers import constant_guard
 from tests.test_llm_app import SURE_STOP_LOGIT
-from tests.test_serve import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 APP_NAME = "codefast-vllm-backend-test"
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, tmp_path_factory):
+def url(serve_url, tmp_path_factory):
     from ray import serve
 
     from deployments.serve_cli import start_server
@@ -26,12 +25,11 @@ def url(ray_session, tmp_path_factory):
     constant_guard(SURE_STOP_LOGIT, StopPolicy(min_code_lines=0)).save(guard_dir)
     config = ServeConfig(backend="vllm", model=TINY_MODEL_NAME, guard=str(guard_dir), max_num_seqs=4,
                          dtype="float32", kv_cache_gib=1, num_cpus=1)
-    port = free_port()
+    port = int(serve_url.rsplit(":", 1)[1])
     with ThreadPoolExecutor(1) as pool:
         url = pool.submit(start_server, config, "127.0.0.1", port, APP_NAME).result(600)
     yield url
     serve.delete(APP_NAME)
-    serve.shutdown()
 
 
 def test_app_on_vllm_stops_on_the_guard_and_reports_it(url):
@@ -42,6 +40,11 @@ def test_app_on_vllm_stops_on_the_guard_and_reports_it(url):
     assert on["choices"][0]["finish_reason"] == "guard" and on["choices"][0]["text"].strip() == ""
     off = httpx.post(f"{url}/v1/completions", json={**body, "guard": "off"}, timeout=120).json()
     assert off["choices"][0]["finish_reason"] == "length" and off["usage"]["completion_tokens"] == 16
+    # A per-request threshold above the guard's certainty (0.99) lets it run; one below stops it.
+    loose, strict = (httpx.post(f"{url}/v1/completions", json={**body, "guard": threshold}, timeout=120).json()
+                     for threshold in (0.995, 0.9))
+    assert loose["choices"][0]["finish_reason"] == "length" and loose["choices"][0]["text"] == off["choices"][0]["text"]
+    assert strict["choices"][0]["finish_reason"] == "guard"
     deltas = []
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as response:
         deltas = [line for line in response.iter_lines() if line.startswith("data: ")]

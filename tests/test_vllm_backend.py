@@ -39,43 +39,39 @@ def problems():
             for p in split_problems(load_problems(lang), "test")[:2]]
 
 
-def run(backend, problems, observe=False, **params):
-    futures = [backend.submit(p.prompt, SamplingParams(max_new_tokens=MAX_NEW_TOKENS, **params),
-                              observe_guard=observe) for p in problems]
-    return [future.result(timeout=600) for future in futures]
-
-
-def as_cell(problems, results):
-    return {"problems": [{"task_id": p.task_id, "text": r.text, "token_ids": list(r.token_ids),
-                          "finish_reason": r.finish_reason, "guard_stop_index": r.guard_stop_index}
-                         for p, r in zip(problems, results)]}
-
-
 def test_guarded_vllm_stops_exactly_where_the_policy_replay_says(backend, problems, trace_dir):
+    """As benchmarks.vllm_exactness checks it: (c) the guarded run; (a) each request again with the
+    guard observing (votes traced, never stopping), capped at what (c)'s engine decoded; the policy
+    replay over (a)'s tokens and vLLM's own probabilities must give (c)'s stop. The prefix cache is
+    emptied before each run; with the caps both runs hold the same requests in the batch at each step."""
+    from benchmarks import vllm_exactness
+
     assert backend.info.has_guard and backend.info.backend == "vllm"
     # On CPU the model runs inside the engine-core process, on every core (backends/spec.py).
     assert backend._engine.vllm_config.parallel_config.distributed_executor_backend == "uni"
-    observed = run(backend, problems, observe=True)
-    guarded = run(backend, problems)
-    assert all(r.finish_reason != "guard" for r in observed)
-    # An observing guard never stops, so it gets no extra step past the cap (the baseline's cost).
-    assert any(r.finish_reason == "length" for r in observed)
-    assert all(r.num_generated_tokens <= MAX_NEW_TOKENS for r in observed)
-    assert sum(r.finish_reason == "guard" for r in guarded) >= 6, [r.finish_reason for r in guarded]
+    guarded = vllm_exactness.run(backend, problems, MAX_NEW_TOKENS)
+    caps = [vllm_exactness.observe_cap(row) for row in guarded["problems"]]
+    assert all(cap <= MAX_NEW_TOKENS + 1 for cap in caps) and any(cap < MAX_NEW_TOKENS for cap in caps)
+    observed = vllm_exactness.run(backend, problems, MAX_NEW_TOKENS, caps)
+    # An observing guard never stops, so it gets no extra step past its cap.
+    for row, cap in zip(observed["problems"], caps):
+        assert row["finish_reason"] != "guard" and len(row["token_ids"]) <= cap
+    assert sum(len(row["token_ids"]) == cap for row, cap in zip(observed["problems"], caps)) >= 6
+    guard_rows = guarded["problems"]
+    assert sum(row["finish_reason"] == "guard" for row in guard_rows) >= 6, [r["finish_reason"] for r in guard_rows]
     export = GuardExport.load(backend.folder)
-    expectations = replay_expectations(as_cell(problems, observed),
-                                       problems, backend.tokenizer, export, read_trace(trace_dir))
+    expectations = replay_expectations(observed, problems, backend.tokenizer, export, read_trace(trace_dir))
     changed = probabilities_changed(problems, backend.tokenizer, read_trace(trace_dir),
-                                    read_trace(trace_dir, mode="on"), as_cell(problems, guarded))
-    report = exactness(expectations, as_cell(problems, guarded), as_cell(problems, observed), changed)
+                                    read_trace(trace_dir, mode="on"), guarded)
+    report = exactness(expectations, guarded, observed, changed)
     assert not report["mismatches"], report
     assert report["num_exact"] >= len(problems) - 1, report
-    own = self_replay(as_cell(problems, guarded), problems, backend.tokenizer, export,
-                      read_trace(trace_dir, mode="on"), MAX_NEW_TOKENS)
+    own = self_replay(guarded, problems, backend.tokenizer, export, read_trace(trace_dir, mode="on"), MAX_NEW_TOKENS)
     assert own["num_exact"] == len(problems), own
-    for r in guarded:  # excess test code never reaches the text
-        assert "assert " not in r.text and "console.log" not in r.text and "int main" not in r.text
-        assert r.num_generated_tokens < MAX_NEW_TOKENS
+    for row in guard_rows:  # excess test code never reaches the text
+        assert "assert " not in row["text"] and "console.log" not in row["text"] and "int main" not in row["text"]
+        assert row["num_generated_tokens"] < MAX_NEW_TOKENS
+    assert backend.reset_prefix_cache() is True
 
 
 def test_stream_sends_only_what_the_result_keeps(backend, problems):
@@ -95,7 +91,7 @@ def test_stream_sends_only_what_the_result_keeps(backend, problems):
         assert result.finish_reason == "guard"
 
 
-def test_per_request_guard_off_threshold_and_bad_prompts(backend, problems):
+def test_per_request_guard_off_and_bad_prompts(backend, problems):
     problem = problems[0]
     off, on = (backend.submit(problem.prompt, SamplingParams(max_new_tokens=60, use_guard=use)).result(timeout=600)
                for use in (False, True))
@@ -136,24 +132,3 @@ def test_decoded_tokens_count_what_vllm_decoded_past_a_stop_string(backend, prob
         if method == "guard":  # the guard's marker is an EOS: the scheduler ends the request at once
             assert result.finish_reason == "guard"
             assert cell["num_decoded_tokens"] == result.num_generated_tokens == len(result.token_ids) + 1
-
-
-def test_exactness_run_caps_the_observed_run_at_the_guard_stop(backend, problems, trace_dir):
-    """benchmarks.vllm_exactness: the prefix cache empties when idle, each observed request is
-    capped at what its guarded run decoded, and the replay over that capped run gives the stop."""
-    from benchmarks import vllm_exactness
-
-    one_each = problems[1::2]
-    guarded = vllm_exactness.run(backend, one_each, MAX_NEW_TOKENS)
-    caps = [vllm_exactness.observe_cap(row) for row in guarded["problems"]]
-    assert all(cap <= MAX_NEW_TOKENS + 1 for cap in caps) and any(cap < MAX_NEW_TOKENS for cap in caps)
-    observed = vllm_exactness.run(backend, one_each, MAX_NEW_TOKENS, caps)
-    for row, cap in zip(observed["problems"], caps):
-        assert row["finish_reason"] != "guard" and len(row["token_ids"]) <= cap
-    assert sum(len(row["token_ids"]) == cap for row, cap in zip(observed["problems"], caps)) >= 3
-    export = GuardExport.load(backend.folder)
-    expectations = replay_expectations(observed, one_each, backend.tokenizer, export, read_trace(trace_dir))
-    report = exactness(expectations, guarded, observed)
-    assert not report["mismatches"], report
-    assert report["num_exact"] + report["num_diverged"] == len(one_each) and report["num_exact"] >= 3, report
-    assert backend.reset_prefix_cache() is True

@@ -19,8 +19,8 @@ from guard.policy import StopPolicy, find_stop
 from guard.syntax import is_complete
 from guard.probe import GenGuard
 from guard.token_table import TABLE_FILE, TokenTable
-from guard.vllm_processor import (TRACE_DIR_ENV, GenGuardLogitsProcessor, parse_guard_arg, prompt_key, read_decoded,
-                                  read_trace)
+from guard.vllm_contract import parse_guard_arg
+from guard.vllm_processor import TRACE_DIR_ENV, GenGuardLogitsProcessor, prompt_key, read_decoded, read_trace
 
 POLICY = StopPolicy(done_threshold=0.9, done_needs_blank_line=True, min_code_lines=1)
 CODE = ["def f(x):\n    return x\n\ndef check():\n    assert f(1) == 1\n",
