@@ -26,6 +26,8 @@ def test_ray_data_llm_rows_stop_on_the_guard_unless_a_row_turns_it_off(ray_sessi
         assert out[i]["is_guard_stop"] and out[i]["finish_reason"] == "guard"
         assert out[i]["completion"].strip() == "" and out[i]["num_generated_tokens"] <= 2
         assert out[i]["source"] == "test"  # the row's own columns come through
+    # The prompt comes back as sent, with the engine tokenizing it (no tokenize stage on CPU).
+    assert all(out[i]["prompt"] == f"def f{i}(x):\n" and out[i]["num_input_tokens"] > 0 for i in range(4))
 
 
 def test_cpu_engines_run_the_model_in_the_engine_process_and_gpu_ones_keep_vllms_choice(tmp_path):
