@@ -27,10 +27,9 @@ from concurrent.futures import Future
 
 from engine.engine import Engine
 from engine.errors import EngineDeadError, PromptError, SequenceError, StepError
-from engine.sequence import StepEvent
 from engine.health import DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES, DEFAULT_WEDGE_TIMEOUT_S, EngineHealth
 from engine.params import SamplingParams
-from engine.sequence import FinishReason, Result
+from engine.sequence import FinishReason, Result, StepEvent
 
 __all__ = ["DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES", "DEFAULT_WEDGE_TIMEOUT_S", "AsyncEngine"]
 

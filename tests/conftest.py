@@ -37,7 +37,7 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def serve_url(ray_session):
+def serve_port(ray_session):
     """One Serve instance (controller and HTTP proxy on a free loopback port) for the run. Each
     test module deploys its app there and deletes it when done; stopping and restarting Serve for
     each module cost 10-15 s here."""
@@ -47,4 +47,9 @@ def serve_url(ray_session):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return f"http://127.0.0.1:{port}"
+    return port
+
+
+@pytest.fixture(scope="session")
+def serve_url(serve_port):
+    return f"http://127.0.0.1:{serve_port}"

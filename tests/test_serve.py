@@ -80,7 +80,7 @@ def test_request_fields_map_to_sampling_params():
 
 # ---- the deployed app ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(serve_url, tmp_path_factory):
+def server(serve_port, serve_url, tmp_path_factory):
     from ray import serve
 
     from deployments.serve_cli import start_server
@@ -92,9 +92,8 @@ def server(serve_url, tmp_path_factory):
     config = ServeConfig(model=TINY_MODEL_NAME, guard=str(guard_dir), max_num_seqs=4, dtype="float32",
                          max_ongoing_requests=8, min_replicas=1, max_replicas=2,
                          target_ongoing_requests=8, num_cpus=1)
-    port = int(serve_url.rsplit(":", 1)[1])
     with ThreadPoolExecutor(1) as pool:  # serve.run has no timeout of its own
-        url = pool.submit(start_server, config, "127.0.0.1", port, APP_NAME).result(DEPLOY_TIMEOUT_S)
+        url = pool.submit(start_server, config, "127.0.0.1", serve_port, APP_NAME).result(DEPLOY_TIMEOUT_S)
     assert url == serve_url
     yield url
     serve.delete(APP_NAME)

@@ -16,7 +16,7 @@ APP_NAME = "codefast-vllm-backend-test"
 
 
 @pytest.fixture(scope="module")
-def url(serve_url, tmp_path_factory):
+def url(serve_port, tmp_path_factory):
     from ray import serve
 
     from deployments.serve_cli import start_server
@@ -25,9 +25,8 @@ def url(serve_url, tmp_path_factory):
     constant_guard(SURE_STOP_LOGIT, StopPolicy(min_code_lines=0)).save(guard_dir)
     config = ServeConfig(backend="vllm", model=TINY_MODEL_NAME, guard=str(guard_dir), max_num_seqs=4,
                          dtype="float32", kv_cache_gib=1, num_cpus=1)
-    port = int(serve_url.rsplit(":", 1)[1])
     with ThreadPoolExecutor(1) as pool:
-        url = pool.submit(start_server, config, "127.0.0.1", port, APP_NAME).result(600)
+        url = pool.submit(start_server, config, "127.0.0.1", serve_port, APP_NAME).result(600)
     yield url
     serve.delete(APP_NAME)
 
