@@ -74,27 +74,43 @@ def test_guarded_vllm_stops_exactly_where_the_policy_replay_says(backend, proble
     assert backend.reset_prefix_cache() is True
 
 
-def test_stream_sends_only_what_the_result_keeps(backend, problems):
+@pytest.fixture(scope="module")
+def guard_and_stop_word_runs(backend, problems):
+    """One problem per language, eight requests in the batch at once: streamed with the guard on,
+    and submitted with the language's stop words (which vLLM's front end ends)."""
+    from benchmarks.vllm_codefast import method_params
+
+    one_each = problems[::2]
+    stop_word_futures = [backend.submit(p.prompt, method_params("stop_words", p.language, MAX_NEW_TOKENS))
+                         for p in one_each]
+
     async def collect(problem):
         deltas, result = [], None
-        async for event in backend.stream(problem.prompt, SamplingParams(max_new_tokens=MAX_NEW_TOKENS)):
+        async for event in backend.stream(problem.prompt, method_params("guard", problem.language, MAX_NEW_TOKENS)):
             deltas.append(event.text_delta)
             if event.is_finished:
                 result = event.result
         return deltas, result
 
-    async def both():
-        return await asyncio.gather(*(collect(p) for p in problems[::2]))
+    async def streams():
+        return await asyncio.gather(*(collect(p) for p in one_each))
 
-    for deltas, result in asyncio.run(both()):
+    streamed = asyncio.run(streams())
+    return one_each, streamed, [future.result(timeout=600) for future in stop_word_futures]
+
+
+def test_stream_sends_only_what_the_result_keeps(guard_and_stop_word_runs):
+    _, streamed, _ = guard_and_stop_word_runs
+    for deltas, result in streamed:
         assert "".join(deltas) == result.text  # a dropped line was never sent
         assert result.finish_reason == "guard"
 
 
 def test_per_request_guard_off_and_bad_prompts(backend, problems):
     problem = problems[0]
-    off, on = (backend.submit(problem.prompt, SamplingParams(max_new_tokens=60, use_guard=use)).result(timeout=600)
-               for use in (False, True))
+    futures = [backend.submit(problem.prompt, SamplingParams(max_new_tokens=60, use_guard=use))
+               for use in (False, True)]  # both in the batch at once
+    off, on = (future.result(timeout=600) for future in futures)
     assert off.finish_reason == "length" and on.finish_reason == "guard"
     assert on.text and off.text.startswith(on.text)
     for bad in ("", "\ud800"):
@@ -105,20 +121,17 @@ def test_per_request_guard_off_and_bad_prompts(backend, problems):
     backend.check_health()
 
 
-def test_decoded_tokens_count_what_vllm_decoded_past_a_stop_string(backend, problems, trace_dir):
-    from benchmarks.vllm_codefast import add_decoded_tokens, method_params
+def test_decoded_tokens_count_what_vllm_decoded_past_a_stop_string(backend, guard_and_stop_word_runs, trace_dir):
+    from benchmarks.vllm_codefast import add_decoded_tokens
 
-    one_each = problems[::2]  # one problem per language
-    futures = {(method, language): (problem, backend.submit(problem.prompt, method_params(method, language,
-                                                                                       MAX_NEW_TOKENS)))
-               for method in ("stop_words", "guard")
-               for problem, language in zip(one_each, ("python", "javascript", "go", "cpp"))}
+    one_each, streamed, stop_word_results = guard_and_stop_word_runs
+    languages = [problem.language for problem in one_each]
     cells = {}
-    for (method, language), (problem, future) in futures.items():
-        result = future.result(timeout=600)
-        cells[(method, language)] = ({"method": method, "language": language,
-                                      "problems": [{"num_generated_tokens": result.num_generated_tokens}]},
-                                     problem, result)
+    for method, results in (("stop_words", stop_word_results), ("guard", [result for _, result in streamed])):
+        for problem, language, result in zip(one_each, languages, results):
+            cell = {"method": method, "language": language,
+                    "problems": [{"num_generated_tokens": result.num_generated_tokens}]}
+            cells[(method, language)] = (cell, problem, result)
     for cell, problem, _ in cells.values():
         add_decoded_tokens(backend, cell, [problem], trace_dir, MAX_NEW_TOKENS)
     stop_word_rows = [(cell["problems"][0], result) for (method, _), (cell, _, result) in cells.items()
