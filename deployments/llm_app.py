@@ -15,11 +15,11 @@ adds GenGuard to it, in two pieces:
   line removed from the text, holds back a line the guard may still drop while streaming, counts
   guard stops in the Serve metrics, and applies the per-request default.
 
-Per request, `"vllm_xargs": {"guard": "on" | "off" | 0.7}`. Completions default to on. Chat
-completions default to off: the guard was trained on raw code continuations (a function's body
-and what follows it), while a chat answer is prose with code in markdown fences, where its
-"excess" would be the explanation the user asked for; a chat client that wants it sends
-`"vllm_xargs": {"guard": "on"}`.
+Per request, `"vllm_xargs": {"guard": "on" | "off" | 0.7}` (JSON `true` / `false` too).
+Completions default to on. Chat completions default to off: the guard was trained on raw code
+continuations (a function's body and what follows it), while a chat answer is prose with code in
+markdown fences, where its "excess" would be the explanation the user asked for; a chat client
+that wants it sends `"vllm_xargs": {"guard": "on"}`.
 
 Models vLLM cannot run stay on deployments/app.py (our engine, the same API).
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.llm import LLMConfig, LLMServer, build_openai_app
 
-from guard.vllm_contract import GUARD_ARG, PROCESSOR_PATH
+from guard.vllm_contract import GUARD_ARG, PROCESSOR_PATH, parse_guard_arg
 
 logger = logging.getLogger("ray.serve")
 
@@ -206,7 +206,7 @@ class GenGuardLLMServer(LLMServer):
         xargs = dict(request.vllm_xargs or {})
         xargs.setdefault(GUARD_ARG, DEFAULT_GUARD[method])
         request.vllm_xargs = xargs
-        if xargs[GUARD_ARG] == "off":
+        if is_guard_off(xargs[GUARD_ARG]):
             return await run(request, raw_request_info)
         wants_ids = bool(request.return_token_ids)
         request.return_token_ids = True  # the kept text is cut at a token, not a character
@@ -267,6 +267,16 @@ class GenGuardLLMServer(LLMServer):
                     fixed.append(f"data: {json.dumps(chunk)}\n\n")
             if fixed:
                 yield fixed
+
+
+def is_guard_off(value) -> bool:
+    """Does a request's `vllm_xargs["guard"]` turn the guard off, as the processor reads it
+    (`"off"` or `false`)? A value the processor rejects is not "off": the request then goes on
+    to vLLM, whose check of the processor's arguments answers 400."""
+    try:
+        return parse_guard_arg(value) is False
+    except ValueError:
+        return False
 
 
 class _StreamChoice:

@@ -128,3 +128,17 @@ def test_ray_serve_llm_skips_its_model_download_task_only_for_a_model_folder(tmp
         assert callback.ctx.run_init_node is not is_skipped, source
     cpu = LLMAppConfig(model=TINY_MODEL_NAME, guard=None, dtype="float32")
     assert build_llm_config(cpu).callback_config.callback_class is LocalModelCallback
+
+
+def test_the_server_reads_guard_off_as_the_processor_does():
+    from deployments.llm_app import is_guard_off
+    from guard.vllm_contract import parse_guard_arg
+
+    for value in ("off", False):
+        assert parse_guard_arg(value) is False and is_guard_off(value)
+    for value in ("on", True, None, 0.7, "0.7", "observe"):
+        assert parse_guard_arg(value) is not False and not is_guard_off(value)
+    for value in ("of", 0, 1.5):  # rejected by the processor (vLLM answers 400): not "off" here
+        with pytest.raises(ValueError):
+            parse_guard_arg(value)
+        assert not is_guard_off(value)
