@@ -15,8 +15,8 @@ adds GenGuard to it, in two pieces:
   line removed from the text, holds back a line the guard may still drop while streaming, counts
   guard stops in the Serve metrics, and applies the per-request default.
 
-Per request, `"vllm_xargs": {"guard": "on" | "off" | 0.7}` (JSON `true` / `false` too).
-Completions default to on. Chat completions default to off: the guard was trained on raw code
+Per request, `"vllm_xargs": {"guard": "on" | "off" | 0.7}` (not JSON `true` / `false`: vLLM's
+server turns them into 1 / 0, which get a 400 saying so). Completions default to on. Chat completions default to off: the guard was trained on raw code
 continuations (a function's body and what follows it), while a chat answer is prose with code in
 markdown fences, where its "excess" would be the explanation the user asked for; a chat client
 that wants it sends `"vllm_xargs": {"guard": "on"}`.
@@ -270,9 +270,9 @@ class GenGuardLLMServer(LLMServer):
 
 
 def is_guard_off(value) -> bool:
-    """Does a request's `vllm_xargs["guard"]` turn the guard off, as the processor reads it
-    (`"off"` or `false`)? A value the processor rejects is not "off": the request then goes on
-    to vLLM, whose check of the processor's arguments answers 400."""
+    """Does a request's `vllm_xargs["guard"]` turn the guard off, as the processor reads it? A
+    value the processor rejects is not "off": the request then goes on to vLLM, whose check of
+    the processor's arguments answers 400."""
     try:
         return parse_guard_arg(value) is False
     except ValueError:

@@ -92,6 +92,10 @@ def test_chat_defaults_to_no_guard_and_bad_settings_get_a_400(url):
     bad = post(url, "/v1/completions", {"model": model_id(url), "prompt": "x", "max_tokens": 4,
                                         "vllm_xargs": {"guard": "maybe"}})
     assert bad.status_code == 400 and "guard" in bad.text
+    # vLLM's server turns a JSON false into 0 before the guard sees it: the 400 says what to send.
+    boolean = post(url, "/v1/completions", {"model": model_id(url), "prompt": "x", "max_tokens": 4,
+                                            "vllm_xargs": {"guard": False}})
+    assert boolean.status_code == 400 and "send the string 'on' or 'off'" in boolean.text, boolean.text
 
 
 def test_shipped_llm_configs_are_valid():
@@ -138,7 +142,7 @@ def test_the_server_reads_guard_off_as_the_processor_does():
         assert parse_guard_arg(value) is False and is_guard_off(value)
     for value in ("on", True, None, 0.7, "0.7", "observe"):
         assert parse_guard_arg(value) is not False and not is_guard_off(value)
-    for value in ("of", 0, 1.5):  # rejected by the processor (vLLM answers 400): not "off" here
-        with pytest.raises(ValueError):
+    for value in ("of", 0, 1, 1.5):  # rejected by the processor (vLLM answers 400): not "off" here
+        with pytest.raises(ValueError, match="send the string 'on' or 'off'" if value in (0, 1) else "got"):
             parse_guard_arg(value)
         assert not is_guard_off(value)
