@@ -16,10 +16,11 @@ adds GenGuard to it, in two pieces:
   guard stops in the Serve metrics, and applies the per-request default.
 
 Per request, `"vllm_xargs": {"guard": "on" | "off" | 0.7}` (not JSON `true` / `false`: vLLM's
-server turns them into 1 / 0, which get a 400 saying so). Completions default to on. Chat completions default to off: the guard was trained on raw code
-continuations (a function's body and what follows it), while a chat answer is prose with code in
-markdown fences, where its "excess" would be the explanation the user asked for; a chat client
-that wants it sends `"vllm_xargs": {"guard": "on"}`.
+server turns them into 1 / 0, which get a 400 saying so). Completions default to on. Chat
+completions default to off: the guard was trained on raw code continuations (a function's body
+and what follows it), while a chat answer is prose with code in markdown fences, where its
+"excess" would be the explanation the user asked for; a chat client that wants it sends
+`"vllm_xargs": {"guard": "on"}`.
 
 Models vLLM cannot run stay on deployments/app.py (our engine, the same API).
 """

@@ -30,13 +30,12 @@ def parse_guard_arg(value) -> float | bool | str:
         try:
             value = float(value)
         except ValueError:
-            raise ValueError(f"extra_args['{GUARD_ARG}'] must be 'on', 'off', 'observe' or a stop"
-                             f" threshold in (0, 1), got {value!r}") from None
+            pass  # not a number: the error below names it
     if isinstance(value, (int, float)) and 0 < float(value) < 1:
         return float(value)
     # vLLM's OpenAI server validates vllm_xargs values as str | int | float, so a JSON true or
-    # false arrives here as 1 or 0: say so, instead of a bare "got 0" the client never sent.
+    # false arrives here as the int 1 or 0: say so, instead of a bare "got 0" the client never sent.
     hint = (" (a JSON true / false reaches the guard as 1 / 0: send the string 'on' or 'off')"
-            if value in (0, 1) else "")
+            if type(value) is int and value in (0, 1) else "")
     raise ValueError(f"extra_args['{GUARD_ARG}'] must be 'on', 'off', 'observe' or a stop threshold"
                      f" in (0, 1), got {value!r}{hint}")
