@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.policy_sweep import HELD_OUT_CACHES, LANGUAGES, full_text, make_sample
+from benchmarks.policy_sweep import LANGUAGES, add_replay_args, full_text, make_sample
 from engine import Engine, EngineConfig
 from evals.mbxp import load_problems, split_problems
 from guard_training.features import done_ends_opening_blank_line, done_labels
@@ -49,11 +49,7 @@ def line_start_means(sample: dict, labels: list[int]) -> list[tuple[float, int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--guard", default="default")
-    parser.add_argument("--caches", default=HELD_OUT_CACHES)
-    parser.add_argument("--cache-dir", default="reports/policy_sweep")
-    parser.add_argument("--max-new-tokens", type=int, default=300, help="what the caches were made with")
+    add_replay_args(parser)
     parser.add_argument("--top", type=int, default=8)
     args = parser.parse_args()
     engine = Engine.from_pretrained(args.model, guard=args.guard, config=EngineConfig(max_num_seqs=1))

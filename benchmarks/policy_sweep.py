@@ -33,6 +33,17 @@ from guard.syntax import LANGUAGES
 
 # The committed caches of train prompts no guard was trained on (0-39, 280-319, 320-399).
 HELD_OUT_CACHES = "train.0.40,train.280.40,train.320.80"
+SWEEP_DIR = "reports/policy_sweep"  # the committed caches of token ids
+
+
+def add_replay_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a replay over this sweep's cached held-out completions
+    (benchmarks.guard_margins, benchmarks.syntax_gate)."""
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--guard", default="default")
+    parser.add_argument("--caches", default=HELD_OUT_CACHES)
+    parser.add_argument("--cache-dir", default=SWEEP_DIR)
+    parser.add_argument("--max-new-tokens", type=int, default=300, help="what the caches were made with")
 
 
 # The guard's policy three ways: no syntax gate, the strict gate, the gate that lets a closed stub
@@ -190,7 +201,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16)
     # Committed: the caches are small (token ids) and cost ~5 minutes of generation per 100
     # prompts of a language on 2 CPU cores, so a later run replays at once.
-    parser.add_argument("--out", default="reports/policy_sweep")
+    parser.add_argument("--out", default=SWEEP_DIR)
     parser.add_argument("--policies", default="", help="JSON list of StopPolicy overrides to replay")
     parser.add_argument("--from-cells", default=None,
                         help="replay over the baseline completions of a benchmarks.codefast run")

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.policy_sweep import (GUARD_VARIANTS, HELD_OUT_CACHES, LANGUAGES, full_text, generated_samples,
+from benchmarks.policy_sweep import (GUARD_VARIANTS, LANGUAGES, add_replay_args, full_text, generated_samples,
                                      guard_variants, replay_policy, replay_stop_words_method)
 from engine import Engine, EngineConfig
 from evals.mbxp import load_problems
@@ -58,11 +58,7 @@ def classify(language: str, problem, full: str, kept: str, ends_at_eos: bool) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--guard", default="default")
-    parser.add_argument("--caches", default=HELD_OUT_CACHES)
-    parser.add_argument("--cache-dir", default="reports/policy_sweep")
-    parser.add_argument("--max-new-tokens", type=int, default=300, help="what the caches were made with")
+    add_replay_args(parser)
     parser.add_argument("--max-lines", type=int, default=None, help="syntax_gate_max_lines (default: the policy's)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
