@@ -1,4 +1,4 @@
-"""`make demo`: the product end to end on this machine, in about three minutes.
+"""`make demo`: the product end to end on this machine, in three to five minutes.
 
 Starts a local Ray (loopback only), writes a sample corpus (MBXP test prompts, the four languages
 interleaved, with their task id, language and entry point), runs the Ray Data batch job over it
@@ -7,7 +7,7 @@ progress while it runs and then a short table, and stops the Ray it started.
 
     python -m jobs.demo [--per-language 8] [--max-new-tokens 128] [--out runs/demo]
 
-The token cap (128 by default) keeps the run without the guard within about three minutes on a
+The token cap (128 by default) keeps the run without the guard within a few minutes on a
 2-core CPU; the guard usually stops well before it, and the table shows what it saved.
 """
 from __future__ import annotations
