@@ -8,9 +8,10 @@ For teams whose batch pipelines already use Ray Data LLM (`vLLMEngineProcessorCo
 `build_processor`): the engines serve the GenGuard export (guard/export.py) with the logits
 processor in `engine_kwargs`, and the postprocess turns a guard stop (a marker token at the end
 of `generated_tokens`) into what `jobs.generate` writes: `completion` without the excess line,
-`finish_reason` "guard", `is_guard_stop`. Per row, a `guard` column ("on" / "off" / a threshold)
-overrides the default, and a `language` column names the code's language for the guard's syntax
-gate (guard/syntax.py; without it the language is told from the prompt). `jobs.generate --backend vllm` is the other way (our actors over the
+`finish_reason` "guard", `is_guard_stop`; other rows get "eos" or "length", as in those jobs. Per
+row, a `guard` column ("on" / "off" / a threshold) overrides the default, and a `language` column
+names the code's language for the guard's syntax gate (guard/syntax.py; without it the language
+is told from the prompt). `jobs.generate --backend vllm` is the other way (our actors over the
 backend protocol, with resume, error rows and per-row settings).
 """
 from __future__ import annotations
@@ -82,8 +83,12 @@ def guard_postprocess(folder: str, row: dict) -> dict:
         out.update(completion=tokenizer.decode(kept, skip_special_tokens=True), completion_ids=kept,
                    finish_reason="guard", is_guard_stop=True)
     else:
+        # Ray Data LLM's rows carry no finish reason. vLLM ends a request on a stop token or at its
+        # length (max_tokens, or the model's context); the only stop tokens the preprocess asks
+        # for are the markers, and the model's EOS ids always stop it, so the last id tells.
+        reason = "eos" if last in export.eos_token_ids else "length"
         out.update(completion=row.get("generated_text", ""), completion_ids=token_ids,
-                   finish_reason=None, is_guard_stop=False)
+                   finish_reason=reason, is_guard_stop=False)
     out["num_generated_tokens"] = len(token_ids)
     return out
 
@@ -94,9 +99,11 @@ def build_guarded_processor(model: str = "default", guard: str = "default", *, m
     columns out (see module docstring)."""
     from ray.data.llm import build_processor
 
+    from guard.export import GuardExport
+
     config = guarded_processor_config(model, guard, **config_kwargs)
     folder = config.model_source
-    markers = list(__import__("guard.export", fromlist=["GuardExport"]).GuardExport.load(folder).marker_ids)
+    markers = list(GuardExport.load(folder).marker_ids)
 
     def preprocess(row: dict) -> dict:
         extra_args = {GUARD_ARG: row.get("guard") or "on"}

@@ -2,7 +2,7 @@
 engine runs the guard; the tiny model with a guard sure that every token is excess."""
 import pytest
 
-from backends.ray_data_llm import build_guarded_processor, guarded_processor_config
+from backends.ray_data_llm import build_guarded_processor, guard_postprocess, guarded_processor_config
 from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
 from tests.helpers import constant_guard, engine_stack_imported_by
@@ -21,7 +21,7 @@ def test_ray_data_llm_rows_stop_on_the_guard_unless_a_row_turns_it_off(ray_sessi
             for i in range(4)]
     out = {row["id"]: row for row in processor(ray.data.from_items(rows)).take_all()}
     assert sorted(out) == [0, 1, 2, 3]
-    assert out[0]["finish_reason"] is None and out[0]["num_generated_tokens"] == 16
+    assert out[0]["finish_reason"] == "length" and out[0]["num_generated_tokens"] == 16
     for i in (1, 2, 3):
         assert out[i]["is_guard_stop"] and out[i]["finish_reason"] == "guard"
         assert out[i]["completion"].strip() == "" and out[i]["num_generated_tokens"] <= 2
@@ -41,6 +41,27 @@ def test_cpu_engines_run_the_model_in_the_engine_process_and_gpu_ones_keep_vllms
     assert "distributed_executor_backend" not in gpu.engine_kwargs
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu.runtime_env["env_vars"]
     assert gpu.tokenize_stage is True and gpu.detokenize_stage is False
+
+
+def test_postprocess_tells_guard_eos_and_length_from_the_last_id(tmp_path):
+    """Ray Data LLM's rows carry no finish reason: a marker last is a guard stop, an EOS id last
+    is "eos", anything else ran to its length (the preprocess asks for no other stop)."""
+    from guard.export import GuardExport, MarkerKind
+
+    constant_guard(SURE_STOP_LOGIT, StopPolicy(min_code_lines=0)).save(tmp_path)
+    folder = guarded_processor_config(TINY_MODEL_NAME, str(tmp_path), dtype="float32", max_model_len=256).model_source
+    export = GuardExport.load(folder)
+    code_ids = [ord("a"), ord("b")]  # the tiny tokenizer: one byte, one token
+
+    def finish(token_ids: list[int]) -> dict:
+        return guard_postprocess(folder, {"id": 7, "generated_tokens": token_ids, "generated_text": "ab"})
+
+    eos, length = finish(code_ids + [export.eos_token_ids[0]]), finish(code_ids)
+    assert (eos["finish_reason"], eos["is_guard_stop"], eos["num_generated_tokens"]) == ("eos", False, 3)
+    assert (length["finish_reason"], length["completion"], length["id"]) == ("length", "ab", 7)
+    kept = finish(code_ids + [export.marker_id(MarkerKind.KEEP)])
+    assert (kept["finish_reason"], kept["is_guard_stop"], kept["completion_ids"]) == ("guard", True, code_ids)
+    assert "generated_tokens" not in kept and "generated_text" not in kept
 
 
 def test_the_processors_row_functions_load_no_engine():
