@@ -11,8 +11,10 @@ of `generated_tokens`) into what `jobs.generate` writes: `completion` without th
 `finish_reason` "guard", `is_guard_stop`; other rows get "eos" or "length", as in those jobs. Per
 row, a `guard` column ("on" / "off" / a threshold) overrides the default, and a `language` column
 names the code's language for the guard's syntax gate (guard/syntax.py; without it the language
-is told from the prompt). `jobs.generate --backend vllm` is the other way (our actors over the
-backend protocol, with resume, error rows and per-row settings).
+is told from the prompt). A row vLLM refuses becomes an error row (its message in Ray Data
+LLM's `__inference_error__` column) instead of failing the dataset. `jobs.generate --backend
+vllm` is the other way (our actors over the backend protocol, with resume, error rows and per-row
+settings).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, PROCESSOR_PATH
 def guarded_processor_config(model: str = "default", guard: str = "default", *, max_num_seqs: int = 16,
                              batch_size: int = 16, concurrency: int = 1, num_cpus: float = 1.0,
                              kv_cache_gib: int = 4, dtype: str = "auto", device: str = "cpu",
-                             max_model_len: int = 8192):
+                             max_model_len: int = 8192, continue_on_error: bool = True):
     from ray.data.llm import vLLMEngineProcessorConfig
 
     from backends.spec import VLLM_CPU_EXECUTOR, VLLM_CPU_EXECUTOR_ENV
@@ -50,6 +52,10 @@ def guarded_processor_config(model: str = "default", guard: str = "default", *, 
         # Without CPU bundles the engine stage asks for a GPU (../shared/notes).
         placement_group_config={"bundles": [{"CPU": num_cpus}]} if is_cpu else None,
         batch_size=batch_size, concurrency=concurrency,
+        # A row vLLM refuses (a prompt past the context, a bad `guard` value) becomes an error row
+        # (Ray Data LLM's `__inference_error__` column; it skips the postprocess), as in our jobs,
+        # instead of failing the whole dataset (Ray's default).
+        should_continue_on_error=continue_on_error,
         chat_template_stage=False,  # code completion: the prompt is the code to continue
         # The engine's own output has the text (vLLM detokenizes as it goes) and guard_postprocess
         # decodes a guard stop's kept ids itself, so Ray Data LLM's detokenize stage would only

@@ -19,8 +19,14 @@ def test_ray_data_llm_rows_stop_on_the_guard_unless_a_row_turns_it_off(ray_sessi
                                         batch_size=4, kv_cache_gib=1, max_model_len=256, dtype="float32")
     rows = [{"id": i, "prompt": f"def f{i}(x):\n", "source": "test", "guard": "off" if i == 0 else "on"}
             for i in range(4)]
+    # Rows vLLM refuses become error rows (Ray Data LLM's column); the others are unaffected.
+    rows += [{"id": 4, "prompt": "x" * 600, "source": "test", "guard": "on"},  # past max_model_len
+             {"id": 5, "prompt": "def g(x):\n", "source": "test", "guard": "sometimes"}]
     out = {row["id"]: row for row in processor(ray.data.from_items(rows)).take_all()}
-    assert sorted(out) == [0, 1, 2, 3]
+    assert sorted(out) == [0, 1, 2, 3, 4, 5]
+    assert "maximum context length is 256" in out[4]["__inference_error__"]
+    assert "extra_args['guard'] must be" in out[5]["__inference_error__"]
+    assert all(out[i]["__inference_error__"] == "" for i in range(4))
     assert out[0]["finish_reason"] == "length" and out[0]["num_generated_tokens"] == 16
     for i in (1, 2, 3):
         assert out[i]["is_guard_stop"] and out[i]["finish_reason"] == "guard"
