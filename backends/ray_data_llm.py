@@ -8,13 +8,14 @@ For teams whose batch pipelines already use Ray Data LLM (`vLLMEngineProcessorCo
 `build_processor`): the engines serve the GenGuard export (guard/export.py) with the logits
 processor in `engine_kwargs`, and the postprocess turns a guard stop (a marker token at the end
 of `generated_tokens`) into what `jobs.generate` writes: `completion` without the excess line,
-`finish_reason` "guard", `is_guard_stop`; other rows get "eos" or "length", as in those jobs. Per
-row, a `guard` column ("on" / "off" / a threshold) overrides the default, and a `language` column
-names the code's language for the guard's syntax gate (guard/syntax.py; without it the language
-is told from the prompt). A row vLLM refuses becomes an error row (its message in Ray Data
-LLM's `__inference_error__` column) instead of failing the dataset. `jobs.generate --backend
-vllm` is the other way (our actors over the backend protocol, with resume, error rows and per-row
-settings).
+`finish_reason` "guard", `is_guard_stop`; other rows get "eos", "length" or "stop", as in those
+jobs. Per row, the columns jobs.generate reads override the processor's settings: `guard` ("on" /
+"off" / a threshold), `language` (the code's language for the guard's syntax gate, guard/syntax.py;
+without it the language is told from the prompt), and `max_tokens`, `temperature`, `top_p`,
+`seed`, `stop` (vLLM's sampling parameters). A row vLLM refuses becomes an error row (its
+message in Ray Data LLM's `__inference_error__` column) instead of failing the dataset.
+`jobs.generate --backend vllm` is the other way (our actors over the backend protocol, with
+resume, error rows and per-row settings).
 """
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ from pathlib import Path
 
 from guard.syntax import LANGUAGES
 from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, PROCESSOR_PATH
+from jobs.rows import ROW_SETTING_TYPES
+
+# The per-row settings of jobs.generate that are vLLM sampling parameters of the same name; the
+# other two (guard, language) go to the guard through extra_args. vLLM checks the values, so a bad
+# one makes its row an error row.
+ROW_SAMPLING_COLUMNS = tuple(name for name in ROW_SETTING_TYPES if name not in ("guard", "language"))
 
 
 def guarded_processor_config(model: str = "default", guard: str = "default", *, max_num_seqs: int = 16,
@@ -78,8 +85,10 @@ def _view(folder: str):
             AutoTokenizer.from_pretrained(folder))
 
 
-def guard_postprocess(folder: str, row: dict) -> dict:
-    """A processed row -> the guard's view of it (runs in Ray Data workers)."""
+def guard_postprocess(folder: str, row: dict, max_tokens: int | None = None,
+                      max_model_len: int | None = None) -> dict:
+    """A processed row -> the guard's view of it (runs in Ray Data workers). `max_tokens` (a
+    row's own column wins) and `max_model_len`: the limits the request ran under."""
     export, is_line_end, tokenizer = _view(folder)
     token_ids = [int(t) for t in row.get("generated_tokens") or []]
     last = token_ids[-1] if token_ids else None
@@ -89,20 +98,42 @@ def guard_postprocess(folder: str, row: dict) -> dict:
         out.update(completion=tokenizer.decode(kept, skip_special_tokens=True), completion_ids=kept,
                    finish_reason="guard", is_guard_stop=True)
     else:
-        # Ray Data LLM's rows carry no finish reason. vLLM ends a request on a stop token or at its
-        # length (max_tokens, or the model's context); the only stop tokens the preprocess asks
-        # for are the markers, and the model's EOS ids always stop it, so the last id tells.
-        reason = "eos" if last in export.eos_token_ids else "length"
         out.update(completion=row.get("generated_text", ""), completion_ids=token_ids,
-                   finish_reason=reason, is_guard_stop=False)
+                   finish_reason=_finish_reason(row, token_ids, export.eos_token_ids, max_tokens, max_model_len),
+                   is_guard_stop=False)
     out["num_generated_tokens"] = len(token_ids)
     return out
 
 
+def _finish_reason(row: dict, token_ids: list[int], eos_token_ids, max_tokens: int | None,
+                   max_model_len: int | None) -> str:
+    """Ray Data LLM's rows carry no finish reason. vLLM ends a request on a stop token (here the
+    guard's markers, handled before, and the model's EOS ids), at its length (max_tokens or the
+    model's context) or on a stop string (a row's `stop`), so the last id and the counts tell."""
+    if token_ids and token_ids[-1] in eos_token_ids:
+        return "eos"
+    limit = row.get("max_tokens") or max_tokens
+    num_tokens = (row.get("num_input_tokens") or 0) + len(token_ids)
+    is_at_context = max_model_len is not None and num_tokens >= max_model_len
+    if (limit is not None and len(token_ids) >= limit) or is_at_context or _is_empty(row.get("stop")):
+        return "length"
+    return "stop"
+
+
+def _is_empty(value) -> bool:
+    return value is None or len(value) == 0
+
+
+def _plain(value):
+    """A row's value as vLLM takes it: Ray Data hands NumPy scalars and arrays for Arrow columns."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
 def build_guarded_processor(model: str = "default", guard: str = "default", *, max_tokens: int = 300,
                             temperature: float = 0.0, **config_kwargs):
-    """A Ray Data LLM processor: rows with `prompt` (and optionally `guard`) in, the guard's
-    columns out (see module docstring)."""
+    """A Ray Data LLM processor: rows with `prompt` (and optionally per-row settings) in, the
+    guard's columns out (see module docstring). `max_tokens` and `temperature` are the defaults
+    a row's own columns override."""
     from ray.data.llm import build_processor
 
     from guard.export import GuardExport
@@ -110,12 +141,17 @@ def build_guarded_processor(model: str = "default", guard: str = "default", *, m
     config = guarded_processor_config(model, guard, **config_kwargs)
     folder = config.model_source
     markers = list(GuardExport.load(folder).marker_ids)
+    max_model_len = config.engine_kwargs["max_model_len"]
 
     def preprocess(row: dict) -> dict:
         extra_args = {GUARD_ARG: row.get("guard") or "on"}
         if row.get("language") in LANGUAGES:  # for the syntax gate; else it guesses from the prompt
             extra_args[LANGUAGE_ARG] = row["language"]
-        return {**row, "sampling_params": {"temperature": temperature, "max_tokens": max_tokens,
-                                           "stop_token_ids": markers, "extra_args": extra_args}}
+        settings = {"temperature": temperature, "max_tokens": max_tokens}
+        settings |= {name: _plain(row[name]) for name in ROW_SAMPLING_COLUMNS if row.get(name) is not None}
+        return {**row, "sampling_params": {**settings, "stop_token_ids": markers, "extra_args": extra_args}}
 
-    return build_processor(config, preprocess=preprocess, postprocess=lambda row: guard_postprocess(folder, row))
+    def postprocess(row: dict) -> dict:
+        return guard_postprocess(folder, row, max_tokens, max_model_len)
+
+    return build_processor(config, preprocess=preprocess, postprocess=postprocess)

@@ -17,17 +17,20 @@ def test_ray_data_llm_rows_stop_on_the_guard_unless_a_row_turns_it_off(ray_sessi
     constant_guard(SURE_STOP_LOGIT, StopPolicy(min_code_lines=0)).save(tmp_path)
     processor = build_guarded_processor(TINY_MODEL_NAME, str(tmp_path), max_tokens=16, max_num_seqs=4,
                                         batch_size=4, kv_cache_gib=1, max_model_len=256, dtype="float32")
-    rows = [{"id": i, "prompt": f"def f{i}(x):\n", "source": "test", "guard": "off" if i == 0 else "on"}
-            for i in range(4)]
+    rows = [{"id": i, "prompt": f"def f{i}(x):\n", "source": "test", "guard": "off" if i == 0 else "on",
+             "max_tokens": 5 if i == 0 else None, "temperature": None} for i in range(4)]  # per-row settings
     # Rows vLLM refuses become error rows (Ray Data LLM's column); the others are unaffected.
     rows += [{"id": 4, "prompt": "x" * 600, "source": "test", "guard": "on"},  # past max_model_len
-             {"id": 5, "prompt": "def g(x):\n", "source": "test", "guard": "sometimes"}]
+             {"id": 5, "prompt": "def g(x):\n", "source": "test", "guard": "sometimes"},
+             {"id": 6, "prompt": "def g(x):\n", "source": "test", "guard": "on", "temperature": -1.0}]
+    rows[4:] = [{"max_tokens": None, "temperature": None} | row for row in rows[4:]]
     out = {row["id"]: row for row in processor(ray.data.from_items(rows)).take_all()}
-    assert sorted(out) == [0, 1, 2, 3, 4, 5]
+    assert sorted(out) == [0, 1, 2, 3, 4, 5, 6]
     assert "maximum context length is 256" in out[4]["__inference_error__"]
     assert "extra_args['guard'] must be" in out[5]["__inference_error__"]
+    assert "temperature must be non-negative" in out[6]["__inference_error__"]
     assert all(out[i]["__inference_error__"] == "" for i in range(4))
-    assert out[0]["finish_reason"] == "length" and out[0]["num_generated_tokens"] == 16
+    assert out[0]["finish_reason"] == "length" and out[0]["num_generated_tokens"] == 5  # its own max_tokens
     for i in (1, 2, 3):
         assert out[i]["is_guard_stop"] and out[i]["finish_reason"] == "guard"
         assert out[i]["completion"].strip() == "" and out[i]["num_generated_tokens"] <= 2
@@ -51,7 +54,7 @@ def test_cpu_engines_run_the_model_in_the_engine_process_and_gpu_ones_keep_vllms
 
 def test_postprocess_tells_guard_eos_and_length_from_the_last_id(tmp_path):
     """Ray Data LLM's rows carry no finish reason: a marker last is a guard stop, an EOS id last
-    is "eos", anything else ran to its length (the preprocess asks for no other stop)."""
+    is "eos", a row at its token or context limit is "length", else a stop string ended it."""
     from guard.export import GuardExport, MarkerKind
 
     constant_guard(SURE_STOP_LOGIT, StopPolicy(min_code_lines=0)).save(tmp_path)
@@ -65,6 +68,15 @@ def test_postprocess_tells_guard_eos_and_length_from_the_last_id(tmp_path):
     eos, length = finish(code_ids + [export.eos_token_ids[0]]), finish(code_ids)
     assert (eos["finish_reason"], eos["is_guard_stop"], eos["num_generated_tokens"]) == ("eos", False, 3)
     assert (length["finish_reason"], length["completion"], length["id"]) == ("length", "ab", 7)
+
+    # With a row's stop strings, ending short of both limits means a stop string ended it.
+    def with_stop(max_tokens: int, num_input_tokens: int) -> str:
+        row = {"generated_tokens": code_ids, "generated_text": "ab", "stop": ["\n"],
+               "num_input_tokens": num_input_tokens}
+        return guard_postprocess(folder, row, max_tokens, 256)["finish_reason"]
+    assert [with_stop(16, 3), with_stop(2, 3), with_stop(16, 254)] == ["stop", "length", "length"]
+    assert guard_postprocess(folder, {"generated_tokens": code_ids, "max_tokens": 2, "stop": ["\n"]},
+                             16, 256)["finish_reason"] == "length"  # the row's own max_tokens
     kept = finish(code_ids + [export.marker_id(MarkerKind.KEEP)])
     assert (kept["finish_reason"], kept["is_guard_stop"], kept["completion_ids"]) == ("guard", True, code_ids)
     assert "generated_tokens" not in kept and "generated_text" not in kept
