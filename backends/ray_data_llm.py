@@ -22,9 +22,8 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from guard.syntax import LANGUAGES
 from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, PROCESSOR_PATH
-from jobs.rows import ROW_SETTING_TYPES
+from jobs.rows import ROW_SETTING_TYPES, known_language
 
 # The per-row settings of jobs.generate that are vLLM sampling parameters of the same name; the
 # other two (guard, language) go to the guard through extra_args. vLLM checks the values, so a bad
@@ -85,6 +84,18 @@ def _view(folder: str):
             AutoTokenizer.from_pretrained(folder))
 
 
+def guard_preprocess(row: dict, marker_ids: list[int], max_tokens: int, temperature: float) -> dict:
+    """A row -> its vLLM request (runs in Ray Data workers): the guard's markers as stop ids, the
+    row's own settings over the defaults, `guard` and `language` for the processor."""
+    extra_args = {GUARD_ARG: row.get("guard") or "on"}
+    language = row.get("language")
+    if isinstance(language, str) and known_language(language):  # else the gate guesses from the prompt
+        extra_args[LANGUAGE_ARG] = known_language(language)
+    settings = {"temperature": temperature, "max_tokens": max_tokens}
+    settings |= {name: _plain(row[name]) for name in ROW_SAMPLING_COLUMNS if row.get(name) is not None}
+    return {**row, "sampling_params": {**settings, "stop_token_ids": marker_ids, "extra_args": extra_args}}
+
+
 def guard_postprocess(folder: str, row: dict, max_tokens: int | None = None,
                       max_model_len: int | None = None) -> dict:
     """A processed row -> the guard's view of it (runs in Ray Data workers). `max_tokens` (a
@@ -115,6 +126,7 @@ def _finish_reason(row: dict, token_ids: list[int], eos_token_ids, max_tokens: i
     limit = row.get("max_tokens") or max_tokens
     num_tokens = (row.get("num_input_tokens") or 0) + len(token_ids)
     is_at_context = max_model_len is not None and num_tokens >= max_model_len
+    # Short of both limits, only a stop string can have ended it; without any, a limit did.
     if (limit is not None and len(token_ids) >= limit) or is_at_context or _is_empty(row.get("stop")):
         return "length"
     return "stop"
@@ -144,12 +156,7 @@ def build_guarded_processor(model: str = "default", guard: str = "default", *, m
     max_model_len = config.engine_kwargs["max_model_len"]
 
     def preprocess(row: dict) -> dict:
-        extra_args = {GUARD_ARG: row.get("guard") or "on"}
-        if row.get("language") in LANGUAGES:  # for the syntax gate; else it guesses from the prompt
-            extra_args[LANGUAGE_ARG] = row["language"]
-        settings = {"temperature": temperature, "max_tokens": max_tokens}
-        settings |= {name: _plain(row[name]) for name in ROW_SAMPLING_COLUMNS if row.get(name) is not None}
-        return {**row, "sampling_params": {**settings, "stop_token_ids": markers, "extra_args": extra_args}}
+        return guard_preprocess(row, markers, max_tokens, temperature)
 
     def postprocess(row: dict) -> dict:
         return guard_postprocess(folder, row, max_tokens, max_model_len)

@@ -117,10 +117,16 @@ def row_params(row: dict, settings: RowSettings) -> SamplingParams:
         # name the syntax gate knows sets it, any other leaves it to the prompt's guess.
         if not isinstance(language, str):
             raise ValueError(f"language must be a string, got {language!r}")
-        language = LANGUAGE_ALIASES.get(language.strip().lower(), language.strip().lower())
-        if language in CODE_LANGUAGES:
-            changes["language"] = language
+        if known := known_language(language):
+            changes["language"] = known
     return replace(settings.params, **changes) if changes else settings.params  # validates again
+
+
+def known_language(name: str) -> str | None:
+    """A corpus's language name ("Python", "C++", "golang") as the syntax gate knows it, or None."""
+    name = name.strip().lower()
+    name = LANGUAGE_ALIASES.get(name, name)
+    return name if name in CODE_LANGUAGES else None
 
 
 def sample_seeds(params: SamplingParams, row_id: object, num_samples: int) -> list[int | None]:

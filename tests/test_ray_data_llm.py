@@ -2,7 +2,7 @@
 engine runs the guard; the tiny model with a guard sure that every token is excess."""
 import pytest
 
-from backends.ray_data_llm import build_guarded_processor, guard_postprocess, guarded_processor_config
+from backends.ray_data_llm import build_guarded_processor, guard_postprocess, guard_preprocess, guarded_processor_config
 from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
 from tests.helpers import constant_guard, engine_stack_imported_by
@@ -80,6 +80,21 @@ def test_postprocess_tells_guard_eos_and_length_from_the_last_id(tmp_path):
     kept = finish(code_ids + [export.marker_id(MarkerKind.KEEP)])
     assert (kept["finish_reason"], kept["is_guard_stop"], kept["completion_ids"]) == ("guard", True, code_ids)
     assert "generated_tokens" not in kept and "generated_text" not in kept
+
+
+def test_preprocess_puts_a_rows_own_settings_over_the_defaults():
+    import numpy as np
+
+    row = {"prompt": "p", "id": 3, "guard": "off", "language": " C++", "max_tokens": np.int64(5),
+           "stop": np.array(["\n\n"]), "temperature": None, "top_p": 0.5}
+    request = guard_preprocess(row, [90, 91, 92], max_tokens=300, temperature=0.0)
+    assert request["sampling_params"] == {"temperature": 0.0, "max_tokens": 5, "top_p": 0.5, "stop": ["\n\n"],
+                                          "stop_token_ids": [90, 91, 92],
+                                          "extra_args": {"guard": "off", "language": "cpp"}}
+    assert type(request["sampling_params"]["max_tokens"]) is int and request["id"] == 3
+    plain = guard_preprocess({"prompt": "p", "language": "rust"}, [90], max_tokens=300, temperature=0.2)
+    assert plain["sampling_params"] == {"temperature": 0.2, "max_tokens": 300, "stop_token_ids": [90],
+                                        "extra_args": {"guard": "on"}}  # an unknown language: the gate guesses
 
 
 def test_the_processors_row_functions_load_no_engine():
