@@ -389,8 +389,13 @@ def test_cluster_yaml_passes_rays_own_validation():
     gpu_nodes = [t for t in prepared["available_node_types"].values() if t["resources"].get("GPU")]
     assert gpu_nodes and all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in gpu_nodes)
     setup = " && ".join(prepared["setup_commands"])
-    assert "torch==2.13.0" in setup and "download.pytorch.org/whl/cu" in setup
-    assert setup.index("torch==2.13.0") < setup.index("-r requirements")  # CUDA torch first
+    # The CUDA stack comes from PyPI, as vLLM's wheel was built against it (CUDA 13): the pins
+    # of requirements-vllm-gpu.txt, no other torch index (a CUDA 12 torch cannot load vLLM's kernels).
+    assert "pip install -q -r requirements-vllm-gpu.txt" in setup and "download.pytorch.org" not in setup
+    gpu_requirements = (REPO_ROOT / "requirements-vllm-gpu.txt").read_text().split()
+    assert "-r" in gpu_requirements and "vllm==0.29.0" in gpu_requirements
+    assert "torch==2.13.0" in (REPO_ROOT / "requirements.txt").read_text().split()
+    assert "torch.version.cuda.startswith('13.')" in " ".join(prepared["worker_setup_commands"])
     broken = copy.deepcopy(config)
     broken["available_node_types"]["gpu_worker"]["min_wrokers"] = 1  # the validator does catch typos
     with pytest.raises(Exception, match="min_wrokers"):
