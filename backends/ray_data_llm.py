@@ -88,9 +88,9 @@ def guard_preprocess(row: dict, marker_ids: list[int], max_tokens: int, temperat
     """A row -> its vLLM request (runs in Ray Data workers): the guard's markers as stop ids, the
     row's own settings over the defaults, `guard` and `language` for the processor."""
     extra_args = {GUARD_ARG: row.get("guard") or "on"}
-    language = row.get("language")
-    if isinstance(language, str) and known_language(language):  # else the gate guesses from the prompt
-        extra_args[LANGUAGE_ARG] = known_language(language)
+    language = known_language(row["language"]) if isinstance(row.get("language"), str) else None
+    if language:  # else the gate guesses from the prompt
+        extra_args[LANGUAGE_ARG] = language
     settings = {"temperature": temperature, "max_tokens": max_tokens}
     settings |= {name: _plain(row[name]) for name in ROW_SAMPLING_COLUMNS if row.get(name) is not None}
     return {**row, "sampling_params": {**settings, "stop_token_ids": marker_ids, "extra_args": extra_args}}
