@@ -63,8 +63,3 @@ class TokenTable:
         packed = np.zeros((self.num_ids, 8), dtype=np.int16)
         packed[:, :len(columns)] = np.stack(columns, axis=1)
         return packed
-
-    def to_torch(self, device) -> dict:
-        import torch
-
-        return {name: torch.as_tensor(array, device=device) for name, array in self.arrays.items()}

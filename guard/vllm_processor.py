@@ -22,9 +22,9 @@ Each step, for every running request with the guard on, `apply`:
 
 With the policy's syntax gate (guard/syntax.py), a stop the votes propose, or a line-start stop
 about to be pre-decided, goes through only if the text it keeps parses as complete code; this is
-the step's only tokenizer and parser work, done on the host for the rows proposing a stop (on a
-GPU that costs one small device-to-host copy of the stop flags per step). The request's language
-is `extra_args["language"]`, else guessed from the prompt (guard/syntax.py `guess_language`).
+the step's only tokenizer and parser work, done on the host for the rows proposing a stop. The
+request's language is `extra_args["language"]`, else guessed from the prompt (guard/syntax.py
+`guess_language`).
 
 Per request, `SamplingParams.extra_args["guard"]` is "on" (default), "off", a stop threshold
 in (0, 1) (the OpenAI server passes `vllm_xargs` there), or "observe": the votes are counted but
@@ -38,9 +38,15 @@ can end the request (they are in `stop_token_ids`: every request of the exported
 sets `ignore_eos`, in which case the caller must add them, as backends/vllm.py does).
 
 State lives in arrays (one column per batch row) and the vocabulary's text features in a table
-built at export time, so a step does no tokenizer work. On a CPU the arrays are NumPy; on a GPU
-they are torch tensors on the device and nothing waits for the device (rows to force or pre-decide
-are chosen with masks, not indices). `python -m benchmarks.vllm_processor_cost` times it.
+built at export time, so a step does no tokenizer work. On a CPU the arrays are NumPy. On a GPU:
+- with the syntax gate (the shipped policy), the votes stay NumPy arrays on the host, since the
+  gate must know on the host which rows propose a stop: each step copies the guard's two logit
+  columns over (a few KB; the step's one wait for the device), and a row decided before sampling
+  is copied over and back (once per stopping request); a forced row is written in place;
+- without it, they are torch tensors on the device and nothing waits for the device: rows are
+  chosen with masks, a decided row gets its token by one write, and a step makes one pass over
+  the logits (each row's max).
+`python -m benchmarks.vllm_processor_cost` times both, the GPU one on CPU tensors.
 
 Not supported: speculative decoding (vLLM refuses custom processors with it), and requests whose
 output grew by more than one token between two steps (then the guard is off for that request and
@@ -78,11 +84,16 @@ _INT = {name: i for i, name in enumerate(_INT_FIELDS)}
 _FLOAT = {name: i for i, name in enumerate(_FLOAT_FIELDS)}
 _LAST = operator.itemgetter(-1)  # a C call per output list: the step's cheapest way to read them
 _MAX_PARKED_FACTOR = 4  # parked requests kept, per batch slot (oldest dropped first)
+# The logit that makes a decided row take its token when the votes are on the device, the rest of
+# the row left as it was: any other token then has probability 0 in float32 at any temperature
+# vLLM samples at (>= 1e-5; 1e30 / 1e-5 is still finite), and the penalties vLLM applies after the
+# processors do not bring another token near it.
+_FORCED_LOGIT = 1e30
 
 
 class GenGuardLogitsProcessor(LogitsProcessor):
-    # The GPU code path (torch masks, no host sync) on any device; tests set it to check that
-    # path against the NumPy one on a CPU.
+    # The GPU code path on any device (logits as torch tensors; without the syntax gate, votes on
+    # the device too); tests set it to check that path against the NumPy one on a CPU.
     use_device_path = False
 
     @classmethod
@@ -101,7 +112,13 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self._tokenizer = None  # loaded at the syntax gate's first parse
         table = TokenTable.load(model_dir / TABLE_FILE)
         self.device = torch.device(device)
-        self.is_host = self.device.type == "cpu" and not self.use_device_path
+        # Logits read as NumPy (a view): on a CPU. Votes kept as NumPy arrays: on a CPU, and on a
+        # GPU with the syntax gate on, which needs the host to know the proposed stops each step
+        # anyway: there one small copy of the guard columns a step (the one wait for the device)
+        # replaces the torch path's wait for its proposed stops and the ~150 small kernels of its
+        # fold and decisions. Without the gate, a GPU keeps the votes on the device and never waits.
+        self.logits_on_host = self.device.type == "cpu" and not self.use_device_path
+        self.is_host = self.logits_on_host or self.policy.syntax_gate
         self.num_slots = vllm_config.scheduler_config.max_num_seqs
         first_row = self.export.first_guard_row
         self.guard_cols = slice(first_row, first_row + len(self.export.marker_ids) + 2)
@@ -111,17 +128,21 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         is_code = ~table.arrays["is_whitespace"]
         is_code[list(self.export.eos_token_ids)] = False
         is_code[self.guard_cols] = False
+        # The tokens a line-start stop leaves to the row (whitespace, EOS), in id order: a greedy row
+        # takes the marker only if the best token overall beats the best of these.
+        self.noncode_ids = np.flatnonzero(~is_code[:first_row])
         self.table = table
         if self.is_host:
-            self.features = table.arrays
             self.packed_features = table.packed()
             self.is_code_col = is_code
+            self.guard_probs_cols = slice(first_row, first_row + 2)  # stop, done: copied from a GPU
             self.ints = np.zeros((len(_INT_FIELDS), self.num_slots), dtype=np.int64)
             self.floats = np.zeros((len(_FLOAT_FIELDS), self.num_slots), dtype=np.float64)
         else:
-            self.features = table.to_torch(self.device)
-            self.is_line_end_host = table.arrays["is_line_end"]  # the syntax gate's line ends
+            self.packed_features = torch.as_tensor(table.packed(), device=self.device)
             self.is_code_col = torch.as_tensor(is_code, device=self.device)
+            self.noncode_ids_dev = torch.as_tensor(self.noncode_ids, device=self.device)
+            self.marker_id_of_kind_dev = torch.as_tensor(self.marker_id_of_kind, device=self.device)
             self.ints = torch.zeros((len(_INT_FIELDS), self.num_slots), dtype=torch.int64, device=self.device)
             self.floats = torch.zeros((len(_FLOAT_FIELDS), self.num_slots), dtype=torch.float64,
                                       device=self.device)
@@ -259,8 +280,11 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self._fold_new_tokens(guarded, rows, lists)
         # vLLM's sampler hands processors float32 logits; on a CPU they are read as NumPy (a
         # view), whose small operations cost a fraction of torch's.
-        view = logits.numpy() if self.is_host else logits
-        cols = view[:, self.guard_cols]
+        view = logits.numpy() if self.logits_on_host else logits
+        if self.is_host and not self.logits_on_host:  # votes on the host, logits on a GPU
+            cols = logits[:, self.guard_probs_cols].cpu().numpy()  # the step's one wait for the device
+        else:
+            cols = view[:, self.guard_cols]
         scale = 1.0 / self.export.logit_scale
         stop_logits = cols[:, 0] * scale + self.export.stop_bias
         done_logits = (cols[:, 1] * scale + self.export.done_bias) if self.export.done_row is not None else None
@@ -321,11 +345,8 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         select = rows if is_view or self.is_host else torch.as_tensor(rows, device=self.device)
         ids = token_ids if self.is_host else torch.as_tensor(token_ids, device=self.device)
         ints, floats = self.ints[:, select], self.floats[:, select]
-        if self.is_host:  # one gather from the packed table; flags come as 0/1 ints
-            gathered = self.packed_features[ids]
-            tokens = TokenFeatures(*(gathered[:, j] for j in range(len(FEATURE_FIELDS))))
-        else:
-            tokens = TokenFeatures(**{name: self.features[name][ids] for name in FEATURE_FIELDS})
+        gathered = self.packed_features[ids]  # one gather from the packed table; flags come as 0/1 ints
+        tokens = TokenFeatures(*(gathered[:, j] for j in range(len(FEATURE_FIELDS))))
         new, is_stop, keeps_line = fold_arrays(
             self._votes(ints, floats), floats[_FLOAT["p_stop"]], floats[_FLOAT["p_done"]], tokens, self.policy,
             floats[_FLOAT["stop_threshold"]])
@@ -334,12 +355,8 @@ class GenGuardLogitsProcessor(LogitsProcessor):
                 floats[_FLOAT[name]] = value
             else:
                 ints[_INT[name]] = value
-        if self.policy.syntax_gate:
-            # Line ends: on the host, the flags just gathered; on a GPU, the host's own table
-            # (no copy from the device for them).
-            ends = (np.asarray(tokens.is_line_end, dtype=bool) if self.is_host
-                    else self.is_line_end_host[token_ids])
-            is_stop = self._gate_folded(row_ids, ends, is_stop, keeps_line)
+        if self.policy.syntax_gate:  # (its votes are on the host: NumPy)
+            is_stop = self._gate_folded(row_ids, np.asarray(tokens.is_line_end, dtype=bool), is_stop, keeps_line)
         if is_stop.any() if self.is_host else True:
             kind = _select(keeps_line | self.policy.keep_stop_line, int(MarkerKind.KEEP),
                            _select(tokens.is_line_end, int(MarkerKind.DROP_ENDED), int(MarkerKind.DROP_OPEN)))
@@ -389,16 +406,34 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         if will.any() and self.policy.syntax_gate:
             will = self._gate_will(guarded, will)
         if will.any():
-            for index in guarded[will]:
-                row = view[index]
-                code_logits = row[self.is_code_col]
-                marker = _marker_logit(code_logits, self.temperature[index], np)
-                row[self.is_code_col] = float("-inf")
-                row[self.drop_open_id] = marker
+            will_rows = guarded[will]
+            # A copy of those rows (on a GPU, over to the host and back: once per stopping request)
+            at = will_rows if self.logits_on_host else torch.as_tensor(will_rows, device=view.device)
+            block = view[at] if self.logits_on_host else view[at].cpu().numpy()
+            for row, index in zip(block, will_rows):
+                if self.temperature[index] > 0:
+                    marker = _marker_logit(row[self.is_code_col], self.temperature[index])
+                    row[self.is_code_col] = float("-inf")
+                    row[self.drop_open_id] = marker
+                else:  # greedy: the row's token is known now, the marker or the best whitespace / EOS
+                    noncode = row[self.noncode_ids]
+                    best = int(noncode.argmax())
+                    target = self.drop_open_id if row.max() > noncode[best] else int(self.noncode_ids[best])
+                    row[:] = float("-inf")
+                    row[target] = 0.0
+            view[at] = block if self.logits_on_host else torch.from_numpy(block).to(view.device)
 
     def _decide_device(self, logits: torch.Tensor, guarded: np.ndarray, stop_logits: torch.Tensor,
                        done_logits: torch.Tensor | None) -> None:
-        """The same decisions with masks over the whole batch: nothing waits for the device."""
+        """The same decisions with masks over the whole batch, for votes on the device (no syntax
+        gate): nothing waits for the device.
+
+        On a GPU what costs is a pass over the vocabulary (at 256 rows the logits are 155 MB), so
+        a row whose token is decided gets it by one write (`_FORCED_LOGIT` at that token, the rest
+        of its row as it was), not by masking its row, and a step makes one pass, the max of each
+        row (does a greedy row's best token start code?), unless guarded rows sample: then, in the
+        steps where one of them may end, a logsumexp (the code tokens' mass for the marker) and
+        the mask of their code tokens, as on the host."""
         num_rows = logits.shape[0]
         index = torch.as_tensor(guarded, device=self.device)
         self.floats[_FLOAT["p_stop"], index] = torch.sigmoid(stop_logits[index])
@@ -411,41 +446,45 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         ints, floats = self.ints[:, :num_rows], self.floats[:, :num_rows]
         pending = ints[_INT["pending_marker"]]
         is_forced = is_row_open & (pending >= 0)
+        forced_id = torch.where(is_forced, self.marker_id_of_kind_dev[pending.clamp(min=0)], self.drop_open_id)
         votes = self._votes(ints, floats)
         p_open, thresholds = floats[_FLOAT["p_stop"]], floats[_FLOAT["stop_threshold"]]
-        if self.policy.kind is PolicyKind.TOKEN:
+        is_open = is_row_open & (pending < 0)
+        if self.policy.kind is PolicyKind.TOKEN:  # any next token stops it: the marker now
             may_drop = votes.num_code_lines >= self.policy.min_code_lines
-            will_any = is_row_open & (pending < 0) & may_drop & (
-                votes.num_consecutive_stop_votes + (p_open >= thresholds) >= self.policy.num_consecutive)
-            will_code = torch.zeros_like(will_any)
-        else:
-            will_any = torch.zeros_like(is_forced)
-            will_code = (is_row_open & (pending < 0)
-                         & line_start_would_stop(votes, p_open, self.policy, thresholds))
-            if self.policy.keep_stop_line:
-                will_code = torch.zeros_like(will_code)
-            elif self.policy.syntax_gate:  # the parse is host work: one small copy of the flags
-                will = will_code[torch.as_tensor(guarded, device=self.device)].cpu().numpy()
-                if will.any():
-                    allowed = np.zeros(num_rows, dtype=bool)
-                    allowed[guarded] = self._gate_will(guarded, will)
-                    will_code = will_code & torch.as_tensor(allowed, device=self.device)
-        marker_ids = torch.as_tensor(self.marker_id_of_kind, device=self.device)
-        forced_id = torch.where(is_forced, marker_ids[pending.clamp(min=0)], torch.full_like(pending, self.drop_open_id))
-        is_forced = is_forced | will_any
-        temperature = torch.as_tensor(self.temperature[:num_rows], device=self.device)
-        code = self.is_code_col[None, :]
-        masked = logits.masked_fill(~code, float("-inf"))
-        scaled = masked / torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None]
-        marker_value = torch.where(temperature > 0, torch.logsumexp(scaled, dim=1) * temperature,
-                                   masked.amax(dim=1)).to(logits.dtype)
-        logits.masked_fill_(will_code[:, None] & code, float("-inf"))
-        rows_all = torch.arange(num_rows, device=self.device)
-        logits[rows_all, torch.full_like(rows_all, self.drop_open_id)] = torch.where(
-            will_code, marker_value, logits[:, self.drop_open_id])
-        logits.masked_fill_(is_forced[:, None], float("-inf"))
-        logits[rows_all, forced_id] = torch.where(is_forced, torch.zeros_like(marker_value),
-                                                  logits[rows_all, forced_id])
+            is_forced = is_forced | (is_open & may_drop & (
+                votes.num_consecutive_stop_votes + (p_open >= thresholds) >= self.policy.num_consecutive))
+        elif self.policy.has_line_start_stop and not self.policy.keep_stop_line:
+            will_code = is_open & line_start_would_stop(votes, p_open, self.policy, thresholds)
+            is_sampled_host = self.temperature[:num_rows] > 0
+            is_sampled = torch.as_tensor(is_sampled_host, device=self.device)
+            noncode = logits[:, self.noncode_ids_dev]
+            best = noncode.argmax(dim=1)
+            code_wins = logits.amax(dim=1) > noncode.gather(1, best[:, None])[:, 0]
+            will_greedy = will_code & ~is_sampled
+            forced_id = torch.where(will_greedy, torch.where(code_wins, self.drop_open_id, self.noncode_ids_dev[best]),
+                                    forced_id)
+            is_forced = is_forced | will_greedy
+            if (is_sampled_host & may).any():  # known on the host: most steps of a greedy batch skip it
+                self._carry_code_mass(logits, noncode, will_code & is_sampled, is_sampled_host)
+        rows = torch.arange(num_rows, device=self.device)
+        logits[rows, forced_id] = torch.where(is_forced, _FORCED_LOGIT, logits[rows, forced_id])
+
+    def _carry_code_mass(self, logits: torch.Tensor, noncode: torch.Tensor, will: torch.Tensor,
+                         is_sampled_host: np.ndarray) -> None:
+        """For the sampled rows in `will`: mask their code tokens and give the marker their mass
+        after temperature, T*log(sum exp(l/T) over code), found as all tokens' less the others'
+        (one logsumexp over the vocabulary, no masked copy of it)."""
+        temperature = np.where(is_sampled_host, self.temperature[:logits.shape[0]], 1.0)
+        t = torch.as_tensor(temperature, device=self.device)
+        lse_all = torch.logsumexp(logits / t.to(logits.dtype)[:, None], dim=1).double()
+        lse_noncode = torch.logsumexp(noncode / t.to(noncode.dtype)[:, None], dim=1).double()
+        # log(e^a - e^b) = a + log(1 - e^(b-a)); -inf when the code tokens hold no mass
+        lse_code = lse_all + torch.log1p(-torch.exp((lse_noncode - lse_all).clamp(max=0.0)))
+        marker = (t * lse_code).to(logits.dtype)
+        logits.masked_fill_(will[:, None] & self.is_code_col[None, :], float("-inf"))
+        column = logits[:, self.drop_open_id]
+        logits[:, self.drop_open_id] = torch.where(will, marker, column)
 
     # ---- the syntax gate (host work, only for rows proposing a stop) ---------------------------------
     def _kept_is_complete(self, index: int, num_kept: int) -> bool:
@@ -468,12 +507,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
     def _gate_folded(self, row_ids: np.ndarray, ends: np.ndarray, is_stop, keeps_line):
         """The stops the fold proposed, less those the gate refuses; every gated row's line start
         and gate state move on (`guard.policy.gate_step`, as in our engine)."""
-        # On a GPU the stop and keep flags come over in one copy (the wait for the device this
-        # step's fold costs).
-        if self.is_host:
-            stops = np.asarray(is_stop, dtype=bool)
-        else:
-            stops, keeps_line = torch.stack((is_stop.bool(), keeps_line.bool())).cpu().numpy()
+        stops = np.asarray(is_stop, dtype=bool)
         # Python per row only where a stop is proposed or a refusal is counting line ends.
         # (Observed rows never stop: their stops are not parsed.)
         candidates = (stops | self.is_gate_holding[row_ids]) & ~self.is_observed[row_ids]
@@ -489,7 +523,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
                     self.gate_states[index], bool(stops[j]), bool(ends[j]), num_kept, self.policy,
                     lambda n, i=index: self._kept_is_complete(i, n))
                 self.is_gate_holding[index] = self.gate_states[index].num_refusals > 0
-            is_stop = allowed if self.is_host else torch.as_tensor(allowed, device=self.device)
+            is_stop = allowed
         ended = row_ids[ends]
         self.line_starts[ended] = self.num_folded[ended]
         return is_stop
@@ -640,12 +674,9 @@ def _select(condition, if_true: int, if_false):
     return torch.where(condition, torch.as_tensor(if_true, dtype=torch.int64, device=condition.device), if_false)
 
 
-def _marker_logit(code_logits: np.ndarray, temperature: float, xp) -> float:
-    """The marker's logit: greedy, the code tokens' max (the marker wins exactly when the argmax is
-    code); sampled, T*logsumexp(l/T), so after vLLM divides by T the marker holds the probability
-    mass all code tokens had together."""
-    if temperature <= 0:
-        return float(code_logits.max())
+def _marker_logit(code_logits: np.ndarray, temperature: float) -> float:
+    """A sampled row's marker logit: T*logsumexp(l/T) over its code tokens, so after vLLM divides
+    by T the marker holds the probability mass all code tokens had together."""
     scaled = code_logits / temperature
     peak = float(scaled.max())
     if math.isinf(peak):
