@@ -20,12 +20,21 @@ processor's:
    all the same), else as many as (c) ran. Each request then takes the same steps in both runs.
 Per problem: replay over (a) == (c)'s (stop index, kept tokens), and whether (a)'s tokens and
 probabilities equal (c)'s up to the stop (they must, or the layout still moved).
+
+    python -m benchmarks.vllm_exactness --limit 5 --device-path --same-as reports/vllm_exactness \
+        --out reports/vllm_exactness_device_path
+
+`--device-path` runs the processor's GPU code path (logits as torch tensors) inside vLLM's CPU
+engine; `--same-as DIR` also counts the problems whose guarded run (tokens, finish reason, stop
+index) is identical to DIR's, a run of the same problems (by default, the NumPy path's).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from pathlib import Path
 
 from benchmarks.codefast import LANGUAGES, method_params
 from benchmarks.vllm_codefast import (exactness, prepare_run, probabilities_changed, replay_expectations,
@@ -58,6 +67,23 @@ def run(backend, problems, max_new_tokens: int, caps: list[int] | None = None) -
                          for p, r in zip(problems, results)]}
 
 
+def same_guarded_runs(cells: dict, other_dir: Path) -> tuple[int, int]:
+    """(identical, compared): this run's guarded problems whose tokens, finish reason and stop index
+    equal those of the same problem (by task id) in the run at `other_dir`."""
+    num_same = num_compared = 0
+    for language, runs in cells.items():
+        path = other_dir / "cells" / f"{language}.json"
+        if not path.is_file():
+            continue
+        other = {row["task_id"]: row for row in json.loads(path.read_text())["guard"]["problems"]}
+        for row in runs["guard"]["problems"]:
+            if row["task_id"] in other:
+                num_compared += 1
+                num_same += all(row[key] == other[row["task_id"]][key]
+                                for key in ("token_ids", "finish_reason", "guard_stop_index"))
+    return num_same, num_compared
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--offset", type=int, default=0, help="first test problem per language")
@@ -65,9 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--languages", nargs="+", default=list(LANGUAGES))
     parser.add_argument("--max-new-tokens", type=int, default=300)
     parser.add_argument("--out", default="reports/vllm_exactness")
+    parser.add_argument("--device-path", action="store_true", help="the processor's GPU code path, on this CPU")
+    parser.add_argument("--same-as", help="a run of the same problems to compare the guarded runs with")
     args = parser.parse_args(argv)
 
     out, trace_dir, problems = prepare_run(args, args.offset)
+    if args.device_path:
+        from guard.vllm_processor import DEVICE_PATH_ENV
+
+        os.environ[DEVICE_PATH_ENV] = "1"  # read by the processor in vLLM's engine-core process
 
     from backends import BackendSpec, build_backend
     from guard.export import GuardExport
@@ -116,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
                      f" {e['num_same_input']} | {e['num_exact']} |"
                      f" {e['num_diverged']} | {e['num_probs_changed']} | {len(e['mismatches'])} | {s['num_exact']} |")
     total = {k: sum(c["exactness"][k] for c in checks.values()) for k in ("num_problems", "num_exact")}
-    lines += ["", f"all: {total['num_exact']} of {total['num_problems']} exact"]
+    lines += ["", f"all: {total['num_exact']} of {total['num_problems']} exact"
+                  + (" (the processor's GPU code path)" if args.device_path else "")]
+    if args.same_as:
+        num_same, num_compared = same_guarded_runs(cells, Path(args.same_as))
+        lines.append(f"guarded runs identical to {args.same_as}'s: {num_same} of {num_compared}")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

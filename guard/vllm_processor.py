@@ -74,6 +74,9 @@ from guard.token_table import TABLE_FILE, TokenTable
 from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, OBSERVE, parse_guard_arg
 
 TRACE_DIR_ENV = "CODEFAST_GUARD_TRACE_DIR"  # set: write every request's guard probabilities (tests)
+# Set to 1: the GPU code path on a CPU as well (logits as torch tensors), to check that path inside
+# a real vLLM engine without a GPU (`benchmarks.vllm_exactness --device-path`).
+DEVICE_PATH_ENV = "CODEFAST_GUARD_DEVICE_PATH"
 _SAMPLING_EPS = 1e-5  # vLLM's: a temperature below it is greedy
 _NO_MARKER = -1
 # Per batch row, two matrices with one column a row (moving a request moves a column): counts and
@@ -117,7 +120,8 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         # anyway: there one small copy of the guard columns a step (the one wait for the device)
         # replaces the torch path's wait for its proposed stops and the ~150 small kernels of its
         # fold and decisions. Without the gate, a GPU keeps the votes on the device and never waits.
-        self.logits_on_host = self.device.type == "cpu" and not self.use_device_path
+        is_device_path = self.use_device_path or os.environ.get(DEVICE_PATH_ENV) == "1"
+        self.logits_on_host = self.device.type == "cpu" and not is_device_path
         self.is_host = self.logits_on_host or self.policy.syntax_gate
         self.num_slots = vllm_config.scheduler_config.max_num_seqs
         first_row = self.export.first_guard_row

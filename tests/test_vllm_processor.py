@@ -20,7 +20,8 @@ from guard.syntax import is_complete
 from guard.probe import GenGuard
 from guard.token_table import TABLE_FILE, TokenTable
 from guard.vllm_contract import parse_guard_arg
-from guard.vllm_processor import TRACE_DIR_ENV, GenGuardLogitsProcessor, prompt_key, read_decoded, read_trace
+from guard.vllm_processor import (DEVICE_PATH_ENV, TRACE_DIR_ENV, GenGuardLogitsProcessor, prompt_key,
+                                  read_decoded, read_trace)
 
 POLICY = StopPolicy(done_threshold=0.9, done_needs_blank_line=True, min_code_lines=1)
 CODE = ["def f(x):\n    return x\n\ndef check():\n    assert f(1) == 1\n",
@@ -206,6 +207,16 @@ def test_device_path_makes_the_same_logits_as_the_numpy_path(export_dir):
                       np.random.default_rng(9))
     assert host == device
     assert any(out[-1] in export.marker_ids for out in host)
+
+
+def test_device_path_env_runs_the_gpu_code_on_a_cpu(export_dir, monkeypatch):
+    """`benchmarks.vllm_exactness --device-path` checks the GPU code inside a real vLLM engine on a
+    CPU through this variable, read when the engine makes the processor."""
+    assert make(export_dir).logits_on_host
+    monkeypatch.setenv(DEVICE_PATH_ENV, "1")
+    processor = make(export_dir)
+    assert not processor.logits_on_host and not processor.is_host  # POLICY has no gate: votes on the device
+    assert isinstance(processor.ints, torch.Tensor)
 
 
 def test_device_path_writes_one_logit_per_decided_row(export_dir):
