@@ -26,7 +26,8 @@ probabilities equal (c)'s up to the stop (they must, or the layout still moved).
 
 `--device-path` runs the processor's GPU code path (logits as torch tensors) inside vLLM's CPU
 engine; `--same-as DIR` also counts the problems whose guarded run (tokens, finish reason, stop
-index) is identical to DIR's, a run of the same problems (by default, the NumPy path's).
+index) is identical to the same problem's in DIR, an earlier run of this benchmark (above, one
+on the NumPy path: `--limit 25`, the default `--out`).
 """
 from __future__ import annotations
 
