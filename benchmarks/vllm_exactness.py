@@ -25,7 +25,8 @@ probabilities equal (c)'s up to the stop (they must, or the layout still moved).
         --out reports/vllm_exactness_device_path
 
 `--device-path` runs the processor's GPU code path (logits as torch tensors) inside vLLM's CPU
-engine; `--same-as DIR` also counts the problems whose guarded run (tokens, finish reason, stop
+engine; `--no-syntax-gate` runs the shipped guard with its syntax gate off (on a GPU, the path
+whose votes live on the device); `--same-as DIR` also counts the problems whose guarded run (tokens, finish reason, stop
 index) is identical to the same problem's in DIR, an earlier run of this benchmark (above, one
 on the NumPy path: `--limit 25`, the default `--out`).
 """
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports/vllm_exactness")
     parser.add_argument("--device-path", action="store_true", help="the processor's GPU code path, on this CPU")
     parser.add_argument("--same-as", help="a run of the same problems to compare the guarded runs with")
+    parser.add_argument("--no-syntax-gate", action="store_true", help="the shipped guard with its syntax gate off")
     args = parser.parse_args(argv)
 
     out, trace_dir, problems = prepare_run(args, args.offset)
@@ -106,7 +108,17 @@ def main(argv: list[str] | None = None) -> None:
     from guard.export import GuardExport
     from guard.vllm_processor import read_trace
 
-    backend = build_backend(BackendSpec(backend="vllm", max_num_seqs=1))
+    guard = "default"
+    if args.no_syntax_gate:
+        from dataclasses import replace
+
+        from engine.model_loading import DEFAULT_MODEL_NAME
+        from guard.probe import GenGuard, shipped_guard_dir
+
+        ungated = GenGuard.load(shipped_guard_dir(DEFAULT_MODEL_NAME))
+        ungated.policy = replace(ungated.policy, syntax_gate=False)
+        guard = str(ungated.save(out / "guard"))
+    backend = build_backend(BackendSpec(backend="vllm", max_num_seqs=1, guard=guard))
     try:
         export, tokenizer = GuardExport.load(backend.folder), backend.tokenizer
         cells = {}
