@@ -115,6 +115,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         self._tokenizer = None  # loaded at the syntax gate's first parse
         table = TokenTable.load(model_dir / TABLE_FILE)
         self.device = torch.device(device)
+        self.is_pin_memory = is_pin_memory  # vLLM's word on whether host memory can be pinned here
         # Logits read as NumPy (a view): on a CPU. Votes kept as NumPy arrays: on a CPU, and on a
         # GPU with the syntax gate on, which needs the host to know the proposed stops each step
         # anyway: there one small copy of the guard columns a step (the one wait for the device)
@@ -269,8 +270,11 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         facts_a, facts_b = self._host_facts(a), self._host_facts(b)
         self._set_host_facts(a, facts_b)
         self._set_host_facts(b, facts_a)
-        self.ints[:, [a, b]] = self.ints[:, [b, a]]
-        self.floats[:, [a, b]] = self.floats[:, [b, a]]
+        pair, swapped = [a, b], [b, a]
+        if not self.is_host:  # index tensors on the device (a list would be copied over and waited for)
+            pair, swapped = self._to_device(np.array(pair)), self._to_device(np.array(swapped))
+        self.ints[:, pair] = self.ints[:, swapped]
+        self.floats[:, pair] = self.floats[:, swapped]
 
     # ---- the step --------------------------------------------------------------------------------
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -346,8 +350,8 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         """Fold one token into each of `rows` (a slice: views, written in place; else a gather);
         `row_ids`: the same rows as indices."""
         is_view = isinstance(rows, slice)
-        select = rows if is_view or self.is_host else torch.as_tensor(rows, device=self.device)
-        ids = token_ids if self.is_host else torch.as_tensor(token_ids, device=self.device)
+        select = rows if is_view or self.is_host else self._to_device(rows)
+        ids = token_ids if self.is_host else self._to_device(token_ids)
         ints, floats = self.ints[:, select], self.floats[:, select]
         gathered = self.packed_features[ids]  # one gather from the packed table; flags come as 0/1 ints
         tokens = TokenFeatures(*(gathered[:, j] for j in range(len(FEATURE_FIELDS))))
@@ -412,7 +416,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         if will.any():
             will_rows = guarded[will]
             # A copy of those rows (on a GPU, over to the host and back: once per stopping request)
-            at = will_rows if self.logits_on_host else torch.as_tensor(will_rows, device=view.device)
+            at = will_rows if self.logits_on_host else self._to_device(will_rows)
             block = view[at] if self.logits_on_host else view[at].cpu().numpy()
             for row, index in zip(block, will_rows):
                 if self.temperature[index] > 0:
@@ -425,7 +429,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
                     target = self.drop_open_id if row.max() > noncode[best] else int(self.noncode_ids[best])
                     row[:] = float("-inf")
                     row[target] = 0.0
-            view[at] = block if self.logits_on_host else torch.from_numpy(block).to(view.device)
+            view[at] = block if self.logits_on_host else self._to_device(block)
 
     def _decide_device(self, logits: torch.Tensor, guarded: np.ndarray, stop_logits: torch.Tensor,
                        done_logits: torch.Tensor | None) -> None:
@@ -439,14 +443,14 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         steps where one of them may end, a logsumexp (the code tokens' mass for the marker) and
         the mask of their code tokens, as on the host."""
         num_rows = logits.shape[0]
-        index = torch.as_tensor(guarded, device=self.device)
+        index = self._to_device(guarded)
         self.floats[_FLOAT["p_stop"], index] = torch.sigmoid(stop_logits[index])
         self.floats[_FLOAT["p_done"], index] = (torch.sigmoid(done_logits[index]) if done_logits is not None
                                                 else torch.zeros_like(stop_logits[index]))
         self.has_probs[guarded] = True
         may = np.zeros(num_rows, dtype=bool)
         may[guarded[self._may_end(guarded)]] = True
-        is_row_open = torch.as_tensor(may, device=self.device)
+        is_row_open = self._to_device(may)
         ints, floats = self.ints[:, :num_rows], self.floats[:, :num_rows]
         pending = ints[_INT["pending_marker"]]
         is_forced = is_row_open & (pending >= 0)
@@ -461,7 +465,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         elif self.policy.has_line_start_stop and not self.policy.keep_stop_line:
             will_code = is_open & line_start_would_stop(votes, p_open, self.policy, thresholds)
             is_sampled_host = self.temperature[:num_rows] > 0
-            is_sampled = torch.as_tensor(is_sampled_host, device=self.device)
+            is_sampled = self._to_device(is_sampled_host)
             noncode = logits[:, self.noncode_ids_dev]
             best = noncode.argmax(dim=1)
             code_wins = logits.amax(dim=1) > noncode.gather(1, best[:, None])[:, 0]
@@ -474,13 +478,23 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         rows = torch.arange(num_rows, device=self.device)
         logits[rows, forced_id] = torch.where(is_forced, _FORCED_LOGIT, logits[rows, forced_id])
 
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the processor's device without waiting for the device: a plain copy
+        (`torch.as_tensor(array, device=...)`) synchronizes the stream on a GPU, so this one goes
+        asynchronously, from pinned memory where vLLM says there is some (torch's pinned-memory
+        cache keeps the block until the copy is done)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.is_pin_memory and self.device.type != "cpu":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
     def _carry_code_mass(self, logits: torch.Tensor, noncode: torch.Tensor, will: torch.Tensor,
                          is_sampled_host: np.ndarray) -> None:
         """For the sampled rows in `will`: mask their code tokens and give the marker their mass
         after temperature, T*log(sum exp(l/T) over code), found as all tokens' less the others'
         (one logsumexp over the vocabulary, no masked copy of it)."""
         temperature = np.where(is_sampled_host, self.temperature[:logits.shape[0]], 1.0)
-        t = torch.as_tensor(temperature, device=self.device)
+        t = self._to_device(temperature)
         lse_all = torch.logsumexp(logits / t.to(logits.dtype)[:, None], dim=1).double()
         lse_noncode = torch.logsumexp(noncode / t.to(noncode.dtype)[:, None], dim=1).double()
         # log(e^a - e^b) = a + log(1 - e^(b-a)); -inf when the code tokens hold no mass
@@ -673,9 +687,9 @@ def _select(condition, if_true: int, if_false):
     if isinstance(condition, np.ndarray):
         return np.where(condition, if_true, if_false)
     condition = condition if condition.dtype == torch.bool else condition.bool()
-    if not torch.is_tensor(if_false):
+    if not torch.is_tensor(if_false):  # a fill on the device, not a copy from the host
         if_false = torch.full(condition.shape, if_false, dtype=torch.int64, device=condition.device)
-    return torch.where(condition, torch.as_tensor(if_true, dtype=torch.int64, device=condition.device), if_false)
+    return torch.where(condition, if_true, if_false)  # a Python scalar: no copy (one would wait on a GPU)
 
 
 def _marker_logit(code_logits: np.ndarray, temperature: float) -> float:

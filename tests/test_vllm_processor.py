@@ -249,11 +249,13 @@ def test_device_path_writes_one_logit_per_decided_row(export_dir):
 class HostReads:
     """Counts, per processor step, the tensor reads that make the host wait for the device
     (`.cpu()`, `.item()`, `.tolist()`, truth tests): on a GPU each is a sync. (`.numpy()` of a
-    GPU tensor raises; it comes after `.cpu()`.)"""
+    GPU tensor raises; it comes after `.cpu()`.) Also lists the copies from the host that would
+    wait on a GPU: `torch.as_tensor` / `torch.tensor` made on a device, and `.to(device)` of a host
+    tensor without `non_blocking` (torch synchronizes the stream after such a copy)."""
     METHODS = ("cpu", "item", "tolist", "__bool__", "__float__", "__int__")
 
     def __init__(self, monkeypatch, processor):
-        self.per_step, self.is_inside = [], False
+        self.per_step, self.blocking_copies, self.is_inside = [], [], False
         for name in self.METHODS:
             original = getattr(torch.Tensor, name)
 
@@ -262,6 +264,22 @@ class HostReads:
                     self.per_step[-1] += 1
                 return _original(tensor, *args, **kwargs)
             monkeypatch.setattr(torch.Tensor, name, counted)
+        for name in ("as_tensor", "tensor"):
+            original = getattr(torch, name)
+
+            def made(*args, _original=original, _name=name, **kwargs):
+                if self.is_inside and kwargs.get("device") is not None:
+                    self.blocking_copies.append(f"torch.{_name}")
+                return _original(*args, **kwargs)
+            monkeypatch.setattr(torch, name, made)
+        original_to = torch.Tensor.to
+
+        def to(tensor, *args, **kwargs):
+            moves = kwargs.get("device") is not None or any(isinstance(a, (torch.device, str)) for a in args)
+            if self.is_inside and moves and not kwargs.get("non_blocking") and tensor.device.type == "cpu":
+                self.blocking_copies.append("Tensor.to")
+            return original_to(tensor, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, "to", to)
         apply = processor.apply
 
         def counted_apply(logits):
@@ -277,7 +295,7 @@ class HostReads:
 def test_device_path_waits_for_the_device_only_for_the_syntax_gate(export_dir, tmp_path_factory, monkeypatch):
     """Ungated, the device path never reads a tensor back. Gated, the votes live on the host: each
     step reads the guard columns once, and a step that decides a line-start stop before sampling
-    reads those rows once more."""
+    reads those rows once more. Neither makes a copy to the device that waits."""
     tokenizer = build_tiny_tokenizer()
     gated_dir = tiny_export(tmp_path_factory, GATED)
     for folder, most in ((export_dir, 0), (gated_dir, 2)):
@@ -295,6 +313,7 @@ def test_device_path_waits_for_the_device_only_for_the_syntax_gate(export_dir, t
         assert len(reads.per_step) > 10 and max(reads.per_step) == most
         if most:
             assert min(reads.per_step) == 1
+        assert reads.blocking_copies == []  # every copy to the device goes without waiting
         monkeypatch.undo()
 
 
