@@ -27,6 +27,18 @@ METHOD_LABELS = {"baseline": "(a) baseline: EOS / max tokens", "stop_words": "(b
                  "guard": "(c) GenGuard", "guard+stop_words": "(d) GenGuard + stop words"}
 
 
+def ungated_shipped_guard(model_name: str):
+    """The model's shipped guard with its syntax gate off (the benchmarks that set the gate's two
+    code paths side by side)."""
+    from dataclasses import replace
+
+    from guard.probe import GenGuard, shipped_guard_dir
+
+    guard = GenGuard.load(shipped_guard_dir(model_name))
+    guard.policy = replace(guard.policy, syntax_gate=False)
+    return guard
+
+
 def method_params(method: str, language: str, max_new_tokens: int) -> SamplingParams:
     use_stop_words = "stop_words" in method
     return SamplingParams(max_new_tokens=max_new_tokens, use_guard=method.startswith("guard"),

@@ -38,7 +38,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.codefast import LANGUAGES, method_params
+from benchmarks.codefast import LANGUAGES, method_params, ungated_shipped_guard
 from benchmarks.vllm_codefast import (exactness, prepare_run, probabilities_changed, replay_expectations,
                                       self_replay)
 
@@ -110,14 +110,9 @@ def main(argv: list[str] | None = None) -> None:
 
     guard = "default"
     if args.no_syntax_gate:
-        from dataclasses import replace
-
         from engine.model_loading import DEFAULT_MODEL_NAME
-        from guard.probe import GenGuard, shipped_guard_dir
 
-        ungated = GenGuard.load(shipped_guard_dir(DEFAULT_MODEL_NAME))
-        ungated.policy = replace(ungated.policy, syntax_gate=False)
-        guard = str(ungated.save(out / "guard"))
+        guard = str(ungated_shipped_guard(DEFAULT_MODEL_NAME).save(out / "guard"))
     backend = build_backend(BackendSpec(backend="vllm", max_num_seqs=1, guard=guard))
     try:
         export, tokenizer = GuardExport.load(backend.folder), backend.tokenizer

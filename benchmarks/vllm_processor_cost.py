@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from guard.export import GuardExport, export_folder_for
-    from guard.probe import GenGuard, shipped_guard_dir
+    from benchmarks.codefast import ungated_shipped_guard
     from guard.token_table import TABLE_FILE, TokenTable
 
     torch.set_num_threads(1)
@@ -178,9 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     table = TokenTable.load(folder / TABLE_FILE)
     # The shipped guard with its syntax gate off, exported beside it: the gate's own cost per
     # step, side by side (the steady state proposes no stop, so the gate never parses here).
-    ungated_guard = GenGuard.load(shipped_guard_dir(export.model_name))
-    ungated_guard.policy = replace(ungated_guard.policy, syntax_gate=False)
-    ungated_folder = export_folder_for("default", ungated_guard)
+    ungated_folder = export_folder_for("default", ungated_shipped_guard(export.model_name))
     ungated_export = GuardExport.load(ungated_folder)
     streams = completion_streams()
     rows = []

@@ -465,15 +465,16 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         elif self.policy.has_line_start_stop and not self.policy.keep_stop_line:
             will_code = is_open & line_start_would_stop(votes, p_open, self.policy, thresholds)
             is_sampled_host = self.temperature[:num_rows] > 0
-            is_sampled = self._to_device(is_sampled_host)
+            # Known on the host: a greedy batch copies no flags over, and skips the sampled rows' work.
+            is_sampled = self._to_device(is_sampled_host) if is_sampled_host.any() else None
             noncode = logits[:, self.noncode_ids_dev]
             best = noncode.argmax(dim=1)
             code_wins = logits.amax(dim=1) > noncode.gather(1, best[:, None])[:, 0]
-            will_greedy = will_code & ~is_sampled
+            will_greedy = will_code if is_sampled is None else will_code & ~is_sampled
             forced_id = torch.where(will_greedy, torch.where(code_wins, self.drop_open_id, self.noncode_ids_dev[best]),
                                     forced_id)
             is_forced = is_forced | will_greedy
-            if (is_sampled_host & may).any():  # known on the host: most steps of a greedy batch skip it
+            if (is_sampled_host & may).any():
                 self._carry_code_mass(logits, noncode, will_code & is_sampled, is_sampled_host)
         rows = torch.arange(num_rows, device=self.device)
         logits[rows, forced_id] = torch.where(is_forced, _FORCED_LOGIT, logits[rows, forced_id])
