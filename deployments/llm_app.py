@@ -20,7 +20,13 @@ server turns them into 1 / 0, which get a 400 saying so). Completions default to
 completions default to off: the guard was trained on raw code continuations (a function's body
 and what follows it), while a chat answer is prose with code in markdown fences, where its
 "excess" would be the explanation the user asked for; a chat client that wants it sends
-`"vllm_xargs": {"guard": "on"}`.
+`"vllm_xargs": {"guard": "on"}`. A request with structured outputs (`response_format`,
+`structured_outputs`) or `allowed_token_ids` defaults to off as well: vLLM masks the vocabulary
+for it before the logits processors run, the guard's columns too, so the guard could never stop
+it (the processor refuses the two together with a 400).
+
+What the guard drops leaves the whole choice: its text, its token ids and its logprobs (streamed
+logprobs are held back with the text they belong to). `echo` keeps the prompt in front of the text.
 
 Models vLLM cannot run stay on deployments/app.py (our engine, the same API).
 """
@@ -205,35 +211,46 @@ class GenGuardLLMServer(LLMServer):
         if self._guard_view is None:
             return await run(request, raw_request_info)
         xargs = dict(request.vllm_xargs or {})
-        xargs.setdefault(GUARD_ARG, DEFAULT_GUARD[method])
+        xargs.setdefault(GUARD_ARG, default_guard(method, request))
         request.vllm_xargs = xargs
         if is_guard_off(xargs[GUARD_ARG]):
             return await run(request, raw_request_info)
         wants_ids = bool(request.return_token_ids)
+        # vLLM leaves the echoed prompt out of a completion's text when it returns token ids (the
+        # client has them); asked for here only to cut at a token, so the prompt goes back in.
+        echo = _EchoedPrompts(request) if method == "completions" and request.echo and not wants_ids else None
         request.return_token_ids = True  # the kept text is cut at a token, not a character
         outputs = await run(request, raw_request_info)
         if getattr(request, "stream", False):
-            return self._fix_stream(outputs, is_chat=method == "chat", wants_ids=wants_ids)
-        return self._fix_responses(outputs, wants_ids=wants_ids)
+            return self._fix_stream(outputs, is_chat=method == "chat", wants_ids=wants_ids, echo=echo)
+        return self._fix_responses(outputs, wants_ids=wants_ids, echo=echo)
 
-    async def _fix_responses(self, outputs, wants_ids: bool):
+    async def _fix_responses(self, outputs, wants_ids: bool, echo: "_EchoedPrompts | None"):
         async for response in outputs:
             num_stops = num_dropped = 0
             for choice in getattr(response, "choices", None) or []:
                 token_ids = list(choice.token_ids or [])
+                is_chat = hasattr(choice, "message")
+                text = choice.message.content if is_chat else choice.text
+                if echo is not None:
+                    text = echo.text(choice.index, choice.prompt_token_ids, self._guard_view) + (text or "")
                 kept = self._guard_view.kept_ids(token_ids, choice.stop_reason)
                 if kept is not None:
-                    text = self._guard_view.decode(kept)
-                    if hasattr(choice, "message"):
-                        choice.message.content = text
-                    else:
-                        choice.text = text
+                    # vLLM's text is an echoed prompt (if any), then the completion's (the marker
+                    # has no text): the completion is replaced by what the guard keeps.
+                    body = token_ids[:-1] if token_ids and token_ids[-1] == choice.stop_reason else token_ids
+                    text = _replace_tail(text or "", self._guard_view.decode(body), self._guard_view.decode(kept))
+                    _keep_logprobs(choice, len(token_ids) - len(kept))
                     choice.finish_reason, choice.stop_reason = GUARD_FINISH_REASON, None
                     num_stops += 1
                     num_dropped += len(token_ids) - 1 - len(kept)
                     _record_guard_stop(len(token_ids) - 1 - len(kept))
                     if wants_ids:
                         choice.token_ids = kept
+                if is_chat:
+                    choice.message.content = text
+                else:
+                    choice.text = text
                 if not wants_ids:  # asked for by this server, not by the client: not sent
                     choice.token_ids = None
                     if hasattr(choice, "prompt_token_ids"):
@@ -245,7 +262,7 @@ class GenGuardLLMServer(LLMServer):
                 usage.guard_stops, usage.guard_dropped_tokens = num_stops, num_dropped
             yield response
 
-    async def _fix_stream(self, outputs, is_chat: bool, wants_ids: bool):
+    async def _fix_stream(self, outputs, is_chat: bool, wants_ids: bool, echo: "_EchoedPrompts | None"):
         states: dict[int, _StreamChoice] = {}
         async for batch in outputs:
             items = batch if isinstance(batch, list) else [batch]
@@ -257,7 +274,12 @@ class GenGuardLLMServer(LLMServer):
                     continue
                 choices = []
                 for choice in chunk.get("choices") or []:
-                    state = states.setdefault(choice.get("index", 0), _StreamChoice())
+                    index = choice.get("index", 0)
+                    if index not in states:
+                        echo_text = (echo.text(index, choice.get("prompt_token_ids"), self._guard_view)
+                                     if echo is not None else "")
+                        states[index] = _StreamChoice(echo_text)
+                    state = states[index]
                     if state.update(choice, self._guard_view, is_chat, wants_ids):
                         choices.append(choice)
                 if chunk.get("usage"):
@@ -268,6 +290,51 @@ class GenGuardLLMServer(LLMServer):
                     fixed.append(f"data: {json.dumps(chunk)}\n\n")
             if fixed:
                 yield fixed
+
+
+def default_guard(method: str, request) -> str:
+    """The guard setting of a request that sets none: DEFAULT_GUARD by endpoint, and off where
+    vLLM masks the vocabulary before the guard reads its columns (structured outputs,
+    allowed_token_ids: guard/vllm_processor.py)."""
+    extract = getattr(request, "extract_structured_outputs", None)  # vLLM's own reading of the request
+    if (extract is not None and extract() is not None) or getattr(request, "allowed_token_ids", None):
+        return "off"
+    return DEFAULT_GUARD[method]
+
+
+def _replace_tail(text: str, tail: str, new_tail: str) -> str:
+    """`text` with its `tail` replaced; only `new_tail` if it does not end so (no echo then)."""
+    return text[:len(text) - len(tail)] + new_tail if text.endswith(tail) else new_tail
+
+
+# A completion's logprobs are lists with one entry per token (the echoed prompt's first); a chat
+# completion's, the list `content`.
+_COMPLETION_LOGPROB_LISTS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+_LOGPROB_LISTS = _COMPLETION_LOGPROB_LISTS + ("content",)
+
+
+def _keep_logprobs(choice, num_dropped: int) -> None:
+    """Drops the logprobs of the last `num_dropped` tokens of a response's choice."""
+    logprobs = getattr(choice, "logprobs", None)
+    for name in _LOGPROB_LISTS:
+        entries = getattr(logprobs, name, None)
+        if isinstance(entries, list):
+            setattr(logprobs, name, entries[:max(len(entries) - num_dropped, 0)])
+
+
+class _EchoedPrompts:
+    """A completion request's prompts, for `echo`: choice i echoes prompt i // n."""
+
+    def __init__(self, request):
+        prompt = request.prompt
+        self.texts = [prompt] if isinstance(prompt, str) else (
+            list(prompt) if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt) else None)
+        self.n = request.n or 1
+
+    def text(self, index: int, prompt_token_ids, view: "_GuardView") -> str:
+        if self.texts is not None and index // self.n < len(self.texts):
+            return self.texts[index // self.n]
+        return view.decode(list(prompt_token_ids or []))  # a token-id prompt: its text
 
 
 def is_guard_off(value) -> bool:
@@ -281,21 +348,33 @@ def is_guard_off(value) -> bool:
 
 
 class _StreamChoice:
-    """One streamed choice: all its token ids, vLLM's text, and what was sent of it."""
+    """One streamed choice: all its token ids (and their logprobs), vLLM's text, and what was sent
+    of it."""
 
-    def __init__(self):
+    def __init__(self, echo_text: str = ""):
         self.token_ids: list[int] = []
+        self.logprobs: list = []  # one entry per token id, as vLLM streamed them
+        self.has_logprobs = False  # the client asked for logprobs
         self.text = ""
         self.sent_text = ""
         self.num_sent_ids = 0
         self.is_guard_stop = False
         self.num_dropped = 0
+        self.echo_text = echo_text  # sent in front of the first chunk's text
 
     def update(self, choice: dict, view: _GuardView, is_chat: bool, wants_ids: bool) -> bool:
         """Rewrite `choice` in place to carry only safe text; False: nothing to send yet."""
         new_ids = choice.get("token_ids") or []
-        self.token_ids.extend(new_ids)
         delta = choice.get("delta") or {} if is_chat else None
+        if is_chat and not new_ids and not self.token_ids and delta.get("content"):
+            return True  # chat's echo of the last message, before any token: not the guard's
+        self.token_ids.extend(new_ids)
+        # The entries before the new tokens' are an echoed prompt's (first chunk): sent at once.
+        entries = _logprob_entries(choice.get("logprobs"), is_chat)
+        num_prompt_entries = max(len(entries) - len(new_ids), 0) if entries is not None else 0
+        if entries is not None:
+            self.has_logprobs = True
+            self.logprobs.extend(entries[num_prompt_entries:])
         self.text += (delta.get("content") or "") if is_chat else (choice.get("text") or "")
         finish = choice.get("finish_reason")
         if finish is not None:
@@ -316,7 +395,12 @@ class _StreamChoice:
             safe = self.sent_text  # never take back what was sent
         text = safe[len(self.sent_text):]
         ids = self.token_ids[self.num_sent_ids:safe_ids]
+        if self.has_logprobs:  # the entries of the ids sent now, whichever chunk brought them
+            choice["logprobs"] = _pack_logprobs(
+                (entries or [])[:num_prompt_entries] + self.logprobs[self.num_sent_ids:safe_ids], is_chat)
         self.sent_text, self.num_sent_ids = safe, max(self.num_sent_ids, safe_ids)
+        if self.echo_text:
+            text, self.echo_text = self.echo_text + text, ""
         if is_chat:
             delta["content"] = text
             choice["delta"] = delta
@@ -327,7 +411,24 @@ class _StreamChoice:
         else:
             choice.pop("token_ids", None)
             choice.pop("prompt_token_ids", None)
-        return bool(text) or finish is not None or bool(is_chat and delta.get("role"))
+        return bool(text) or bool(num_prompt_entries) or finish is not None or bool(is_chat and delta.get("role"))
+
+
+def _logprob_entries(logprobs: dict | None, is_chat: bool) -> list | None:
+    """A streamed chunk's logprobs as one entry per token (None: none in this chunk)."""
+    if not logprobs:
+        return None
+    if is_chat:
+        return list(logprobs.get("content") or [])
+    lists = {name: logprobs[name] for name in _COMPLETION_LOGPROB_LISTS if isinstance(logprobs.get(name), list)}
+    num_entries = max((len(values) for values in lists.values()), default=0)
+    return [{name: values[i] for name, values in lists.items() if i < len(values)} for i in range(num_entries)]
+
+
+def _pack_logprobs(entries: list, is_chat: bool) -> dict:
+    if is_chat:
+        return {"content": entries}
+    return {name: [entry.get(name) for entry in entries] for name in _COMPLETION_LOGPROB_LISTS}
 
 
 def _parse_sse(item) -> dict | None:

