@@ -25,7 +25,8 @@ and what follows it), while a chat answer is prose with code in markdown fences,
 for it before the logits processors run, the guard's columns too, so the guard could never stop
 it (the processor refuses the two together with a 400).
 
-What the guard drops leaves the whole choice: its text, its token ids and its logprobs (streamed
+A guarded request with `ignore_eos` still ends on the guard (its stop tokens are added to the
+request's `stop_token_ids`). What the guard drops leaves the whole choice: its text, its token ids and its logprobs (streamed
 logprobs are held back with the text they belong to). `echo` keeps the prompt in front of the text.
 
 Models vLLM cannot run stay on deployments/app.py (our engine, the same API).
@@ -215,6 +216,11 @@ class GenGuardLLMServer(LLMServer):
         request.vllm_xargs = xargs
         if is_guard_off(xargs[GUARD_ARG]):
             return await run(request, raw_request_info)
+        if getattr(request, "ignore_eos", False):
+            # The markers are EOS ids of the export, which ignore_eos takes out of the stops: named
+            # as stop ids, they still end a guarded request (as backends/vllm.py does).
+            stop_ids = list(request.stop_token_ids or [])
+            request.stop_token_ids = stop_ids + [i for i in self._guard_view.export.marker_ids if i not in stop_ids]
         wants_ids = bool(request.return_token_ids)
         # vLLM leaves the echoed prompt out of a completion's text when it returns token ids (the
         # client has them); asked for here only to cut at a token, so the prompt goes back in.

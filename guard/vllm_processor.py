@@ -63,6 +63,7 @@ preempted) keeps its votes: they are parked by its output list and restored when
 from __future__ import annotations
 
 import json
+import logging
 import math
 import operator
 import os
@@ -79,6 +80,8 @@ from guard.policy import (FEATURE_FIELDS, VOTE_FIELDS, GateState, PolicyKind, To
 from guard.syntax import LANGUAGES, gate_language, is_complete
 from guard.token_table import TABLE_FILE, TokenTable
 from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, OBSERVE, parse_guard_arg
+
+logger = logging.getLogger(__name__)
 
 TRACE_DIR_ENV = "CODEFAST_GUARD_TRACE_DIR"  # set: write every request's guard probabilities (tests)
 # Set to 1: the GPU code path on a CPU as well (logits as torch tensors), to check that path inside
@@ -218,6 +221,12 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         markers_end_it = set(self.export.marker_ids) <= set(params.stop_token_ids or ())
         # Its columns are masked (an explicit setting was refused in validate_params).
         is_masked = raw_setting is None and bool(hides_guard_columns(params))
+        if setting is not False and raw_setting is not None and not markers_end_it:
+            # Asked for, but nothing would end the request on a marker (ignore_eos without them
+            # in stop_token_ids): said in the engine's log rather than run silently without it.
+            logger.warning("GenGuard is off for a request that asks for it (%s=%r): its stop tokens %s are"
+                           " not in its stop_token_ids (ignore_eos?)", GUARD_ARG, raw_setting,
+                           list(self.export.marker_ids))
         if setting is False or not markers_end_it or is_masked:
             return
         if output_ids:  # joined mid-way with no record of its votes (e.g. recomputed): guard off

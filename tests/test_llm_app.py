@@ -108,6 +108,9 @@ def test_echo_logprobs_and_structured_outputs_with_the_guard(url):
     assert len(choice["logprobs"]["tokens"]) == echoed["usage"]["prompt_tokens"]  # the prompt's only
     plain = post(url, "/v1/completions", {**body, "logprobs": 1}).json()["choices"][0]
     assert plain["finish_reason"] == "guard" and plain["logprobs"]["tokens"] == []
+    # ignore_eos takes the export's EOS ids (the guard's markers among them) out of the stops:
+    # the server names the markers as stop ids, so the guard still ends the request.
+    assert post(url, "/v1/completions", {**body, "ignore_eos": True}).json()["choices"][0]["finish_reason"] == "guard"
     # vLLM masks the guard's columns for a structured request (its grammar decides where it
     # ends): the guard stays off unless asked, and asking for both is a 400.
     structured = {**body, "structured_outputs": {"choice": ["yes", "no"]}}

@@ -429,3 +429,15 @@ def test_decode_records_follow_rows_through_removal_reuse_condense_and_swap(expo
     assert decoded == {(prompt_key(prompt[n]), modes[n]): num
                        for n, num in zip("abcde", (3, 5, 7, 3, 4))}
     assert read_trace(tmp_path) == {} and read_trace(tmp_path, mode="on") == {}  # no step records mixed in
+
+
+def test_a_guard_that_nothing_would_end_is_off_and_says_so(export_dir, caplog):
+    processor = make(export_dir, num_slots=2)
+    # ignore_eos takes the export's EOS ids, the markers, out of the stops; the caller did not
+    # name them in stop_token_ids.
+    processor.update_state(BatchUpdate(2, removed=[], moved=[], added=[
+        (0, SamplingParams(ignore_eos=True, extra_args={"guard": "on"}), [1], []),
+        (1, SamplingParams(ignore_eos=True), [1], [])]))  # no setting: nothing asked, nothing said
+    assert not processor.is_guarded[:2].any()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "guard.vllm_processor"]
+    assert len(warnings) == 1 and "GenGuard is off for a request that asks for it" in warnings[0]
