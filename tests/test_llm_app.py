@@ -71,8 +71,8 @@ def test_completion_ends_with_finish_reason_guard_and_keeps_no_excess(url):
 
 def test_stream_holds_back_what_the_guard_drops(url):
     body = {"model": model_id(url), "prompt": "int main() {\n", "max_tokens": 32, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    texts, finish, usage = [], None, None
+            "stream": True, "stream_options": {"include_usage": True}, "logprobs": 1}
+    texts, tokens, finish, usage = [], [], None, None
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=HTTP_TIMEOUT_S) as response:
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -80,8 +80,10 @@ def test_stream_holds_back_what_the_guard_drops(url):
                 usage = chunk.get("usage") or usage
                 for choice in chunk["choices"]:
                     texts.append(choice["text"])
+                    tokens += choice["logprobs"]["tokens"]
                     finish = choice.get("finish_reason") or finish
     assert finish == "guard" and "".join(texts).strip() == ""
+    assert tokens == []  # nothing kept: no logprob of a dropped token or of the marker went out
     assert usage["guard_stops"] == 1
 
 
