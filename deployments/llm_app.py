@@ -26,8 +26,9 @@ for it before the logits processors run, the guard's columns too, so the guard c
 it (the processor refuses the two together with a 400).
 
 A guarded request with `ignore_eos` still ends on the guard (its stop tokens are added to the
-request's `stop_token_ids`). What the guard drops leaves the whole choice: its text, its token ids and its logprobs (streamed
-logprobs are held back with the text they belong to). `echo` keeps the prompt in front of the text.
+request's `stop_token_ids`). What the guard drops leaves the whole choice: its text, its token
+ids and its logprobs (streamed logprobs are held back with the text they belong to). `echo`
+keeps the prompt in front of the text.
 
 Models vLLM cannot run stay on deployments/app.py (our engine, the same API).
 """
@@ -44,7 +45,7 @@ from pathlib import Path
 from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.llm import LLMConfig, LLMServer, build_openai_app
 
-from guard.vllm_contract import GUARD_ARG, PROCESSOR_PATH, parse_guard_arg
+from guard.vllm_contract import GUARD_ARG, PROCESSOR_PATH, guard_columns_masked_by, parse_guard_arg
 
 logger = logging.getLogger("ray.serve")
 
@@ -303,7 +304,8 @@ def default_guard(method: str, request) -> str:
     vLLM masks the vocabulary before the guard reads its columns (structured outputs,
     allowed_token_ids: guard/vllm_processor.py)."""
     extract = getattr(request, "extract_structured_outputs", None)  # vLLM's own reading of the request
-    if (extract is not None and extract() is not None) or getattr(request, "allowed_token_ids", None):
+    structured_outputs = extract() if extract is not None else None
+    if guard_columns_masked_by(structured_outputs, getattr(request, "allowed_token_ids", None)):
         return "off"
     return DEFAULT_GUARD[method]
 

@@ -39,3 +39,15 @@ def parse_guard_arg(value) -> float | bool | str:
             if type(value) is int and value in (0, 1) else "")
     raise ValueError(f"extra_args['{GUARD_ARG}'] must be 'on', 'off', 'observe' or a stop threshold"
                      f" in (0, 1), got {value!r}{hint}")
+
+
+def guard_columns_masked_by(structured_outputs, allowed_token_ids) -> str | None:
+    """What in a request masks the vocabulary, the guard's columns with it, before vLLM's logits
+    processors run (its grammar bitmask, its allowed-token mask), so the guard cannot read them;
+    None: nothing. From the request's structured outputs (SamplingParams.structured_outputs, or
+    the OpenAI request's `extract_structured_outputs()`) and its allowed_token_ids."""
+    if structured_outputs is not None:
+        return "structured outputs"
+    if allowed_token_ids:
+        return "allowed_token_ids"
+    return None

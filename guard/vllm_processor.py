@@ -79,7 +79,7 @@ from guard.policy import (FEATURE_FIELDS, VOTE_FIELDS, GateState, PolicyKind, To
                           fold_arrays, gate_may_refuse, gate_parse, gate_step, line_start_would_stop)
 from guard.syntax import LANGUAGES, gate_language, is_complete
 from guard.token_table import TABLE_FILE, TokenTable
-from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, OBSERVE, parse_guard_arg
+from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, OBSERVE, guard_columns_masked_by, parse_guard_arg
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class GenGuardLogitsProcessor(LogitsProcessor):
     def validate_params(cls, sampling_params) -> None:
         extra_args = sampling_params.extra_args or {}
         setting = parse_guard_arg(extra_args.get(GUARD_ARG))
-        masked_by = hides_guard_columns(sampling_params)
+        masked_by = guard_columns_masked_by(sampling_params.structured_outputs, sampling_params.allowed_token_ids)
         if masked_by and extra_args.get(GUARD_ARG) is not None and setting is not False:
             raise ValueError(f"extra_args['{GUARD_ARG}'] = {extra_args[GUARD_ARG]!r} with {masked_by}: vLLM masks"
                              " the guard's columns with the rest of the vocabulary before the guard reads them,"
@@ -220,7 +220,8 @@ class GenGuardLogitsProcessor(LogitsProcessor):
         setting = parse_guard_arg(raw_setting)
         markers_end_it = set(self.export.marker_ids) <= set(params.stop_token_ids or ())
         # Its columns are masked (an explicit setting was refused in validate_params).
-        is_masked = raw_setting is None and bool(hides_guard_columns(params))
+        is_masked = raw_setting is None and bool(guard_columns_masked_by(params.structured_outputs,
+                                                                          params.allowed_token_ids))
         if setting is not False and raw_setting is not None and not markers_end_it:
             # Asked for, but nothing would end the request on a marker (ignore_eos without them
             # in stop_token_ids): said in the engine's log rather than run silently without it.
@@ -702,16 +703,6 @@ def prompt_key(prompt_ids, stop=()) -> str | None:
     digest = hashlib.sha1(np.asarray(list(prompt_ids), dtype=np.int64).tobytes())
     digest.update(json.dumps(sorted(stop)).encode())
     return digest.hexdigest()[:16]
-
-
-def hides_guard_columns(params) -> str | None:
-    """What in a request's sampling masks the vocabulary, the guard's columns included, before
-    the logits processors run (vLLM's grammar bitmask, its allowed-token mask); None: nothing."""
-    if params.structured_outputs is not None:
-        return "structured outputs"
-    if params.allowed_token_ids:
-        return "allowed_token_ids"
-    return None
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
