@@ -55,7 +55,7 @@ def guarded_processor_config(model: str = "default", guard: str = "default", *, 
         model_source=str(folder),
         engine_kwargs=engine_kwargs,
         runtime_env={"env_vars": env_vars},
-        # Without CPU bundles the engine stage asks for a GPU (../shared/notes).
+        # Without CPU bundles the engine stage asks for a GPU (docs/vllm-and-ray-llm-on-cpu.md).
         placement_group_config={"bundles": [{"CPU": num_cpus}]} if is_cpu else None,
         batch_size=batch_size, concurrency=concurrency,
         # A row vLLM refuses (a prompt past the context, a bad `guard` value) becomes an error row

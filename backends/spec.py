@@ -36,7 +36,7 @@ class BackendSpec:
     num_threads: int | None = None  # torch CPU threads (None: leave torch's default)
     max_model_len: int | None = None  # None: the model's own context (capped)
     # vLLM only. enforce_eager: no torch.compile / CUDA graphs. On CPU compiling costs ~60 s per
-    # start for no measurable decode gain (../shared/notes); on a GPU, graphs are worth it.
+    # start for no measurable decode gain (docs/vllm-and-ray-llm-on-cpu.md); on a GPU, graphs are worth it.
     enforce_eager: bool | None = None  # None: True on CPU, False on GPU
     kv_cache_gib: int = 4  # vLLM on CPU: KV cache size in GiB (passed as kv_cache_memory_bytes)
     gpu_memory_utilization: float = 0.85

@@ -7,33 +7,22 @@
 N client threads send a fixed number of non-streaming completions per guard mode (the per-request
 `guard` field, so both modes hit the same replicas), stop early at --max-seconds, and a markdown
 table reports throughput, latency percentiles, errors and what the guard stopped. Prompts:
-MBXP (Athiwaratkun et al., CC BY 4.0), from $CODEFAST_MBXP_DIR or <repo>/../shared/data/mbxp.
+MBXP (Athiwaratkun et al., CC BY 4.0), from the repository's data/mbxp/ (evals.mbxp).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MBXP_FILES = {"python": "mbpp_release_v1.jsonl", "javascript": "mbjsp_release_v1.2.jsonl",
-              "go": "mbgp_release_v1.1.jsonl", "cpp": "mbcpp_release_v1.2.jsonl"}
+from evals.mbxp import load_problems
 
 
 def mbxp_prompts(language: str) -> list[str]:
-    try:
-        from evals.mbxp import load_problems
-    except ImportError:  # the evals helper is optional here: the files are plain jsonl
-        mbxp_dir = Path(os.environ.get("CODEFAST_MBXP_DIR", REPO_ROOT.parent / "shared" / "data" / "mbxp"))
-        with (mbxp_dir / MBXP_FILES[language]).open() as f:
-            return [json.loads(line)["prompt"] for line in f if line.strip()]
     return [problem.prompt for problem in load_problems(language)]
 
 

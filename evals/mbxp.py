@@ -1,7 +1,8 @@
 """MBXP problems (MBPP Python, MBJSP JavaScript, MBGP Go, MBCPP C++), CC BY 4.0.
 
 Data: Athiwaratkun et al., "Multi-lingual Evaluation of Code Generation Models", ICLR 2023.
-Read from `$CODEFAST_MBXP_DIR` (default: `../shared/data/mbxp` beside the repo). The test split is
+Read from the repository's `data/mbxp/` (its README and LICENSE keep the attribution), or from
+`$CODEFAST_MBXP_DIR` when set. The test split is
 the last 500 records of each file, as the CodeFast paper held them out; the rest is train.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 FILES = {"python": "mbpp_release_v1.jsonl", "javascript": "mbjsp_release_v1.2.jsonl",
          "go": "mbgp_release_v1.1.jsonl", "cpp": "mbcpp_release_v1.2.jsonl"}
 NUM_TEST = 500
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "mbxp"
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,7 @@ class Problem:
 
 
 def data_dir() -> Path:
-    default = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mbxp"
-    return Path(os.environ.get("CODEFAST_MBXP_DIR", default))
+    return Path(os.environ.get("CODEFAST_MBXP_DIR", DEFAULT_DATA_DIR))
 
 
 @lru_cache(maxsize=None)
