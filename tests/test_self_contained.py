@@ -30,3 +30,22 @@ def test_no_tracked_file_points_beside_the_repository():
         if "../shared" in text or '"shared" / "data"' in text:
             offenders.append(name)
     assert offenders == []
+
+
+def test_the_project_is_installed_for_any_folder(tmp_path):
+    """`make install` installs the project (editable): imports and console scripts work outside it."""
+    import os
+    import shutil
+    import sys
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    code = "import backends, jobs.generate, evals.mbxp; print(evals.mbxp.data_dir())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()).resolve().is_relative_to(REPO_ROOT)
+    for script in ("codefast", "codefast-generate", "codefast-serve", "codefast-build-guard",
+                   "codefast-export-guard", "codefast-pass-at-k", "codefast-model"):
+        assert shutil.which(script), script
+    help_text = subprocess.run([shutil.which("codefast-generate"), "--help"], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=120)
+    assert help_text.returncode == 0 and "--output" in help_text.stdout, help_text.stderr[-2000:]
