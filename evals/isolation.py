@@ -6,10 +6,11 @@ process (`isolation()`), the strongest that works here:
 
 - "uid" (we are root): every run gets its own unused uid from a pool (`CODEFAST_SANDBOX_UID_BASE`,
   default 61000, 128 uids), held with an flock so concurrent runs, threads or processes, never
-  share one. The chain is [`nsenter` into the run's private root] -> `unshare -n --pid --fork
-  --kill-child --mount-proc` (an empty network namespace: no interface is up, so even 127.0.0.1
-  is unreachable; a pid namespace whose teardown kills and reaps everything in it, with its own
-  /proc: no other process is visible) -> `prlimit` -> `setpriv` (drop to the run's uid: no groups,
+  share one. The chain is [a memory cgroup] -> [`nsenter` into the run's private root] ->
+  `unshare -n -i --pid --fork --kill-child --mount-proc` (an empty network namespace: no
+  interface is up, so even 127.0.0.1 is unreachable; an IPC namespace; a pid namespace whose
+  teardown kills and reaps everything in it, with its own /proc: no other process is visible)
+  -> [IPC limits] -> `prlimit` -> `setpriv` (drop to the run's uid: no groups,
   no capabilities, no_new_privs) -> `sh` as pid 1, so the program never gets pid 1's immunity to
   default signals. RLIMIT_NPROC counts tasks per uid and the uid is the run's alone, so a fork
   bomb stops at `max_processes`. Afterwards `kill -KILL -1` run *as that uid* reaches every
@@ -25,6 +26,16 @@ process (`isolation()`), the strongest that works here:
   + `max_processes`, so a fork bomb is bounded but competes with the caller's own forks;
   `isolation().reason` says why we fell back.
 
+IPC and shared memory: where `unshare -i` works (uid and userns modes, `has_ipc_namespace`) every
+step gets a fresh IPC namespace: SysV segments, semaphores, message queues and POSIX queues are
+its own and die with it, and (`has_ipc_limits`) its sysctls cap SysV shm at the step's memory
+limit and the number of objects of each kind (IPC_LIMITS_SCRIPT). After every uid-mode run the
+uid's SysV objects are removed (and, without the namespace, its POSIX queues); in plain mode the
+SysV objects made during the run. A per-step memory cgroup, where one can be made, counts memfd,
+/dev/shm and SysV pages with the heap (evals/memory_cgroup.py); without one, mapped shared memory
+is bounded by RLIMIT_AS, SysV shm by shmall, /dev/shm by the private root's tmpfs, and memfd files
+that are not mapped only per file (RLIMIT_FSIZE) and per descriptor (RLIMIT_NOFILE).
+
 The private root (`run_space`, uid and userns modes where mount namespaces work: kernel >= 5.12
 for a recursive read-only remount): each run gets a mount namespace in which the whole host
 filesystem is read-only and /tmp, /var/tmp and /dev/shm are one fresh tmpfs of `disk_bytes`
@@ -37,6 +48,7 @@ the run; anything it wrote deeper in other world-writable directories stays.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import os
@@ -52,12 +64,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from evals import memory_cgroup
+
 UID_BASE = int(os.environ.get("CODEFAST_SANDBOX_UID_BASE", "61000"))
 NUM_UIDS = 128
 LOCK_DIR = Path.home() / ".cache" / "codefast" / "sandbox-uids"
 # World-writable places a sandbox uid can leave files in without a private root; swept after a run.
 SHARED_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 PID_NS = ["--pid", "--fork", "--kill-child"]
+IPC_NS = ["-i"]
 SH_WRAPPER = ['/bin/sh', '-c', '"$@"; exit $?', 'sh']
 # userns mode: the program is the namespace's root; with no capabilities it cannot undo the
 # read-only mounts or the network namespace (a remount needs CAP_SYS_ADMIN).
@@ -71,6 +86,17 @@ PROBE_DISK_BYTES = 1 << 20
 # Queued signals and POSIX timers (each holds one preallocated): without a bound a program can
 # pin kernel memory with a million timers. Go and node use a handful.
 MAX_PENDING_SIGNALS = 1024
+# POSIX message queue bytes per uid (RLIMIT_MSGQUEUE): under the usual hard limit (800 KiB),
+# which only CAP_SYS_RESOURCE may raise.
+MAX_MSGQUEUE_BYTES = 512 << 10
+# Run as root of the run's fresh IPC namespace, before the program: its SysV segments may hold at
+# most the step's memory limit in all ($1 bytes, $2 pages), and few objects of each kind. The
+# namespace's sysctls are its own; the host's stay as they are.
+IPC_LIMITS_SCRIPT = ('k=/proc/sys/kernel && echo "$1" > $k/shmmax && echo "$2" > $k/shmall'
+                     ' && echo 64 > $k/shmmni && echo 32 > $k/msgmni && echo "64 1024 64 32" > $k/sem'
+                     ' && echo 16 > /proc/sys/fs/mqueue/queues_max && shift 2 && exec "$@"')
+SYSV_KINDS = ("shm", "sem", "msg")  # /proc/sysvipc/<kind>
+IPC_RMID = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +106,8 @@ class Isolation:
     has_pid_namespace: bool
     reason: str
     has_private_root: bool = False  # read-only host, one size-limited tmpfs per run (run_space)
+    has_ipc_namespace: bool = False  # SysV objects and POSIX queues die with the run
+    has_ipc_limits: bool = False  # that namespace's shm/msg/sem/mqueue sysctls set (IPC_LIMITS_SCRIPT)
 
 
 @dataclass(frozen=True)
@@ -94,7 +122,8 @@ class RLimits:
     def prlimit_args(self) -> list[str]:
         # Soft CPU limit sends SIGXCPU; the hard one a second later SIGKILLs a program that ignores it.
         args = [f"--cpu={self.cpu_s}:{self.cpu_s + 1}", f"--data={self.data_bytes}",
-                f"--fsize={self.file_bytes}", "--core=0", f"--sigpending={MAX_PENDING_SIGNALS}"]
+                f"--fsize={self.file_bytes}", "--core=0", f"--sigpending={MAX_PENDING_SIGNALS}",
+                f"--msgqueue={MAX_MSGQUEUE_BYTES}"]
         if self.max_open_files is not None:
             args.append(f"--nofile={self.max_open_files}")
         if self.as_bytes is not None:
@@ -123,18 +152,34 @@ def isolation() -> Isolation:
             return Isolation("plain", False, False, "setpriv could not drop to an unprivileged uid")
         is_net = bool(tools["unshare"]) and _works(["unshare", "-n", "--"] + drop)
         has_pid = bool(tools["unshare"]) and _works(["unshare", *PID_NS, "--"] + drop)
-        mode = Isolation("uid", is_net, has_pid, "")
+        has_ipc, has_ipc_limits = _ipc_namespace_works(tools, [], drop)
+        mode = Isolation("uid", is_net, has_pid, "", has_ipc_namespace=has_ipc, has_ipc_limits=has_ipc_limits)
         why_no_root = _private_root_problem(mode, tools, UID_BASE + NUM_UIDS - 1)
         return dataclasses.replace(mode, has_private_root=why_no_root is None, reason=(
             f"root: per-run uid, network namespace: {is_net}, pid namespace: {has_pid},"
-            f" private root: {why_no_root or True}"))
+            f" ipc namespace: {has_ipc} (limits: {has_ipc_limits}), private root: {why_no_root or True}"))
     if tools["unshare"] and tools["setpriv"] and \
             _works(["unshare", "-rn", *PID_NS, "--"] + DROP_CAPABILITIES + SH_WRAPPER + ["true"]):
-        mode = Isolation("userns", True, True, "")
+        has_ipc, has_ipc_limits = _ipc_namespace_works(tools, ["-r"], DROP_CAPABILITIES + SH_WRAPPER + ["true"])
+        mode = Isolation("userns", True, True, "", has_ipc_namespace=has_ipc, has_ipc_limits=has_ipc_limits)
         why_no_root = _private_root_problem(mode, tools, None)
         return dataclasses.replace(mode, has_private_root=why_no_root is None, reason=(
-            f"user + network + pid namespace, private root: {why_no_root or True}"))
+            f"user + network + pid namespace, ipc namespace: {has_ipc} (limits: {has_ipc_limits}),"
+            f" private root: {why_no_root or True}"))
     return Isolation("plain", False, False, "no user namespaces and not root: network and filesystem NOT isolated")
+
+
+def _ipc_namespace_works(tools: dict, userns: list[str], then: list[str]) -> tuple[bool, bool]:
+    """(a fresh IPC namespace works, its limits can be set in it) for a step that runs `then`."""
+    if not tools["unshare"]:
+        return False, False
+    has_ipc = _works(["unshare", *userns, *IPC_NS, "--"] + then)
+    return has_ipc, has_ipc and _works(["unshare", *userns, *IPC_NS, "--", *_ipc_limits(64 << 20)] + then)
+
+
+def _ipc_limits(memory_bytes: int) -> list[str]:
+    return ["/bin/sh", "-c", IPC_LIMITS_SCRIPT, "sh", str(memory_bytes),
+            str(max(1, memory_bytes // os.sysconf("SC_PAGE_SIZE")))]
 
 
 def _private_root_problem(mode: Isolation, tools: dict, uid: int | None) -> str | None:
@@ -239,16 +284,18 @@ def _first_line(proc: subprocess.Popen, timeout_s: float) -> str:
 
 
 def wrap(argv: list[str], rlimits: RLimits, uid: int | None, space: RunSpace,
-         mode: Isolation | None = None) -> list[str]:
-    """The full command line of one step (compile or run): into the run's private root, new
-    network and pid namespaces, rlimits, then the unprivileged uid (uid mode) or no capabilities
-    (userns mode). `mode` defaults to `isolation()`."""
+         mode: Isolation | None = None, cgroup_procs: str | None = None) -> list[str]:
+    """The full command line of one step (compile or run): into the step's memory cgroup (its
+    cgroup.procs, see evals/memory_cgroup.py), the run's private root, new network, pid and IPC
+    namespaces with the IPC limits set, rlimits, then the unprivileged uid (uid mode) or no
+    capabilities (userns mode). `mode` defaults to `isolation()`."""
     mode = mode or isolation()
     if mode.mode == "plain":
         rlimits = _plain_nproc(rlimits)
     limits = ["prlimit", *rlimits.prlimit_args(), "--"]
     is_private = bool(space.enter_argv)
-    flags = (["-n"] if mode.is_network_isolated else []) + (PID_NS if mode.has_pid_namespace else [])
+    flags = (["-n"] if mode.is_network_isolated else []) + (PID_NS if mode.has_pid_namespace else []) \
+        + (IPC_NS if mode.has_ipc_namespace else [])
     if is_private and mode.has_pid_namespace:
         flags.append("--mount-proc")  # a /proc of the run's pid namespace: no other process visible
     if mode.mode == "userns" and not is_private:
@@ -260,7 +307,9 @@ def wrap(argv: list[str], rlimits: RLimits, uid: int | None, space: RunSpace,
         drop = _drop_privileges(uid)
     else:
         drop = DROP_CAPABILITIES if mode.mode == "userns" else []
-    return [*space.enter_argv, *unshare, *limits, *drop, *SH_WRAPPER, *argv]
+    ipc_limits = _ipc_limits(rlimits.data_bytes) if mode.has_ipc_namespace and mode.has_ipc_limits else []
+    join = memory_cgroup.join_argv(cgroup_procs) if cgroup_procs else []
+    return [*join, *space.enter_argv, *unshare, *ipc_limits, *limits, *drop, *SH_WRAPPER, *argv]
 
 
 def _plain_nproc(rlimits: RLimits) -> RLimits:
@@ -283,9 +332,11 @@ def exit_signal(returncode: int | None) -> int | None:
 
 @contextlib.contextmanager
 def sandbox_uid():
-    """Yield a uid no other run holds (uid mode), else None. Stale leftovers are killed first."""
+    """Yield a uid no other run holds (uid mode), else None. Stale leftovers are killed first,
+    and what the run leaves (processes, files, IPC objects) is removed after it."""
     if isolation().mode != "uid":
-        yield None
+        with _new_sysv_objects_removed():
+            yield None
         return
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
     for uid in range(UID_BASE, UID_BASE + NUM_UIDS):
@@ -305,6 +356,9 @@ def sandbox_uid():
             kill_uid(uid)
             if not isolation().has_private_root:  # a private root took all it wrote with it
                 remove_files_of_uid(uid)
+            remove_ipc_of_uid(uid)  # an IPC namespace took them with it; this is the net below
+            if not isolation().has_ipc_namespace:
+                remove_mqueues_of_uid(uid)
             os.close(fd)  # releases the flock
         return
     raise RuntimeError(f"all {NUM_UIDS} sandbox uids are busy")
@@ -384,3 +438,62 @@ def remove_files_of_uid(uid: int) -> None:
                         os.unlink(entry.path)
                 except OSError:
                     pass
+
+
+def sysv_objects(uid: int) -> set[tuple[str, int]]:
+    """(kind, id) of the SysV objects `uid` owns or created, in our IPC namespace."""
+    found = set()
+    for kind in SYSV_KINDS:
+        with contextlib.suppress(FileNotFoundError):
+            header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+            columns = header.split()
+            for row in rows:
+                fields = dict(zip(columns, row.split()))
+                if uid in (int(fields["uid"]), int(fields["cuid"])):
+                    found.add((kind, int(row.split()[1])))
+    return found
+
+
+def remove_ipc_of_uid(uid: int, keep: set[tuple[str, int]] = frozenset()) -> None:
+    """IPC_RMID every SysV object of `uid` but those in `keep`: a segment still attached goes
+    when its last user detaches (the run's processes are dead by now)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    remove = {"shm": lambda ident: libc.shmctl(ident, IPC_RMID, None),
+              "sem": lambda ident: libc.semctl(ident, 0, IPC_RMID),
+              "msg": lambda ident: libc.msgctl(ident, IPC_RMID, None)}
+    for kind, ident in sysv_objects(uid) - set(keep):
+        remove[kind](ident)  # fails only if it is gone already
+
+
+def remove_mqueues_of_uid(uid: int) -> None:
+    """POSIX message queues of `uid`: unlinked through an mqueue mount of our IPC namespace, the
+    host's /dev/mqueue if mounted, else one of our own in a throwaway mount namespace."""
+    if os.path.ismount("/dev/mqueue"):
+        _delete_owned_by(uid, "/dev/mqueue")
+        return
+    with tempfile.TemporaryDirectory(prefix="codefast-mqueue-") as mount_point:
+        subprocess.run(["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c",
+                        'mount -t mqueue none "$0" && find "$0" -mindepth 1 -maxdepth 1 -uid "$1" -delete',
+                        mount_point, str(uid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _delete_owned_by(uid: int, directory: str) -> None:
+    for entry in os.scandir(directory):
+        with contextlib.suppress(OSError):
+            if entry.stat(follow_symlinks=False).st_uid == uid:
+                os.unlink(entry.path)
+
+
+@contextlib.contextmanager
+def _new_sysv_objects_removed() -> Iterator[None]:
+    """Without a per-run uid the run's SysV objects are the caller's: those made during the run
+    are removed after it (a concurrent run's too; the caller itself makes none). With an IPC
+    namespace there are none to remove."""
+    if isolation().has_ipc_namespace:
+        yield
+        return
+    before = sysv_objects(os.getuid())
+    try:
+        yield
+    finally:
+        remove_ipc_of_uid(os.getuid(), keep=before)

@@ -11,10 +11,13 @@ namespace in userns mode.) In its own mount namespace, which nothing outside see
    /tmp/work (owned by OWNER_UID, -1: leave it to us), and binds /dev/shm and /var/tmp to
    directories of that same tmpfs: everything the run writes (sources, build output, temp files,
    shared memory) counts against one limit, and the kernel answers ENOSPC beyond it;
-3. binds each HOST_DIR read-only at /tmp/.shared/<index> (toolchain caches the build only reads:
+3. covers the host's /dev/mqueue, where mounted, with an empty read-only folder: that mount shows
+   the host's POSIX message queues, which the run could otherwise read through it (the run's own
+   queues live in its IPC namespace, reached by mq_open without any mount);
+4. binds each HOST_DIR read-only at /tmp/.shared/<index> (toolchain caches the build only reads:
    the C++ precompiled header, Go's build cache, which may sit under a home the run cannot
    traverse);
-4. moves into the work dir (where `nsenter --wd` starts each step), prints "ready" and waits
+5. moves into the work dir (where `nsenter --wd` starts each step), prints "ready" and waits
    for EOF on stdin.
 
 Every step of the run (compile, then the program) enters this namespace. When the holder exits
@@ -27,6 +30,7 @@ import sys
 
 WORK_DIR = "/tmp/work"
 SHARED_DIR = "/tmp/.shared"
+MQUEUE_DIR = "/dev/mqueue"
 AT_FDCWD = -100
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
@@ -81,6 +85,9 @@ def main(size_bytes: int, max_inodes: int, owner_uid: int, host_dirs: list[str])
             os.mkdir(private)
             os.chmod(private, 0o1777)  # mkdir's mode is filtered by the umask
             bind(private, host_path, is_read_only=False)
+    if os.path.ismount(MQUEUE_DIR):
+        os.mkdir("/tmp/.mqueue", 0o555)
+        bind("/tmp/.mqueue", MQUEUE_DIR, is_read_only=True)
     if host_fds:
         os.mkdir(SHARED_DIR, 0o755)
     for index, fd in enumerate(host_fds):

@@ -11,20 +11,24 @@ languages are built first, under their own, larger limits but with the same isol
 program: a compiler reads whatever the source names (`#include "/etc/shadow"`), so it runs as the
 run's uid, without network, in the run's private root.
 
-Memory: the limit is RLIMIT_DATA, which (Linux >= 4.7) counts heap and private writable mappings
-but not address space that is only reserved. RLIMIT_AS alone would kill go (~650 MiB of arena
-reservations at start) and node (~750 MiB for V8) before they run a line, so AS is only a
-backstop at memory + per-language headroom; it bounds MAP_SHARED memory, which DATA ignores.
+Memory: where a memory cgroup can be made (evals/memory_cgroup.py), each step gets one limited to
+its memory limit, which counts everything the step holds: heap, memfd files, /dev/shm and SysV
+segments, the tmpfs of its private root. Everywhere, RLIMIT_DATA (Linux >= 4.7) counts heap and
+private writable mappings but not address space that is only reserved. RLIMIT_AS alone would
+kill go (~650 MiB of arena reservations at start) and node (~750 MiB for V8) before they run a
+line, so AS is only a backstop at memory + per-language headroom; without a cgroup it is what
+bounds mapped shared memory (memfd, shm), which DATA ignores.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evals import isolation, toolchains
+from evals import isolation, memory_cgroup, toolchains
 from evals.process import Outcome, execute
 
 MiB = 1 << 20
@@ -124,13 +128,23 @@ def _disk_note(limits: Limits) -> str:
             f" {limits.max_disk_mb} MiB or {isolation.PRIVATE_MAX_INODES} files")
 
 
+def _step(argv: tuple[str, ...], rlimits: isolation.RLimits, uid: int | None, space: isolation.RunSpace,
+          env: dict[str, str], timeout_s: float, max_output_bytes: int) -> Outcome:
+    """One step (compile or run) in a memory cgroup of its own limited to rlimits.data_bytes,
+    where the machine gives one: shared memory then counts too."""
+    where = memory_cgroup.hierarchy()
+    with memory_cgroup.step_cgroup(where, rlimits.data_bytes) if where else contextlib.nullcontext() as procs:
+        return execute(isolation.wrap(list(argv), rlimits, uid, space, cgroup_procs=procs), space.popen_cwd,
+                       env, timeout_s, max_output_bytes, kill=lambda pid: isolation.kill_run(pid, uid))
+
+
 def _compile(spec: toolchains.LanguageSpec, space: isolation.RunSpace, uid: int | None,
              limits: Limits) -> Outcome:
     rlimits = isolation.RLimits(int(limits.compile_timeout_s) + 1, limits.compile_memory_mb * MiB, None,
                                 COMPILE_FILE_BYTES, COMPILE_MAX_PROCESSES, COMPILE_MAX_OPEN_FILES)
-    return execute(isolation.wrap(list(spec.compile_argv), rlimits, uid, space), space.popen_cwd,
-                   toolchains.environment(space, limits.memory_mb, is_compile=True), limits.compile_timeout_s,
-                   COMPILE_OUTPUT_BYTES, kill=lambda pid: isolation.kill_run(pid, uid))
+    return _step(spec.compile_argv, rlimits, uid, space,
+                 toolchains.environment(space, limits.memory_mb, is_compile=True),
+                 limits.compile_timeout_s, COMPILE_OUTPUT_BYTES)
 
 
 def run_program(language: str, source: str, limits: Limits = Limits()) -> ExecResult:
@@ -157,9 +171,9 @@ def run_program(language: str, source: str, limits: Limits = Limits()) -> ExecRe
             rlimits = isolation.RLimits(limits.cpu_s, limits.memory_mb * MiB,
                                         (limits.memory_mb + spec.as_headroom_mb) * MiB,
                                         limits.max_file_bytes, limits.max_processes, limits.max_open_files)
-            outcome = execute(isolation.wrap(list(spec.run_argv), rlimits, uid, space), space.popen_cwd,
-                              toolchains.environment(space, limits.memory_mb, is_compile=False),
-                              limits.timeout_s, limits.max_output_bytes, kill=lambda pid: isolation.kill_run(pid, uid))
+            outcome = _step(spec.run_argv, rlimits, uid, space,
+                            toolchains.environment(space, limits.memory_mb, is_compile=False),
+                            limits.timeout_s, limits.max_output_bytes)
             is_disk_full = _is_disk_full(space, outcome.stderr)
     except Exception as exc:  # the sandbox itself failed; one bad run must not end an evaluation
         return ExecResult("error", None, "", f"[sandbox] {type(exc).__name__}: {exc}", time.monotonic() - start)
