@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-# The languages the guard's syntax gate can parse (guard/syntax.py holds the one definition).
-from guard.syntax import LANGUAGES as CODE_LANGUAGES
+# What a request may name as its language (guard/syntax.py holds the one rule).
+from guard.syntax import language_name_error
 
 # A seed is a signed 64-bit integer: what every RNG we hand it to (torch, numpy, vLLM) accepts.
 MIN_SEED, MAX_SEED = -(1 << 63), (1 << 63) - 1
@@ -19,9 +19,10 @@ class SamplingParams:
 
     temperature == 0 (or below MIN_SAMPLING_TEMPERATURE) means greedy. `seed` (a signed 64-bit
     int) makes sampling reproducible per request, independent of which other requests share the batch. `use_guard` switches GenGuard off for this request only;
-    `guard_threshold` overrides the guard's stop threshold for this request. `language` (one of
-    guard.syntax.LANGUAGES) is the code's language for the guard's syntax gate; None: guessed
-    from the prompt, and a prompt whose language cannot be told goes ungated.
+    `guard_threshold` overrides the guard's stop threshold for this request. `language` (any
+    name) is the code's language for the guard's syntax gate, which parses those with a grammar
+    (guard.syntax.LANGUAGES) and leaves others ungated; None: told from the prompt, and a prompt
+    whose language cannot be told goes ungated.
     """
 
     max_new_tokens: int = 300
@@ -53,8 +54,8 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty strings")
         if self.guard_threshold is not None and not 0 < self.guard_threshold < 1:
             raise ValueError(f"guard_threshold must be in (0, 1), got {self.guard_threshold}")
-        if self.language is not None and self.language not in CODE_LANGUAGES:
-            raise ValueError(f"language must be one of {CODE_LANGUAGES} or None, got {self.language!r}")
+        if (error := language_name_error(self.language)) is not None:
+            raise ValueError(error)
 
     @property
     def is_greedy(self) -> bool:

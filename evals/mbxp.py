@@ -1,4 +1,4 @@
-"""MBXP problems (MBPP Python, MBJSP JavaScript, MBGP Go, MBCPP C++), CC BY 4.0.
+"""MBXP problems in nine languages, CC BY 4.0 (C# is for measuring only: never train or choose on it).
 
 Data: Athiwaratkun et al., "Multi-lingual Evaluation of Code Generation Models", ICLR 2023.
 Read from the repository's `data/mbxp/` (its README and LICENSE keep the attribution), or from
@@ -14,7 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 
 FILES = {"python": "mbpp_release_v1.jsonl", "javascript": "mbjsp_release_v1.2.jsonl",
-         "go": "mbgp_release_v1.1.jsonl", "cpp": "mbcpp_release_v1.2.jsonl"}
+         "go": "mbgp_release_v1.1.jsonl", "cpp": "mbcpp_release_v1.2.jsonl",
+         "java": "mbjp_release_v1.2.jsonl", "typescript": "mbtsp_release_v1.2.jsonl",
+         "php": "mbphp_release_v1.2.jsonl", "ruby": "mbrbp_release_v1.2.jsonl",
+         "csharp": "mbcsp_release_v1.2.jsonl"}
 NUM_TEST = 500
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "mbxp"
 

@@ -15,9 +15,13 @@ labeler uses the same parsers (guard_training imports the runtime, never the oth
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
 from functools import lru_cache
 
 from tree_sitter import Language, Node, Parser
+
+logger = logging.getLogger(__name__)
 
 LANGUAGES = ("python", "javascript", "go", "cpp")
 _GRAMMAR_MODULES = {"python": "tree_sitter_python", "javascript": "tree_sitter_javascript",
@@ -113,34 +117,80 @@ def is_complete(language: str, prompt: str, kept: str, allows_stub: bool = False
     return incomplete_reason(language, prompt, kept, allows_stub) is None
 
 
-# Lines a prompt in each language starts a line with, and nothing else does: what `guess_language`
-# looks for when a request names no language.
+# Lines a prompt in each language starts a line with: what splits two grammars that both parse
+# a prompt cleanly (a JavaScript function header is also a valid C++ declaration).
 _MARKERS = {
     "python": ("def ", "import ", "from ", "class "),
     "javascript": ("function ", "const ", "let ", "var ", "/**", "module.exports"),
     "go": ("package ", "func "),
     "cpp": ("#include", "using namespace", "template<", "template <"),
 }
+# Tried after a prompt when telling its language: a prompt ends inside the function it opened,
+# at times inside a class around it, and no grammar calls an open block clean.
+_PROMPT_CLOSERS = ("", "\n}\n", "\n}\n}\n")
+
+
+@lru_cache(maxsize=None)
+def installed_languages() -> tuple[str, ...]:
+    """The languages whose grammar wheel imports here: the only ones a prompt can be told as."""
+    return tuple(language for language in LANGUAGES
+                 if importlib.util.find_spec(_GRAMMAR_MODULES[language]) is not None)
+
+
+def _parses_cleanly(language: str, prompt: str) -> bool:
+    parser = get_parser(language)
+    return any(not parser.parse((prompt + closer).encode()).root_node.has_error
+               for closer in _PROMPT_CLOSERS)
 
 
 def guess_language(prompt: str) -> str | None:
-    """The language a code prompt is written in, from its lines' first words; None when two
-    languages tie (a request should then name its language, or it goes ungated)."""
-    counts = dict.fromkeys(LANGUAGES, 0)
+    """The language a code prompt is written in, or None ("unknown").
+
+    A wrong guess is worse than none: the gate would parse with the wrong grammar, refuse the
+    right stop and let a later one through inside the excess. So a language is named only when
+    the prompt parses cleanly in its grammar (once its open blocks are closed), and, where two
+    grammars both do, when its line markers outnumber the other's. A prompt in a language with
+    no grammar here parses cleanly in none and goes ungated."""
+    candidates = [language for language in installed_languages() if _parses_cleanly(language, prompt)]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    counts = {language: 0 for language in candidates}
     for line in prompt.splitlines():
         stripped = line.lstrip()
-        for language, markers in _MARKERS.items():
-            if stripped.startswith(markers):
-                counts[language] += 1
+        for language in candidates:
+            counts[language] += stripped.startswith(_MARKERS[language])
     best = max(counts.values())
     winners = [language for language, count in counts.items() if count == best]
     return winners[0] if best and len(winners) == 1 else None
 
 
+MAX_LANGUAGE_NAME_CHARS = 64
+
+
+def language_name_error(language: object) -> str | None:
+    """Why `language` cannot name a request's language (None: it can; any name can, a grammar or not)."""
+    if language is None or (isinstance(language, str) and 0 < len(language) <= MAX_LANGUAGE_NAME_CHARS):
+        return None
+    return (f"language must be a name of 1 to {MAX_LANGUAGE_NAME_CHARS} characters (any language; "
+            f"the syntax gate parses {', '.join(LANGUAGES)}) or null, got {language!r:.80}")
+
+
+@lru_cache(maxsize=256)  # once per name: a log line, not one per request
+def _warn_ungated(language: str) -> None:
+    logger.warning("GenGuard's syntax gate has no grammar for language %r; its stops go ungated "
+                   "(grammars: %s)", language, ", ".join(LANGUAGES))
+
+
 def gate_language(language: str | None, prompt: str) -> str | None:
-    """The language a request's stops are parsed in: its own, else the prompt's guess (None:
-    the request goes ungated)."""
-    return language if language is not None else guess_language(prompt)
+    """The language a request's stops are parsed in: its own where a grammar exists, else the
+    prompt's guess when it named none (None: the request goes ungated). Any name is accepted:
+    a language with no grammar is not an error, it only goes ungated."""
+    if language is None:
+        return guess_language(prompt)
+    if language in installed_languages():
+        return language
+    _warn_ungated(language)
+    return None
 
 
 def gate_check(policy, language: str | None, prompt: str, decode_kept):

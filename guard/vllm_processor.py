@@ -77,7 +77,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from guard.export import GuardExport, MarkerKind
 from guard.policy import (FEATURE_FIELDS, VOTE_FIELDS, GateState, PolicyKind, TokenFeatures, VoteArrays,
                           fold_arrays, gate_may_refuse, gate_parse, gate_step, line_start_would_stop)
-from guard.syntax import LANGUAGES, gate_language, is_complete
+from guard.syntax import gate_language, is_complete, language_name_error
 from guard.token_table import TABLE_FILE, TokenTable
 from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, OBSERVE, guard_columns_masked_by, parse_guard_arg
 
@@ -120,8 +120,8 @@ class GenGuardLogitsProcessor(LogitsProcessor):
                              " so it could never stop the request; send 'off', or no guard setting (such a"
                              " request then runs without the guard)")
         language = extra_args.get(LANGUAGE_ARG)
-        if language is not None and language not in LANGUAGES:
-            raise ValueError(f"extra_args['{LANGUAGE_ARG}'] must be one of {LANGUAGES}, got {language!r}")
+        if (error := language_name_error(language)) is not None:
+            raise ValueError(f"extra_args['{LANGUAGE_ARG}']: {error}")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         model_dir = Path(vllm_config.model_config.model)

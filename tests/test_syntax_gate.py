@@ -109,6 +109,41 @@ def test_the_language_is_told_from_train_split_prompts(language):
     assert guess_language("hello world") is None
 
 
+# Languages with no grammar here: their prompts were told as Python or JavaScript, and the
+# gate then refused the right stop with the wrong parser.
+@pytest.mark.parametrize("language", ["java", "typescript", "php", "ruby"])
+def test_a_prompt_in_a_language_with_no_grammar_is_unknown(language):
+    problems = split_problems(load_problems(language), "train")[:100]
+    assert {guess_language(p.prompt) for p in problems} == {None}
+
+
+@pytest.mark.parametrize("prompt", [
+    "import kotlin.math.abs\n\n/** Sum of digits. */\nfun sumDigits(n: Int): Int {\n",
+    "object Main {\n  /** Sum of digits. */\n  def sumDigits(n: Int): Int = {\n",
+    "use std::collections::HashMap;\n\n/// Sum of digits.\nfn sum_digits(n: u64) -> u64 {\n",
+    "import Foundation\n\n/// Sum of digits.\nfunc sumDigits(_ n: Int) -> Int {\n",
+    "Write a function that returns the sum of the digits of n.",
+])
+def test_prompts_no_grammar_parses_cleanly_are_unknown(prompt):
+    assert guess_language(prompt) is None
+
+
+def test_any_language_name_is_accepted_and_one_with_no_grammar_goes_ungated(caplog):
+    from guard.syntax import gate_language
+
+    prompt = "def f(x):\n"
+    assert gate_language("python", prompt) == "python"
+    assert gate_language(None, prompt) == "python"
+    with caplog.at_level("WARNING", logger="guard.syntax"):
+        assert gate_language("kotlin", prompt) is None
+        assert gate_language("kotlin", prompt) is None
+    assert [r.getMessage() for r in caplog.records].count(
+        "GenGuard's syntax gate has no grammar for language 'kotlin'; its stops go ungated "
+        f"(grammars: {', '.join(LANGUAGES)})") == 1
+    assert gate_check(POLICY, "kotlin", prompt, lambda n: "x = [")(3) is True  # no gate: passes
+    assert SamplingParams(language="kotlin").language == "kotlin"
+
+
 POLICY = StopPolicy(syntax_gate=True, syntax_gate_max_lines=2)
 
 
@@ -198,6 +233,7 @@ def test_engine_stops_where_the_gated_replay_says():
     assert num_refusals > 0  # a random model writes no complete code: the gate refused
 
 
-def test_sampling_params_refuse_an_unknown_language():
-    with pytest.raises(ValueError, match="language"):
-        SamplingParams(language="cobol")
+def test_sampling_params_refuse_a_language_that_is_not_a_name():
+    for language in ("", 3, "x" * 65):
+        with pytest.raises(ValueError, match="language"):
+            SamplingParams(language=language)
