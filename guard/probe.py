@@ -3,6 +3,9 @@
 Class index 1 = continue, 0 = stop. A guard is stored as two files in one folder:
 `guard.safetensors` (the linear layer) and `guard.json` (which model it belongs to, hidden size,
 stop policy, training report). One guard per LLM, shared across programming languages.
+Both are checked whole at load: a wrong type, a misspelt policy field, a missing section or a
+NaN in the weights is one GuardFileError line naming the file and the field, never a silent
+default (a NaN bias would turn the guard off).
 
 Optional done head (format 2): a Linear(hidden, 1) on the same hidden state, the probability
 that the token being produced is the last one of the expected code (`p_done`). The stop head
@@ -13,14 +16,13 @@ there, keeping that line.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from guard.policy import StopPolicy
+from guard.policy import PolicyError, StopPolicy
 
 WEIGHTS_FILE = "guard.safetensors"
 META_FILE = "guard.json"
@@ -86,10 +88,8 @@ class GenGuard(torch.nn.Module):
             state.update({f"done_{k}": v.detach().float().contiguous()
                           for k, v in self.done_linear.state_dict().items()})
         save_file(state, str(out_dir / WEIGHTS_FILE))
-        policy = asdict(self.policy)
-        policy["kind"] = self.policy.kind.value
         meta = {"format_version": FORMAT_VERSION, "model": self.model_name,
-                "hidden_size": self.hidden_size, "policy": policy, **self.metadata}
+                "hidden_size": self.hidden_size, "policy": self.policy.to_json(), **self.metadata}
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return out_dir
 
@@ -101,43 +101,74 @@ class GenGuard(torch.nn.Module):
             raise FileNotFoundError(
                 f"no GenGuard at {guard_dir}: expected {META_FILE} and {WEIGHTS_FILE}")
         meta = _read_meta(meta_path)
-        if meta.get("format_version") not in SUPPORTED_FORMATS:
-            raise ValueError(f"unsupported guard format {meta.get('format_version')!r} in {meta_path}"
-                             f" (this version reads formats {SUPPORTED_FORMATS})")
-        hidden_size = meta.get("hidden_size")
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-            raise GuardFileError(f"{meta_path}: field 'hidden_size' must be a positive integer, got"
-                                 f" {hidden_size!r}; {GUARD_FIX}")
+        hidden_size, policy = _check_meta(meta, meta_path)
         try:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise GuardFileError(f"{weights_path} is not a readable safetensors file"
                                  f" ({type(exc).__name__}: {exc}); {GUARD_FIX}") from exc
         has_done_head = "done_weight" in state
-        expected = {"weight": (2, hidden_size), "bias": (2,)}
-        if has_done_head:
-            expected.update(done_weight=(1, hidden_size), done_bias=(1,))
-        for name, shape in expected.items():
-            if name not in state:
-                raise GuardFileError(f"{weights_path} has no tensor {name!r} (expected shape {shape};"
-                                     f" it holds {sorted(state)}); {GUARD_FIX}")
-            if tuple(state[name].shape) != shape:
-                raise GuardMismatchError(
-                    f"{weights_path}: tensor {name!r} has shape {tuple(state[name].shape)}, but {meta_path}"
-                    f" says hidden size {hidden_size}, so it must be {shape}")
-        extra = {k: v for k, v in meta.items()
-                 if k not in ("format_version", "model", "hidden_size", "policy")}
-        policy = meta.get("policy", {})
-        try:
-            policy = StopPolicy(**policy)
-        except (TypeError, ValueError) as exc:
-            raise GuardFileError(f"{meta_path}: field 'policy' is not a valid stop policy"
-                                 f" ({type(exc).__name__}: {exc}); {GUARD_FIX}") from exc
-        guard = cls(hidden_size, meta.get("model", ""), policy, extra, has_done_head=has_done_head)
+        check_weights(state, hidden_size, has_done_head, str(weights_path), f"{meta_path} says hidden size")
+        extra = {k: v for k, v in meta.items() if k not in REQUIRED_FIELDS}
+        guard = cls(hidden_size, meta["model"], policy, extra, has_done_head=has_done_head)
         guard.linear.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
         if has_done_head:
             guard.done_linear.load_state_dict({"weight": state["done_weight"], "bias": state["done_bias"]})
         return guard.eval()
+
+    def check_tensors(self) -> None:
+        """Raise GuardFileError if this guard's tensors could not be saved and loaded back (NaN,
+        inf): what an export of a guard built in code must pass too."""
+        state = {k.replace("done_linear.", "done_").removeprefix("linear."): v.detach()
+                 for k, v in self.state_dict().items()}
+        check_weights(state, self.hidden_size, self.done_linear is not None,
+                      f"the GenGuard of {self.model_name or 'an unknown model'}", "its hidden size is")
+
+
+# guard.json: these four fields are required; any other top-level field is free metadata
+# (the training report), kept as is.
+REQUIRED_FIELDS = ("format_version", "model", "hidden_size", "policy")
+
+
+def _check_meta(meta: dict, meta_path: Path) -> tuple[int, StopPolicy]:
+    """(hidden size, stop policy) of a guard.json, or one GuardFileError line naming the field."""
+    def fail(field: str, problem: str) -> GuardFileError:
+        return GuardFileError(f"{meta_path}: field {field!r} {problem}; {GUARD_FIX}")
+
+    missing = [name for name in REQUIRED_FIELDS if name not in meta]
+    if missing:
+        raise fail(missing[0], "is missing (every guard.json holds format_version, model, hidden_size and policy)")
+    version = meta["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version not in SUPPORTED_FORMATS:
+        raise fail("format_version", f"names unsupported guard format {version!r} (this version reads"
+                                     f" formats {SUPPORTED_FORMATS})")
+    if not isinstance(meta["model"], str):
+        raise fail("model", f"must be a string (the model's name), got {meta['model']!r}")
+    hidden_size = meta["hidden_size"]
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+        raise fail("hidden_size", f"must be a positive integer, got {hidden_size!r}")
+    try:
+        policy = StopPolicy.from_json(meta["policy"])
+    except PolicyError as exc:
+        raise fail(exc.json_field, exc.problem) from exc
+    return hidden_size, policy
+
+
+def check_weights(state: dict, hidden_size: int, has_done_head: bool, where: str, size_source: str) -> None:
+    """The guard's tensors have the shapes `hidden_size` gives and only finite values: a NaN bias
+    makes every p_stop NaN, which never votes stop, so the guard would be silently off."""
+    expected = {"weight": (2, hidden_size), "bias": (2,)}
+    if has_done_head:
+        expected.update(done_weight=(1, hidden_size), done_bias=(1,))
+    for name, shape in expected.items():
+        if name not in state:
+            raise GuardFileError(f"{where} has no tensor {name!r} (expected shape {shape};"
+                                 f" it holds {sorted(state)}); {GUARD_FIX}")
+        if tuple(state[name].shape) != shape:
+            raise GuardMismatchError(f"{where}: tensor {name!r} has shape {tuple(state[name].shape)}, but"
+                                     f" {size_source} {hidden_size}, so it must be {shape}")
+        if not torch.isfinite(state[name]).all():
+            raise GuardFileError(f"{where}: tensor {name!r} holds NaN or infinite values; {GUARD_FIX}")
 
 
 def _read_meta(meta_path: Path) -> dict:

