@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 
 from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, PROCESSOR_PATH
-from jobs.rows import ROW_SETTING_TYPES, known_language
+from jobs.rows import ROW_SETTING_TYPES, language_name
 
 # The per-row settings of jobs.generate that are vLLM sampling parameters of the same name; the
 # other two (guard, language) go to the guard through extra_args. vLLM checks the values, so a bad
@@ -88,7 +88,7 @@ def guard_preprocess(row: dict, marker_ids: list[int], max_tokens: int, temperat
     """A row -> its vLLM request (runs in Ray Data workers): the guard's markers as stop ids, the
     row's own settings over the defaults, `guard` and `language` for the processor."""
     extra_args = {GUARD_ARG: row.get("guard") or "on"}
-    language = known_language(row["language"]) if isinstance(row.get("language"), str) else None
+    language = language_name(row["language"]) if isinstance(row.get("language"), str) else None
     if language:  # else the gate guesses from the prompt
         extra_args[LANGUAGE_ARG] = language
     settings = {"temperature": temperature, "max_tokens": max_tokens}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
-from engine.params import CODE_LANGUAGES, SamplingParams
+from engine.params import SamplingParams
 
 GENERATED_SCHEMA = pa.schema([
     ("sample_index", pa.int64()),  # 0..num_samples-1; (id, sample_index) is unique
@@ -113,20 +113,20 @@ def row_params(row: dict, settings: RowSettings) -> SamplingParams:
         changes["use_guard"] = GUARD_VALUES[key]
     language = row.get("language")
     if language is not None:
-        # Code corpora often carry a language column of their own ("Python", "C++", "rust"): a
-        # name the syntax gate knows sets it, any other leaves it to the prompt's guess.
+        # Code corpora often carry a language column of their own ("Python", "C++", "rust"): it
+        # sets the gate's language, so a language with no grammar goes ungated, never guessed.
         if not isinstance(language, str):
             raise ValueError(f"language must be a string, got {language!r}")
-        if known := known_language(language):
-            changes["language"] = known
+        if name := language_name(language):
+            changes["language"] = name
     return replace(settings.params, **changes) if changes else settings.params  # validates again
 
 
-def known_language(name: str) -> str | None:
-    """A corpus's language name ("Python", "C++", "golang") as the syntax gate knows it, or None."""
+def language_name(name: str) -> str | None:
+    """A corpus's language name ("Python", "C++", "golang") as the syntax gate names it (any
+    language: one with no grammar goes ungated); None for a blank one (the prompt's guess)."""
     name = name.strip().lower()
-    name = LANGUAGE_ALIASES.get(name, name)
-    return name if name in CODE_LANGUAGES else None
+    return LANGUAGE_ALIASES.get(name, name) or None
 
 
 def sample_seeds(params: SamplingParams, row_id: object, num_samples: int) -> list[int | None]:

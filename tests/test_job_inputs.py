@@ -134,12 +134,13 @@ def test_per_row_settings_override_the_job_and_bad_values_become_error_rows():
     assert all("max_tokens must be an integer" in r.error for r in by_row[3])
     assert all("top_p must be in (0, 1]" in r.error for r in by_row[4])
     assert by_row[0][0].params.stop == ("\n\n",) and by_row[0][0].params.max_new_tokens == 8
-    # A language column sets the syntax gate's language: known names and aliases, any case; a
-    # language the gate cannot parse leaves it to the prompt's guess; a non-string is an error.
-    languages = pa.table({"id": ["a", "b", "c", "d"], "prompt": ["p"] * 4,
-                          "language": ["Python", "C++", "rust", None]})
+    # A language column sets the syntax gate's language: names and aliases, any case; a language
+    # the gate cannot parse is kept (it goes ungated, never guessed); blank or null leaves it to
+    # the prompt's guess; a non-string is an error.
+    languages = pa.table({"id": ["a", "b", "c", "d", "e"], "prompt": ["p"] * 5,
+                          "language": ["Python", "C++", "rust", " ", None]})
     planned = plan_requests(languages, RowSettings(SamplingParams()))
-    assert [r.params.language for r in planned] == ["python", "cpp", None, None]
+    assert [r.params.language for r in planned] == ["python", "cpp", "rust", None, None]
     with pytest.raises(ValueError, match="language must be a string"):
         row_params({"language": 3}, RowSettings(SamplingParams()))
     # One sample, no seed anywhere: unseeded, as before per-row settings existed.

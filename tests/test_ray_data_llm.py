@@ -93,8 +93,11 @@ def test_preprocess_puts_a_rows_own_settings_over_the_defaults():
                                           "extra_args": {"guard": "off", "language": "cpp"}}
     assert type(request["sampling_params"]["max_tokens"]) is int and request["id"] == 3
     plain = guard_preprocess({"prompt": "p", "language": "rust"}, [90], max_tokens=300, temperature=0.2)
+    # A language with no grammar is passed on (the gate leaves it ungated); a blank one is guessed.
     assert plain["sampling_params"] == {"temperature": 0.2, "max_tokens": 300, "stop_token_ids": [90],
-                                        "extra_args": {"guard": "on"}}  # an unknown language: the gate guesses
+                                        "extra_args": {"guard": "on", "language": "rust"}}
+    blank = guard_preprocess({"prompt": "p", "language": " "}, [90], max_tokens=300, temperature=0.2)
+    assert blank["sampling_params"]["extra_args"] == {"guard": "on"}
 
 
 def test_the_processors_row_functions_load_no_engine():
