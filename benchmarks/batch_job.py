@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import write_report
 from guard.syntax import LANGUAGES
 
 OVERHEAD_TARGET = 0.10
@@ -64,12 +65,19 @@ def measure(wall_s: float, num_tokens: list, num_guard_stops: int) -> dict:
             "guard_stops": num_guard_stops}
 
 
-def print_table(rows: list[dict]) -> None:
-    print("| run | rows | wall s | rows/s | gen tokens | gen tok/s | guard stops |")
-    print("|---|---|---|---|---|---|---|")
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| run | rows | wall s | rows/s | gen tokens | gen tok/s | guard stops |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['run']} | {r['rows']} | {r['wall_s']} | {r['rows_per_s']} | {r['gen_tokens']}"
-              f" | {r['gen_tokens_per_s']} | {r['guard_stops']} |")
+        lines.append(f"| {r['run']} | {r['rows']} | {r['wall_s']} | {r['rows_per_s']} | {r['gen_tokens']}"
+                     f" | {r['gen_tokens_per_s']} | {r['guard_stops']} |")
+    return lines
+
+
+def finish(lines: list[str], rows: list[dict], checks: list[str]) -> dict:
+    """Prints a figure's table and checks; its result, the report's body with them."""
+    report = "\n".join(lines + [""] + checks)
+    print("\n" + report)
+    return {"runs": rows, "checks": checks, "report": report}
 
 
 def start_ray(num_cpus: int) -> str:
@@ -148,9 +156,8 @@ def overhead(args) -> dict:
         checks.append(f"{label}: Ray overhead {ratio:+.1%} (target <= {OVERHEAD_TARGET:.0%}:"
                       f" {'ok' if ratio <= OVERHEAD_TARGET else 'MISSED'});"
                       f" identical completions {same}/{len(served)} served prompts")
-    print(f"\nmodel={args.model} guard={args.guard} prompts={len(pairs)} max_new_tokens={args.max_new_tokens}"
-          f" batch_size={args.batch_size} max_num_seqs={args.max_num_seqs} threads={args.threads}")
-    print_table(rows)
+    lines = [f"model={args.model} guard={args.guard} prompts={len(pairs)} max_new_tokens={args.max_new_tokens}"
+             f" batch_size={args.batch_size} max_num_seqs={args.max_num_seqs} threads={args.threads}", "", *table(rows)]
     by_run = {r["run"]: r for r in rows}
     for path in ("direct engine", "Ray Data job"):
         with_guard, without = by_run.get(f"{path}, with guard"), by_run.get(f"{path}, no guard")
@@ -158,8 +165,7 @@ def overhead(args) -> dict:
             checks.append(f"{path}: with guard {with_guard['rows_per_s'] / without['rows_per_s']:.2f}x"
                           f" the rows/s, {with_guard['gen_tokens'] / without['gen_tokens']:.2f}x the"
                           " generated tokens of no guard")
-    print("\n".join(checks))
-    return {"runs": rows, "checks": checks}
+    return finish(lines, rows, checks)
 
 
 # ---- scaling: 1 actor vs 2 actors at the same total slots --------------------------------------
@@ -180,13 +186,11 @@ def scaling(args) -> dict:
                              num_cpus_per_actor=args.threads / num_actors)
         rows.append({"run": f"{num_actors} actor(s) x {slots} slots, {args.threads / num_actors:g} CPUs each", **job})
         print(f"[done] {json.dumps(rows[-1])}", flush=True)
-    print(f"\nmodel={args.model} guard={guard} prompts={len(pairs)} max_new_tokens={args.max_new_tokens}"
-          f" total slots={args.total_slots} total CPUs={args.threads} (this machine: {os.cpu_count()} cores)")
-    print_table(rows)
+    lines = [f"model={args.model} guard={guard} prompts={len(pairs)} max_new_tokens={args.max_new_tokens}"
+             f" total slots={args.total_slots} total CPUs={args.threads} (this machine: {os.cpu_count()} cores)",
+             "", *table(rows)]
     ratio = rows[1]["rows_per_s"] / rows[0]["rows_per_s"]
-    check = f"2 actors vs 1 at the same total slots: {ratio:.2f}x the rows/s"
-    print(check)
-    return {"runs": rows, "checks": [check]}
+    return finish(lines, rows, [f"2 actors vs 1 at the same total slots: {ratio:.2f}x the rows/s"])
 
 
 # ---- memory: the driver's peak RSS is flat in the corpus size ----------------------------------
@@ -227,16 +231,15 @@ def memory(args) -> dict:
                      "wall_s": summary["wall_s"], "rows_per_s": summary["rows_per_s"],
                      "rows_written": summary["num_rows"]})
         print(f"[done] {json.dumps(rows[-1])}", flush=True)
-    print(f"\nmodel={args.model} max_new_tokens={args.max_new_tokens} batch_size={args.batch_size}")
-    print("| corpus rows | rows written | driver peak RSS MiB | wall s | rows/s |")
-    print("|---|---|---|---|---|")
+    lines = [f"model={args.model} max_new_tokens={args.max_new_tokens} batch_size={args.batch_size}", "",
+             "| corpus rows | rows written | driver peak RSS MiB | wall s | rows/s |", "|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['rows']} | {r['rows_written']} | {r['driver_peak_rss_mib']} | {r['wall_s']} | {r['rows_per_s']} |")
+        lines.append(f"| {r['rows']} | {r['rows_written']} | {r['driver_peak_rss_mib']} | {r['wall_s']}"
+                     f" | {r['rows_per_s']} |")
     growth = rows[-1]["driver_peak_rss_mib"] / rows[0]["driver_peak_rss_mib"] - 1
     check = (f"driver peak RSS, {rows[-1]['rows']} vs {rows[0]['rows']} rows: {growth:+.1%}"
              f" (target flat, <= {MEMORY_GROWTH_TARGET:.0%}: {'ok' if growth <= MEMORY_GROWTH_TARGET else 'MISSED'})")
-    print(check)
-    return {"runs": rows, "checks": [check]}
+    return finish(lines, rows, [check])
 
 
 # ---- resume: a killed driver, then the same command again --------------------------------------
@@ -287,17 +290,15 @@ def resume(args) -> dict:
               "rerun_total_s": round(rerun_total_s, 1), "rerun_rows_written": summary["num_rows"],
               "is_exactly_once": len(ids) == len(set(ids)) == args.rows}
     print(f"\n{json.dumps(result)}")
-    print("| run | time to its first committed file s | total s | rows written |")
-    print("|---|---|---|---|")
-    print(f"| fresh run (killed at {result['killed_after_s']} s) | {result['fresh_first_file_s']} | - |"
-          f" {num_committed} |")
-    print(f"| rerun after the kill | {result['rerun_first_new_file_s']} | {result['rerun_total_s']} |"
-          f" {summary['num_rows']} |")
+    lines = ["| run | time to its first committed file s | total s | rows written |", "|---|---|---|---|",
+             f"| fresh run (killed at {result['killed_after_s']} s) | {result['fresh_first_file_s']} | - |"
+             f" {num_committed} |",
+             f"| rerun after the kill | {result['rerun_first_new_file_s']} | {result['rerun_total_s']} |"
+             f" {summary['num_rows']} |"]
     check = (f"resume: the rerun wrote its first new file {rerun_first_file_s - fresh_first_file_s:+.1f} s"
              f" later than a fresh run does ({rerun_first_file_s / fresh_first_file_s:.2f}x; checkpoint load"
              f" {result['rerun_checkpoint_load_s']} s); every id exactly once: {result['is_exactly_once']}")
-    print(check)
-    return {"runs": [result], "checks": [check]}
+    return finish(lines, [result], [check])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -346,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         result = {"overhead": overhead, "scaling": scaling, "memory": memory, "resume": resume}[args.figure](args)
     finally:
         shutil.rmtree(args.work_dir, ignore_errors=True)
+    write_report(f"batch_job_{args.figure}", result.pop("report"))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                       **result}, indent=2))

@@ -16,33 +16,17 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.stop_words import STOP_WORDS, finish_completion
-from engine import Engine, EngineConfig, SamplingParams
+from benchmarks.report import write_report
+from engine import Engine, EngineConfig
 from evals.mbxp import load_problems, split_problems
+from evals.methods import method_params
 from evals.pass_at_k import evaluate, pass_at_1
+from evals.stop_words import finish_completion
 from guard.syntax import LANGUAGES
 
 METHODS = ("baseline", "stop_words", "guard", "guard+stop_words")
 METHOD_LABELS = {"baseline": "(a) baseline: EOS / max tokens", "stop_words": "(b) stop words",
                  "guard": "(c) GenGuard", "guard+stop_words": "(d) GenGuard + stop words"}
-
-
-def ungated_shipped_guard(model_name: str):
-    """The model's shipped guard with its syntax gate off (the benchmarks that set the gate's two
-    code paths side by side)."""
-    from dataclasses import replace
-
-    from guard.probe import GenGuard, shipped_guard_dir
-
-    guard = GenGuard.load(shipped_guard_dir(model_name))
-    guard.policy = replace(guard.policy, syntax_gate=False)
-    return guard
-
-
-def method_params(method: str, language: str, max_new_tokens: int) -> SamplingParams:
-    use_stop_words = "stop_words" in method
-    return SamplingParams(max_new_tokens=max_new_tokens, use_guard=method.startswith("guard"),
-                          stop=STOP_WORDS[language] if use_stop_words else ())
 
 
 def run_cell(engine: Engine, language: str, method: str, problems, max_new_tokens: int,
@@ -142,7 +126,7 @@ def main() -> None:
                 path.write_text(json.dumps(cell))
             cells[(language, method)] = cell
     report = render_report(cells, args)
-    (out / "report.md").write_text(report)
+    write_report("codefast", report, folder=out)
     plot(cells, args.languages, out / "chart.png")
     print(report)
     print(f"wrote {out / 'report.md'} and {out / 'chart.png'}")

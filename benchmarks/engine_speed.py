@@ -17,6 +17,7 @@ import time
 import torch
 from transformers import GenerationConfig
 
+from benchmarks.report import write_report
 from engine import Engine, EngineConfig, SamplingParams
 from engine.model_loading import load_model
 from evals.mbxp import load_problems
@@ -137,8 +138,8 @@ def main() -> None:
     guarded = Engine(loaded.model, loaded.tokenizer, guard, config, loaded.eos_token_ids,
                      loaded.model_name, loaded.max_model_len)
     prompts = code_prompts(n)
-    # Alternate the two engines and keep each one's best run: a single pair of ~30 s runs on a
-    # shared 2-core machine differs by a few percent from noise alone.
+    # Alternate the two engines and keep each one's best run: on a shared machine the noise of a
+    # single pair of runs is as large as the overhead measured.
     off_runs, on_runs = [], []
     for _ in range(args.overhead_repeats):
         off_runs.append(run_engine(engine, prompts, args.max_new_tokens, True))
@@ -152,17 +153,18 @@ def main() -> None:
         guard.stop_probs(hidden)
     probe_ms = (time.perf_counter() - start) / 200 * 1e3
 
-    print(f"\nmodel={loaded.model_name} prompts={n} max_new_tokens={args.max_new_tokens}"
-          f" batch={args.batch_size} dtype={args.dtype} threads={torch.get_num_threads()}\n")
-    print("| scenario | method | generated tokens | wall s | tokens/s | speed vs HF generate |")
-    print("|---|---|---|---|---|---|")
+    lines = [f"model={loaded.model_name} prompts={n} max_new_tokens={args.max_new_tokens}"
+             f" batch={args.batch_size} dtype={args.dtype} threads={torch.get_num_threads()}", "",
+             "| scenario | method | generated tokens | wall s | tokens/s | speed vs HF generate |",
+             "|---|---|---|---|---|---|"]
     for name, method, num_tokens, wall, tps, ratio in rows:
-        print(f"| {name} | {method} | {num_tokens} | {wall:.1f} | {tps:.1f} | {ratio:.2f}x |")
+        lines.append(f"| {name} | {method} | {num_tokens} | {wall:.1f} | {tps:.1f} | {ratio:.2f}x |")
     overhead = (on_wall / on_tokens) / (off_wall / off_tokens) - 1
-    print(f"\nguard overhead (never-firing guard vs none, {on_tokens} tokens each):"
-          f" {overhead * 100:+.1f}% wall time per token (best of {args.overhead_repeats} alternating runs);"
-          f" probe alone {probe_ms:.3f} ms vs {on_wall / max(steps, 1) * 1e3:.1f} ms per decode step")
-
+    lines.append(f"\nguard overhead (never-firing guard vs none, {on_tokens} tokens each):"
+                 f" {overhead * 100:+.1f}% wall time per token (best of {args.overhead_repeats} alternating runs);"
+                 f" probe alone {probe_ms:.3f} ms vs {on_wall / max(steps, 1) * 1e3:.1f} ms per decode step")
+    print("\n" + "\n".join(lines))
+    write_report("engine_speed", "\n".join(lines))
 
 if __name__ == "__main__":
     main()

@@ -18,33 +18,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.policy_sweep import LANGUAGES, add_replay_args, full_text, make_sample
+from benchmarks.report import write_report
 from engine import Engine, EngineConfig
+from evals.line_starts import MAX_WINDOW, line_start_means
 from evals.mbxp import load_problems, split_problems
+from evals.scored_samples import add_replay_args, full_text, make_sample
+from guard.syntax import LANGUAGES
 from guard_training.features import done_ends_opening_blank_line, done_labels
-from guard_training.labeler import find_cut, label_tokens
+from evals.labeler import find_cut, label_tokens
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95)
-MAX_WINDOW = 3
-
-
-def line_start_means(sample: dict, labels: list[int]) -> list[tuple[float, int, bool, str]]:
-    """(mean p_stop of the line's first n code tokens, n, is the line expected, its text so far)
-    for n = 1..MAX_WINDOW of every line; whitespace tokens do not count, as in the policy."""
-    rows, code, start = [], [], 0
-    texts = sample["texts"]
-    for i, text in enumerate(texts):
-        token = text[start:]
-        start = len(text)
-        if token.strip():
-            code.append(i)
-            if len(code) <= MAX_WINDOW:
-                line_from = len(texts[code[0] - 1]) if code[0] else 0
-                mean = sum(sample["p_stop"][j] for j in code) / len(code)
-                rows.append((mean, len(code), labels[code[0]] == 1, text[line_from:]))
-        if "\n" in token:
-            code = []
-    return rows
 
 
 def main() -> None:
@@ -74,19 +57,22 @@ def main() -> None:
                                 "done_labels": done_labels(completion, char_ends, labels, cut.cut_char)})
                 starts += [(*row, language, problem.task_id) for row in line_start_means(sample, labels)]
     num_opening, num_done = done_ends_opening_blank_line(labeled)
-    print(f"\n{len(labeled)} labeled completions ({num_skipped} unparseable skipped)")
-    print(f"done line ends that open a blank line: {num_opening}/{num_done}")
-    print("\nline starts: lines whose mean p_stop over the first n code tokens is >= threshold")
-    print("lines     n  count  " + "  ".join(f">={t}" for t in THRESHOLDS))
+    lines = [f"{len(labeled)} labeled completions ({num_skipped} unparseable skipped)",
+             f"done line ends that open a blank line: {num_opening}/{num_done}",
+             "\nline starts: lines whose mean p_stop over the first n code tokens is >= threshold",
+             "lines     n  count  " + "  ".join(f">={t}" for t in THRESHOLDS)]
     for is_expected, name in ((True, "expected"), (False, "excess")):
         for n in range(1, MAX_WINDOW + 1):
             means = [row[0] for row in starts if row[1] == n and row[2] == is_expected]
-            print(f"{name:8s} {n:2d} {len(means):6d}  " + "  ".join(
+            lines.append(f"{name:8s} {n:2d} {len(means):6d}  " + "  ".join(
                 f"{sum(m >= t for m in means):{len(str(t)) + 2}d}" for t in THRESHOLDS))
-    print("\nhighest line-start means of expected lines:")
+    lines.append("\nhighest line-start means of expected lines:")
     for mean, n, _, text, language, task_id in sorted((r for r in starts if r[2]), reverse=True)[:args.top]:
-        print(f"  {mean:.3f}  n={n}  {language:10s} {task_id:10s} {text!r}")
-
+        lines.append(f"  {mean:.3f}  n={n}  {language:10s} {task_id:10s} {text!r}")
+    report = "\n".join(lines)
+    print("\n" + report)
+    # fixed-width columns: kept as printed, in a code block
+    write_report("guard_margins", "```\n" + report + "\n```")
 
 if __name__ == "__main__":
     main()

@@ -18,9 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.codefast import LANGUAGES
-from benchmarks.full_split import GUARD_VARIANTS, replay
+from benchmarks.report import write_report
 from evals.mbxp import load_problems, split_problems
+from evals.replay import GUARD_VARIANTS
+from evals.split_replay import replay
+from guard.syntax import LANGUAGES
 
 METHODS = ("baseline", "stop_words", *GUARD_VARIANTS)
 # How the table names each variant of the syntax gate.
@@ -113,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = [model_row(model, Path(out), args) for model, out in args.run]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    print(render(rows, args))
+    report = render(rows, args)
+    write_report("models_table", report)
+    print(report)
 
 
 if __name__ == "__main__":

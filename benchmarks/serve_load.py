@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from benchmarks.report import write_report
+from deployments.finish_reasons import is_guard_stop
 from evals.mbxp import load_problems
 
 
@@ -54,7 +56,8 @@ def send(http: httpx.Client, body: dict) -> Outcome:
         return Outcome(latency, False, error=f"HTTP {response.status_code}: {response.text[:200]}")
     payload = response.json()
     usage = payload["usage"]
-    return Outcome(latency, True, payload["choices"][0]["finish_reason"] or "",
+    choice = payload["choices"][0]
+    return Outcome(latency, True, "guard" if is_guard_stop(choice) else choice["finish_reason"] or "",
                    usage["completion_tokens"], usage.get("guard_dropped_tokens", 0))
 
 
@@ -158,10 +161,12 @@ def main(argv: list[str] | None = None) -> None:
             outcomes, wall_s = run_mode(url, model, prompts, guard, args)
             rows.append(table_row(guard, outcomes, wall_s))
             errors += [f"guard={guard}: {o.error}" for o in outcomes if not o.is_ok]
-        print("| guard | requests | errors | wall s | req/s | completion tok/s | p50 latency s"
-              " | p95 latency s | mean completion tokens | guard stops | guard-dropped tokens |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(rows))
+        report = "\n".join(["| guard | requests | errors | wall s | req/s | completion tok/s | p50 latency s"
+                            " | p95 latency s | mean completion tokens | guard stops | guard-dropped tokens |",
+                            "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
+        print(report)
+        write_report("serve_load", f"model={model} clients={args.num_clients} requests/mode={len(prompts)}"
+                     f" max_tokens={args.max_tokens} languages={args.languages}\n\n" + report)
         for error in errors[:5]:
             print(f"\nerror: {error}")
         print(flush=True)

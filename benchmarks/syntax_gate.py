@@ -2,7 +2,7 @@
 
 For each committed `benchmarks.policy_sweep` cache named (`SPLIT.OFFSET.LIMIT`), the guard scores
 every token once (teacher-forced), and the guard's policy is replayed three ways
-(`policy_sweep.GUARD_VARIANTS`: no gate, the strict gate, the gate that lets a closed stub
+(`evals.replay.GUARD_VARIANTS`: no gate, the strict gate, the gate that lets a closed stub
 through; `StopPolicy.syntax_gate`, the parser bound to the prompt and language as the engines
 bind it). Per language it prints, for each: tokens generated, pass@1 (sandbox; the gated completions run
 only where they differ), and the stops against the labeler's cut of the same completion (early /
@@ -24,14 +24,15 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.policy_sweep import (GUARD_VARIANTS, LANGUAGES, add_replay_args, full_text, generated_samples,
-                                     guard_variants, replay_policy, replay_stop_words_method)
+from benchmarks.report import write_report
 from engine import Engine, EngineConfig
 from evals.mbxp import load_problems
 from evals.pass_at_k import evaluate
+from evals.replay import GUARD_VARIANTS, guard_variants, replay_policy, replay_stop_words_method
+from evals.scored_samples import add_replay_args, full_text, generated_samples
+from evals.stop_errors import classify_stop
 from guard.policy import StopPolicy
-from guard.syntax import is_complete
-from benchmarks.stop_errors import against_cut
+from guard.syntax import LANGUAGES, is_complete
 
 
 def replay(sample: dict, prompt: str, language: str, policy: StopPolicy, parse_ms: list[float]):
@@ -49,11 +50,6 @@ def replay(sample: dict, prompt: str, language: str, policy: StopPolicy, parse_m
     if stop is None:
         return len(sample["ids"]), full_text(sample), False
     return stop[0], texts[stop[1] - 1] if stop[1] else "", True
-
-
-def classify(language: str, problem, full: str, kept: str, ends_at_eos: bool) -> str:
-    outcome = against_cut(language, problem.prompt, problem.entry_point, full, kept, ends_at_eos)
-    return "unlabeled" if outcome == "unparseable" else outcome
 
 
 def main() -> None:
@@ -105,8 +101,8 @@ def main() -> None:
             for task_id, (num_tokens, kept, is_stopped) in rows[variant].items():
                 sample, problem = samples[task_id], problems[task_id]
                 full = full_text(sample)
-                outcome = classify(language, problem, full, kept,
-                                   ends_at_eos=len(sample["ids"]) < args.max_new_tokens)
+                outcome = classify_stop(language, problem, full, kept,
+                                        ends_at_eos=len(sample["ids"]) < args.max_new_tokens)
                 outcomes[outcome] += 1
                 if outcome == "early":
                     is_parseable = is_complete(language, problem.prompt, kept, allows_stub=True)  # a closed stub parses
@@ -121,26 +117,30 @@ def main() -> None:
                 "pass_at_1": sum(bool(passed[variant].get(t)) for t in rows[variant]) / len(rows[variant]),
                 "num_changed_by_gate": len(differing.get(variant, ())),
                 **outcomes}
-    print(f"\nheld-out caches {args.caches}; gate: syntax_gate_max_lines={gated.syntax_gate_max_lines}\n")
+    lines = [f"held-out caches {args.caches}; gate: syntax_gate_max_lines={gated.syntax_gate_max_lines}", ""]
     columns = ("num_prompts", "num_tokens", "pass_at_1", "early", "early, kept code does not parse", "exact",
                "late", "unlabeled", "num_changed_by_gate")
-    print("| variant | language | " + " | ".join(columns) + " |")
-    print("|---|---|" + "---|" * len(columns))
+    lines.append("| variant | language | " + " | ".join(columns) + " |")
+    lines.append("|---|---|" + "---|" * len(columns))
     for variant in ("stop_words", *GUARD_VARIANTS):
         for language, row in summary[variant].items():
             cells = [f"{row.get(c, 0):.3f}" if c == "pass_at_1" else str(row.get(c, 0)) for c in columns]
-            print(f"| {variant} | {language} | " + " | ".join(cells) + " |")
-    print("\nearly stops (the line the stop cut at):")
+            lines.append(f"| {variant} | {language} | " + " | ".join(cells) + " |")
+    lines.append("\nearly stops (the line the stop cut at):")
     for stop in early_stops:
-        print(f"- {stop['variant']:10s} {stop['language']:10s} {stop['task_id']:14s} parses={stop['kept_parses']!s:5s}"
-              f" after {stop['last_kept_line'].strip()[:50]!r} cut {stop['cut_line'].strip()[:60]!r}")
+        lines.append(f"- {stop['variant']:10s} {stop['language']:10s} {stop['task_id']:14s}"
+                     f" parses={stop['kept_parses']!s:5s} after {stop['last_kept_line'].strip()[:50]!r}"
+                     f" cut {stop['cut_line'].strip()[:60]!r}")
     costs = {"num_parses": len(parse_ms), "num_stops": num_gate_stops,
              "parses_per_stop": len(parse_ms) / max(1, num_gate_stops),
              "parse_ms_median": statistics.median(parse_ms) if parse_ms else 0.0,
              "parse_ms_p95": sorted(parse_ms)[int(0.95 * (len(parse_ms) - 1))] if parse_ms else 0.0}
-    print(f"\ngate cost: {costs['num_parses']} parses for {costs['num_stops']} stopped completions "
-          f"({costs['parses_per_stop']:.2f} per stop), {costs['parse_ms_median']:.3f} ms median, "
-          f"{costs['parse_ms_p95']:.3f} ms p95 per parse")
+    lines.append(f"\ngate cost: {costs['num_parses']} parses for {costs['num_stops']} stopped completions "
+                 f"({costs['parses_per_stop']:.2f} per stop), {costs['parse_ms_median']:.3f} ms median, "
+                 f"{costs['parse_ms_p95']:.3f} ms p95 per parse")
+    report = "\n".join(lines)
+    print("\n" + report)
+    write_report("syntax_gate", report)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"summary": summary, "early_stops": early_stops,
                                                       "cost": costs}, indent=2))

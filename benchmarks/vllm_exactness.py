@@ -4,9 +4,9 @@
 
 `benchmarks.vllm_codefast` checks, at 16 slots, that the guarded run (c) stops where the policy
 replay (`guard.policy.find_stop`) says over the unguarded run (a), with the guard probabilities
-vLLM computed in (a). There about one completion in ten cannot be compared: vLLM's CPU kernels
-sum bf16 in an order that depends on the batch's shape, so (c)'s greedy text or probabilities
-differ from (a)'s before the stop, and the replay's input is not what (c) saw.
+vLLM computed in (a). There some completions cannot be compared: vLLM's CPU kernels sum bf16 in
+an order that depends on the batch's shape, so (c)'s greedy text or probabilities differ from
+(a)'s before the stop, and the replay's input is not what (c) saw.
 
 Here the layout cannot move: every request runs alone (`max_num_seqs` 1), in the same order in
 both runs, and vLLM's prefix cache is emptied before each run (a cached prompt is prefilled in
@@ -35,55 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
-from benchmarks.codefast import LANGUAGES, method_params, ungated_shipped_guard
-from benchmarks.vllm_codefast import (exactness, prepare_run, probabilities_changed, replay_expectations,
-                                      self_replay)
-
-
-def observe_cap(row: dict) -> int:
-    """New tokens for (a)'s request: as many as (c)'s engine decoded, the step that sampled the
-    guard's stop marker included (the policy may have voted past its stop index to get there)."""
-    return row["num_generated_tokens"]
-
-
-def run(backend, problems, max_new_tokens: int, caps: list[int] | None = None) -> dict:
-    """One request at a time (the backend has one slot) in problem order; (a) when `caps` is given."""
-    if not backend.reset_prefix_cache():
-        raise RuntimeError("vLLM refused to empty its prefix cache")
-    start = time.perf_counter()
-    futures = []
-    for index, problem in enumerate(problems):
-        if caps is None:
-            futures.append(backend.submit(problem.prompt, method_params("guard", problem.language, max_new_tokens)))
-        else:
-            futures.append(backend.submit(problem.prompt, method_params("baseline", problem.language, caps[index]),
-                                          observe_guard=True))
-    results = [future.result(timeout=1800) for future in futures]
-    return {"wall_s": time.perf_counter() - start,
-            "problems": [{"task_id": p.task_id, "text": r.text, "token_ids": list(r.token_ids),
-                          "finish_reason": r.finish_reason,
-                          "guard_stop_index": r.guard_stop_index, "num_generated_tokens": r.num_generated_tokens}
-                         for p, r in zip(problems, results)]}
-
-
-def same_guarded_runs(cells: dict, other_dir: Path) -> tuple[int, int]:
-    """(identical, compared): this run's guarded problems whose tokens, finish reason and stop index
-    equal those of the same problem (by task id) in the run at `other_dir`."""
-    num_same = num_compared = 0
-    for language, runs in cells.items():
-        path = other_dir / "cells" / f"{language}.json"
-        if not path.is_file():
-            continue
-        other = {row["task_id"]: row for row in json.loads(path.read_text())["guard"]["problems"]}
-        for row in runs["guard"]["problems"]:
-            if row["task_id"] in other:
-                num_compared += 1
-                num_same += all(row[key] == other[row["task_id"]][key]
-                                for key in ("token_ids", "finish_reason", "guard_stop_index"))
-    return num_same, num_compared
+from benchmarks.report import write_report
+from evals.exactness import exactness, probabilities_changed, replay_expectations, self_replay
+from evals.fixed_layout import observe_cap, run, same_guarded_runs
+from evals.methods import ungated_shipped_guard
+from evals.vllm_trace import prepare_run
+from guard.syntax import LANGUAGES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.same_as:
         num_same, num_compared = same_guarded_runs(cells, Path(args.same_as))
         lines.append(f"guarded runs identical to {args.same_as}'s: {num_same} of {num_compared}")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_report("vllm_exactness", "\n".join(lines), folder=out)
     print("\n".join(lines))
 
 

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.report import write_report
 from guard.syntax import LANGUAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,14 +78,16 @@ def main() -> None:
             raise SystemExit(f"{name} run failed:\n{done.stderr[-3000:]}")
         rows[name] = json.loads(lines[-1][len("RESULT "):])
     uni, mp = rows["uni"], rows["mp"]
-    print("| executor (as vLLM reports it) | start s | decode s | tokens | tok/s |")
-    print("|---|---|---|---|---|")
+    lines = ["| executor (as vLLM reports it) | start s | decode s | tokens | tok/s |", "|---|---|---|---|---|"]
     for name, row in rows.items():
-        print(f"| {name} ({row['executor']}) | {row['start_s']:.1f} | {row['decode_s']:.1f} | "
-              f"{row['num_tokens']} | {row['tok_per_s']:.1f} |")
+        lines.append(f"| {name} ({row['executor']}) | {row['start_s']:.1f} | {row['decode_s']:.1f} | "
+                     f"{row['num_tokens']} | {row['tok_per_s']:.1f} |")
     num_same = sum(a == b for a, b in zip(uni["token_ids"], mp["token_ids"]))
-    print(f"uni vs mp: decode {uni['tok_per_s'] / mp['tok_per_s']:.2f}x tok/s, start "
-          f"{mp['start_s'] / uni['start_s']:.2f}x faster; same token ids in {num_same} of {len(uni['token_ids'])}")
+    lines.append(f"uni vs mp: decode {uni['tok_per_s'] / mp['tok_per_s']:.2f}x tok/s, start "
+                 f"{mp['start_s'] / uni['start_s']:.2f}x faster; same token ids in {num_same} of"
+                 f" {len(uni['token_ids'])}")
+    print("\n".join(lines))
+    write_report("vllm_executor", "\n".join(lines))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({name: {k: v for k, v in row.items() if k != "token_ids"}

@@ -33,6 +33,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from benchmarks.report import write_report
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE = REPO_ROOT / "reports" / "policy_sweep"
 
@@ -167,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--with-decode-step", action="store_true")
     args = parser.parse_args(argv)
 
+    from evals.methods import ungated_shipped_guard
     from guard.export import GuardExport, export_folder_for
-    from benchmarks.codefast import ungated_shipped_guard
     from guard.token_table import TABLE_FILE, TokenTable
 
     torch.set_num_threads(1)
@@ -198,26 +200,27 @@ def main(argv: list[str] | None = None) -> None:
                   for gate in ("on", "off")}
         decode = time_decode_step(folder, batch_size) if args.with_decode_step else None
         rows.append((batch_size, warm, ungated, cold, per_row, device, decode))
-    print(f"shipped policy: syntax_gate={export.policy.syntax_gate}")
-    print("| running sequences | processor ms/step, warm (p90) | warm, gate off (p90) | cold (p90) |"
-          " per-row Python folds ms/step | warm vs per-row | vLLM decode step ms | cold share of a step |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [f"shipped policy: syntax_gate={export.policy.syntax_gate}", "",
+             "| running sequences | processor ms/step, warm (p90) | warm, gate off (p90) | cold (p90) |"
+             " per-row Python folds ms/step | warm vs per-row | vLLM decode step ms | cold share of a step |",
+             "|---|---|---|---|---|---|---|---|"]
     for batch_size, warm, ungated, cold, per_row, device, decode in rows:
         share = "" if decode is None else f"{100 * cold['median_ms'] / decode:.2f}%"
-        print(f"| {batch_size} | {warm['median_ms']:.3f} ({warm['p90_ms']:.3f}) | {ungated['median_ms']:.3f}"
-              f" ({ungated['p90_ms']:.3f}) | {cold['median_ms']:.3f}"
-              f" ({cold['p90_ms']:.3f}) | {per_row:.3f} | {per_row / warm['median_ms']:.1f}x faster |"
-              f" {'' if decode is None else f'{decode:.1f}'} | {share} |")
-    print()
-    print("The GPU code path, run here on CPU tensors, warm (gate on: votes on the host, one copy of the"
-          " guard columns a step; gate off: votes on the device, no wait):")
-    print("| running sequences | syntax gate | ms/step on this CPU | torch calls per step (kernels on a GPU) |"
-          " passes over the [B, vocab] logits per step |")
-    print("|---|---|---|---|---|")
+        lines.append(f"| {batch_size} | {warm['median_ms']:.3f} ({warm['p90_ms']:.3f}) | {ungated['median_ms']:.3f}"
+                     f" ({ungated['p90_ms']:.3f}) | {cold['median_ms']:.3f}"
+                     f" ({cold['p90_ms']:.3f}) | {per_row:.3f} | {per_row / warm['median_ms']:.1f}x faster |"
+                     f" {'' if decode is None else f'{decode:.1f}'} | {share} |")
+    lines += ["", "The GPU code path, run here on CPU tensors, warm (gate on: votes on the host, one copy of the"
+              " guard columns a step; gate off: votes on the device, no wait):", "",
+              "| running sequences | syntax gate | ms/step on this CPU | torch calls per step (kernels on a GPU) |"
+              " passes over the [B, vocab] logits per step |",
+              "|---|---|---|---|---|"]
     for batch_size, _, _, _, _, device, _ in rows:
         for gate, run in device.items():
-            print(f"| {batch_size} | {gate} | {run['median_ms']:.2f} | {run['launches']:.0f} | {run['vocab_passes']:.0f} |")
-
+            lines.append(f"| {batch_size} | {gate} | {run['median_ms']:.2f} | {run['launches']:.0f} |"
+                         f" {run['vocab_passes']:.0f} |")
+    print("\n".join(lines))
+    write_report("vllm_processor_cost", "\n".join(lines))
 
 if __name__ == "__main__":
     main()

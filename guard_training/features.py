@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from guard_training.labeler import find_cut, label_tokens
+from evals.labeler import find_cut, label_tokens
 from guard.policy import count_blank_lines
 
 

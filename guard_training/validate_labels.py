@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from evals.pass_at_k import evaluate, pass_at_1
-from guard_training.labeler import find_cut, truncate
+from evals.labeler import find_cut, truncate
 from guard_training.sampling import read_jsonl
 
 

@@ -1,9 +1,10 @@
-"""benchmarks.full_split's replay and sandbox cache: every method cut where its rule says, over
-one completion, and a rerun that runs no text twice."""
+"""The replay of benchmarks.full_split (evals.split_replay) and its sandbox cache: every method cut
+where its rule says, over one completion, and a rerun that runs no text twice."""
 from types import SimpleNamespace
 
-from benchmarks import full_split, policy_sweep
 from engine.tiny import build_tiny_tokenizer
+from evals import split_replay
+from evals.replay import guard_variants, shipped_variant
 from guard.policy import StopPolicy
 
 PROMPT = "def first(xs):\n    \"\"\"The first item.\"\"\"\n"
@@ -25,13 +26,13 @@ def row_for(tokenizer, p_stop_of_line):
 def test_replay_cuts_each_method_where_its_rule_says():
     tokenizer = build_tiny_tokenizer()
     problem = SimpleNamespace(prompt=PROMPT)
-    policies = policy_sweep.guard_variants(POLICY)
-    assert policy_sweep.shipped_variant(policies["guard+gate"]) == "guard+gate"
+    policies = guard_variants(POLICY)
+    assert shipped_variant(policies["guard+gate"]) == "guard+gate"
     # The guard is sure from the list's second line on: it cuts the open list; the gate lets
     # the stop through at the first line start where the kept code parses: after the `]`.
     row = row_for(tokenizer, [0.0, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99])
     parse_ms = []
-    methods = full_split.replay_row(row, problem, "python", tokenizer, policies, parse_ms)
+    methods = split_replay.replay_row(row, problem, "python", tokenizer, policies, parse_ms)
     assert methods["baseline"] == (len(row["token_ids"]) + 1, COMPLETION, COMPLETION)
     assert methods["guard"][1] == "    table = [\n"
     assert methods["guard+gate"][1] == "    table = [\n        xs[0],\n    ]\n"
@@ -51,13 +52,13 @@ def test_sandbox_results_are_cached_by_problem_and_text(tmp_path, monkeypatch):
         calls.append(dict(batch))
         return [SimpleNamespace(task_id=task, passed="return" in text) for task, text in batch.items()]
 
-    monkeypatch.setattr(full_split, "evaluate", fake_evaluate)
+    monkeypatch.setattr(split_replay, "evaluate", fake_evaluate)
     wanted = {"A": {"x = 1\n", "return 1\n"}, "B": {"return 2\n"}}
     cache = tmp_path / "python.jsonl"
-    passed = full_split.run_sandbox("python", {k: set(v) for k, v in wanted.items()}, cache, 2)
+    passed = split_replay.run_sandbox("python", {k: set(v) for k, v in wanted.items()}, cache, 2)
     assert len(calls) == 2 and sum(len(c) for c in calls) == 3  # one round per distinct text
-    assert passed[full_split.text_key("A", "return 1\n")] and not passed[full_split.text_key("A", "x = 1\n")]
-    again = full_split.run_sandbox("python", {k: set(v) for k, v in wanted.items()}, cache, 2)
+    assert passed[split_replay.text_key("A", "return 1\n")] and not passed[split_replay.text_key("A", "x = 1\n")]
+    again = split_replay.run_sandbox("python", {k: set(v) for k, v in wanted.items()}, cache, 2)
     assert again == passed and len(calls) == 2  # the rerun ran nothing
 
 
@@ -70,10 +71,10 @@ def test_a_range_inside_saved_chunks_reads_only_its_rows(tmp_path):
     for start in (0, 4):
         rows = [{"task_id": f"T/{i}", "token_ids": [1]} for i in range(start, start + 4)]
         rows[1] = {"task_id": rows[1]["task_id"], "error": "prompt too long"}
-        path = full_split.chunk_path(tmp_path, "python", start, start + 4)
+        path = split_replay.chunk_path(tmp_path, "python", start, start + 4)
         path.write_bytes(gzip.compress(json.dumps({"wall_s": 8.0, "rows": rows}).encode()))
     by_id = {f"T/{i}": None for i in range(2, 6)}  # problems 2-5 of chunks 0-3 and 4-7
-    rows, num_unserved, wall_s = full_split.read_generations(tmp_path, "python", by_id, offset=2, limit=4)
+    rows, num_unserved, wall_s = split_replay.read_generations(tmp_path, "python", by_id, offset=2, limit=4)
     assert [row["task_id"] for row in rows] == ["T/2", "T/3", "T/4"] and num_unserved == 1  # T/5 failed
     assert wall_s == 8.0  # half of each chunk's time
-    assert full_split.read_generations(tmp_path, "python", {"T/0": None}, offset=0, limit=1)[0][0]["task_id"] == "T/0"
+    assert split_replay.read_generations(tmp_path, "python", {"T/0": None}, offset=0, limit=1)[0][0]["task_id"] == "T/0"

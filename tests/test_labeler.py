@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from guard_training.labeler import CutResult, find_cut, label_tokens, truncate
+from evals.labeler import CutResult, find_cut, label_tokens, truncate
 
 # Prompts in the shapes of the four MBXP files: each ends inside the opened entry point.
 PY_PROMPT = ('\n\ndef sum_digits(n):\n  """\n  Write a function to add the digits of a number.\n'

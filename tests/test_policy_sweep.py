@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from benchmarks.policy_sweep import replay_policy, replay_stop_words, score_tokens
 from engine import SamplingParams
+from evals.replay import replay_policy, replay_stop_words
+from evals.scored_samples import score_tokens
 from guard.policy import StopPolicy
 from guard.probe import GenGuard
 from tests.helpers import TINY_HIDDEN_SIZE, tiny_engine
@@ -64,7 +65,7 @@ def test_replay_stop_words_counts_tokens_up_to_the_word():
 
 
 def test_guard_margins_average_a_lines_first_code_tokens_like_the_policy():
-    from benchmarks.guard_margins import line_start_means
+    from evals.line_starts import line_start_means
 
     tokens = ["  ", "return", " x", "\n\n", "print", "(f", "(1", "))\n"]
     texts = ["".join(tokens[:i + 1]) for i in range(len(tokens))]

@@ -1,7 +1,7 @@
 """Early / exact / late classification of a guard stop against the labeler's cut."""
 import pytest
 
-from benchmarks.stop_errors import classify
+from evals.stop_errors import classify
 
 PROMPT = "def add(a, b):\n"
 FULL = "    return a + b\n\nprint(add(1, 2))\nassert add(2, 2) == 4\n"

@@ -7,8 +7,8 @@ import pytest
 
 
 from backends import BackendSpec, build_backend
-from benchmarks.vllm_codefast import exactness, probabilities_changed, replay_expectations, self_replay
 from engine import PromptError, SamplingParams
+from evals.exactness import exactness, probabilities_changed, replay_expectations, self_replay
 from evals.mbxp import load_problems, split_problems
 from guard.export import GuardExport
 from guard.vllm_processor import TRACE_DIR_ENV, read_trace
@@ -44,15 +44,15 @@ def test_guarded_vllm_stops_exactly_where_the_policy_replay_says(backend, proble
     guard observing (votes traced, never stopping), capped at what (c)'s engine decoded; the policy
     replay over (a)'s tokens and vLLM's own probabilities must give (c)'s stop. The prefix cache is
     emptied before each run; with the caps both runs hold the same requests in the batch at each step."""
-    from benchmarks import vllm_exactness
+    from evals import fixed_layout
 
     assert backend.info.has_guard and backend.info.backend == "vllm"
     # On CPU the model runs inside the engine-core process, on every core (backends/spec.py).
     assert backend._engine.vllm_config.parallel_config.distributed_executor_backend == "uni"
-    guarded = vllm_exactness.run(backend, problems, MAX_NEW_TOKENS)
-    caps = [vllm_exactness.observe_cap(row) for row in guarded["problems"]]
+    guarded = fixed_layout.run(backend, problems, MAX_NEW_TOKENS)
+    caps = [fixed_layout.observe_cap(row) for row in guarded["problems"]]
     assert all(cap <= MAX_NEW_TOKENS + 1 for cap in caps) and any(cap < MAX_NEW_TOKENS for cap in caps)
-    observed = vllm_exactness.run(backend, problems, MAX_NEW_TOKENS, caps)
+    observed = fixed_layout.run(backend, problems, MAX_NEW_TOKENS, caps)
     # An observing guard never stops, so it gets no extra step past its cap.
     for row, cap in zip(observed["problems"], caps):
         assert row["finish_reason"] != "guard" and len(row["token_ids"]) <= cap
@@ -78,7 +78,7 @@ def test_guarded_vllm_stops_exactly_where_the_policy_replay_says(backend, proble
 def guard_and_stop_word_runs(backend, problems):
     """One problem per language, eight requests in the batch at once: streamed with the guard on,
     and submitted with the language's stop words (which vLLM's front end ends)."""
-    from benchmarks.vllm_codefast import method_params
+    from evals.methods import method_params
 
     one_each = problems[::2]
     stop_word_futures = [backend.submit(p.prompt, method_params("stop_words", p.language, MAX_NEW_TOKENS))
@@ -122,7 +122,7 @@ def test_per_request_guard_off_and_bad_prompts(backend, problems):
 
 
 def test_decoded_tokens_count_what_vllm_decoded_past_a_stop_string(backend, guard_and_stop_word_runs, trace_dir):
-    from benchmarks.vllm_codefast import add_decoded_tokens
+    from evals.vllm_trace import add_decoded_tokens
 
     one_each, streamed, stop_word_results = guard_and_stop_word_runs
     languages = [problem.language for problem in one_each]

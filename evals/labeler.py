@@ -1,4 +1,7 @@
-"""Training labels: where the function the prompt opened closes in a completion.
+"""Where the needed code ends: where the function the prompt opened closes in a completion.
+
+The ground truth of both the guard's training labels (guard_training) and the evaluation of
+where a stop fell (evals.stop_errors), so it lives in the lower of the two layers.
 
 The prompt ends inside the signature of `entry_point`; the completion writes its body and often
 goes on (tests, extra functions, `if __name__ == ...`, prose, markdown fences). We parse
