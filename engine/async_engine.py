@@ -12,8 +12,9 @@ each step: a caller never waits for a step, so one slow step cannot block an eve
 
 Health (`check_health`, what Serve's health check calls; the rules are engine/health.py's): the
 engine is dead when its loop thread died, when `max_consecutive_step_failures` steps failed in a
-row (every waiter then fails with EngineDeadError and new requests are refused: a replica that
-cannot generate must be replaced, not kept answering 500s), or after `shutdown()`; it is
+row or too many of the recent ones failed (`step_failure_rate`; every waiter then fails with
+EngineDeadError and new requests are refused: a replica that cannot generate must be replaced,
+not kept answering 500s), or after `shutdown()`; it is
 unhealthy while one step has run longer than `wedge_timeout_s`. A failed step fails only the
 requests that were in it.
 """
@@ -27,7 +28,8 @@ from concurrent.futures import Future
 
 from engine.engine import Engine
 from engine.errors import EngineDeadError, PromptError, SequenceError, StepError
-from engine.health import DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES, DEFAULT_WEDGE_TIMEOUT_S, EngineHealth
+from engine.health import (DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES, DEFAULT_WEDGE_TIMEOUT_S, EngineHealth,
+                           FailureRateRule)
 from engine.params import SamplingParams
 from engine.sequence import FinishReason, Result, StepEvent
 
@@ -37,12 +39,13 @@ __all__ = ["DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES", "DEFAULT_WEDGE_TIMEOUT_S", "
 class AsyncEngine:
     def __init__(self, engine: Engine, idle_wait_s: float = 0.05,
                  wedge_timeout_s: float = DEFAULT_WEDGE_TIMEOUT_S,
-                 max_consecutive_step_failures: int = DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES):
+                 max_consecutive_step_failures: int = DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES,
+                 step_failure_rate: FailureRateRule = FailureRateRule()):
         if not idle_wait_s > 0:
             raise ValueError(f"idle_wait_s must be > 0, got {idle_wait_s}")
         self.engine = engine
         self.idle_wait_s = idle_wait_s
-        self.health = EngineHealth(wedge_timeout_s, max_consecutive_step_failures)
+        self.health = EngineHealth(wedge_timeout_s, max_consecutive_step_failures, step_failure_rate)
         # Adds and aborts for the loop. Its lock is held for an append or a swap, never for a step.
         self._inbox: list[tuple] = []
         self._inbox_lock = threading.Lock()
@@ -109,6 +112,8 @@ class AsyncEngine:
         stats["num_waiting"] += num_pending
         stats["step_running_s"] = round(self.health.step_running_s, 3)
         stats["num_consecutive_step_failures"] = self.health.num_consecutive_failures
+        stats["num_recent_step_failures"] = self.health.num_recent_failures
+        stats["num_recent_steps"] = self.health.num_recent_steps
         return stats
 
     def check_health(self) -> None:

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from engine import EngineDeadError, PromptError, SamplingParams, SequenceError
-from engine.async_engine import AsyncEngine
+from engine.async_engine import DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES, AsyncEngine
 from tests.helpers import tiny_engine
 
 WAIT_S = 30  # bound on every wait below; the cases themselves take milliseconds
@@ -157,6 +157,34 @@ def test_steps_that_keep_failing_mark_the_engine_dead():
         aengine.check_health()
     with pytest.raises(EngineDeadError):  # refused at once instead of queued forever
         aengine.submit(PROMPTS[0], SamplingParams())
+
+
+def test_steps_that_fail_every_other_time_mark_the_engine_dead():
+    """Never three failures in a row, but half the steps fail: the failure rate over the recent
+    steps makes the engine dead, so Serve's health check fails and replaces the replica."""
+    aengine = AsyncEngine(tiny_engine())
+    prefill, num_calls = aengine.engine.runner.prefill, [0]
+
+    def flaky_prefill(seqs):
+        num_calls[0] += 1
+        if num_calls[0] % 2:
+            raise RuntimeError("device flaky")
+        return prefill(seqs)
+
+    aengine.engine.runner.prefill = flaky_prefill
+    outcomes = []
+    for _ in range(40):  # one step each (a prefill, one token); the rule needs far fewer
+        try:
+            aengine.submit(PROMPTS[0], SamplingParams(max_new_tokens=1)).result(WAIT_S)
+            outcomes.append("ok")
+        except SequenceError:
+            outcomes.append("failed")
+        except EngineDeadError:
+            break
+    assert "ok" in outcomes and "failed" in outcomes
+    assert aengine.stats()["num_consecutive_step_failures"] < DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES
+    with pytest.raises(EngineDeadError, match=r"of the last \d+ engine steps failed"):
+        aengine.check_health()
 
 
 def test_a_dead_loop_thread_is_reported_and_not_restarted():
