@@ -25,7 +25,8 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.config import ServeConfig, check_capacity
-from deployments.errors import install_error_handlers
+from deployments.errors import BodyLimitMiddleware, install_error_handlers
+from deployments.finish_reasons import HTTP_FINISH
 from deployments.metrics import serve_metrics
 from deployments.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
                                   ModelList, RequestError, Usage)
@@ -34,11 +35,13 @@ from engine import EngineDeadError, PromptError, Result, SamplingParams, Sequenc
 
 logger = logging.getLogger("ray.serve")
 
-# Our "guard" is a finish reason of its own: clients must be able to tell it from EOS.
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "guard": "guard"}
+# (finish_reason, stop_reason) by engine result: a guard stop is "stop" with stop_reason "guard".
+FINISH_REASONS = HTTP_FINISH
 
 api = FastAPI(title="CodeFast", description="OpenAI-compatible code completions with GenGuard")
 install_error_handlers(api)
+# Before serve.ingress below: it freezes a copy of the app, middleware included.
+api.add_middleware(BodyLimitMiddleware, on_refused=lambda: serve_metrics().record_request("client_error"))
 
 
 def usage_of(results: list[Result]) -> Usage:
@@ -48,6 +51,11 @@ def usage_of(results: list[Result]) -> Usage:
                  total_tokens=num_prompt + num_completion,
                  guard_dropped_tokens=sum(r.num_dropped_tokens for r in results
                                           if r.finish_reason == "guard"))
+
+
+def finish_fields(finish_reason: str) -> dict:
+    finish, stop = FINISH_REASONS.get(finish_reason, (None, None))
+    return {"finish_reason": finish, "stop_reason": stop}
 
 
 def sse(payload: str) -> str:
@@ -156,7 +164,7 @@ class CodeFastServer:
             await events.aclose()
         self.metrics.record_results(results)
         self.metrics.record_request("ok", time.perf_counter() - start, is_stream=False)
-        choices = [CompletionChoice(text=r.text, index=i, finish_reason=FINISH_REASONS.get(r.finish_reason))
+        choices = [CompletionChoice(text=r.text, index=i, **finish_fields(r.finish_reason))
                    for i, r in enumerate(results)]
         return CompletionResponse(id=request_id, created=int(time.time()), model=self.backend.info.model_name,
                                   choices=choices, usage=usage_of(results))
@@ -202,9 +210,9 @@ class CodeFastServer:
                     results[index] = event.result
                 elif not event.text_delta:
                     continue
-                finish_reason = FINISH_REASONS.get(event.result.finish_reason) if event.is_finished else None
+                finish = finish_fields(event.result.finish_reason) if event.is_finished else {}
                 chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[
-                    CompletionChoice(text=event.text_delta, index=index, finish_reason=finish_reason)])
+                    CompletionChoice(text=event.text_delta, index=index, **finish)])
                 yield sse(chunk.model_dump_json())
             if include_usage:
                 chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[],

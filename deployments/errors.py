@@ -3,10 +3,14 @@
 FastAPI answers validation failures with 422 and its own body; OpenAI clients expect 400 and
 this shape, so the handlers below replace FastAPI's. Nothing here stops the server: a handler
 turns the exception into a response and the replica goes on serving.
+
+`BodyLimitMiddleware` refuses a body over MAX_REQUEST_BODY_BYTES with a 413 before anything
+parses it; both apps install it (deployments/app.py, deployments/llm_app.py).
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.metrics import serve_metrics
-from deployments.protocol import ErrorDetail, ErrorResponse, RequestError
+from deployments.protocol import MAX_REQUEST_BODY_BYTES, ErrorDetail, ErrorResponse, RequestError
 from engine.errors import EngineDeadError, PromptError, SequenceError
 
 logger = logging.getLogger("ray.serve")
@@ -82,3 +86,73 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _on_unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error")
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: a request body over `max_bytes` gets a 413 and is never parsed.
+
+    A declared Content-Length over the limit is refused before one byte is read; a body without
+    one (chunked) is read until it passes the limit. A body within it is read whole here and
+    handed on as one message: the app would read it whole anyway, to parse the JSON.
+    """
+
+    def __init__(self, app, max_bytes: int = MAX_REQUEST_BODY_BYTES,
+                 on_refused: Callable[[], None] | None = None):
+        self.app, self.max_bytes, self.on_refused = app, max_bytes, on_refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(scope, receive, send, f"{declared} bytes")
+            return
+        body = await self._read_body(receive)
+        if body is None:
+            return  # the client is gone: nobody to answer
+        if len(body) > self.max_bytes:
+            await self._refuse(scope, receive, send, f"more than {self.max_bytes} bytes")
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The whole body, or its first chunks once they pass the limit; None on a disconnect."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes or not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _refuse(self, scope, receive, send, size: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused()
+        mib = f" ({self.max_bytes >> 20} MiB)" if self.max_bytes % (1 << 20) == 0 else ""
+        message = f"request body too large: {size}; the limit is {self.max_bytes} bytes{mib}"
+        await error_response(413, message, code="request_too_large")(scope, receive, send)
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that returns the buffered body once, then what the client sends next (its
+    disconnect, which a streaming response listens for)."""
+    is_sent = False
+
+    async def replayed():
+        nonlocal is_sent
+        if is_sent:
+            return await receive()
+        is_sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed

@@ -11,9 +11,15 @@ adds GenGuard to it, in two pieces:
   per node, on first use) with `guard.vllm_processor.GenGuardLogitsProcessor` in
   `engine_kwargs["logits_processors"]`;
 - `GenGuardLLMServer`, the LLMServer (`server_cls`) of those replicas. vLLM reports a guard stop
-  as a stop on a marker token; the server turns it into `finish_reason: "guard"` with the excess
-  line removed from the text, holds back a line the guard may still drop while streaming, counts
-  guard stops in the Serve metrics, and applies the per-request default.
+  as a stop on a marker token; the server turns it into `finish_reason: "stop"` with
+  `stop_reason: "guard"` (deployments/finish_reasons.py) and the excess line removed from the
+  text, holds back a line the guard may still drop while streaming, counts guard stops in the
+  Serve metrics, and applies the per-request default.
+
+In front of them, `GenGuardIngress` (Ray Serve LLM's OpenAI ingress, taking no CPU) adds what
+vLLM's own server answers: `GET /health` (200 once every model's replicas serve, else 503) and
+`GET /metrics` (every node's Ray metrics: vLLM's engine metrics `ray_vllm_*`, the guard's
+`ray_codefast_*`, Serve's), and lists a model in `/v1/models` only once it can serve.
 
 Per request, `"vllm_xargs": {"guard": "on" | "off" | 0.7}` (not JSON `true` / `false`: vLLM's
 server turns them into 1 / 0, which get a 400 saying so). Completions default to on. Chat
@@ -40,17 +46,27 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
 # CallbackBase: the base of LLMConfig.callback_config's class (a public field); Ray exports no
 # other path to it in 2.60.0 (pinned in requirements.txt and pyproject.toml).
 from ray.llm._internal.common.callbacks.base import CallbackBase
-from ray.serve.llm import LLMConfig, LLMServer, build_openai_app
+# DEFAULT_ENDPOINTS and to_model_metadata: what build_openai_app gives its ingress, which
+# build_ingress_app extends (internal in ray 2.60.0 as well).
+from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
+from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
+from deployments.errors import BodyLimitMiddleware
+from deployments.finish_reasons import GUARD_STOP_REASON, guard_stop_fields
 from guard.vllm_contract import GUARD_ARG, PROCESSOR_PATH, guard_columns_masked_by, parse_guard_arg
 
 logger = logging.getLogger("ray.serve")
 
 GENGUARD_CONFIG_KEY = "genguard"  # in LLMConfig.experimental_configs: what to export in the replica
-GUARD_FINISH_REASON = "guard"
 DEFAULT_GUARD = {"completions": "on", "chat": "off"}
 
 
@@ -71,13 +87,19 @@ class LLMAppConfig:
     max_replicas: int = 1
     target_ongoing_requests: int | None = None  # None: max_num_seqs
     max_ongoing_requests: int | None = None  # None: 2x max_num_seqs
-    num_cpus: float = 1.0  # per replica's engine
+    num_cpus: float = 1.0  # CPU only: the engine's share; the replica's actor (vLLM's frontend) takes 1 more
+    # "stop": finish_reason "stop" with stop_reason "guard" after a guard stop (OpenAI's values);
+    # "guard": finish_reason "guard", for clients written against it.
+    guard_finish_reason: str = "stop"
 
     def __post_init__(self) -> None:
         from backends.spec import BackendSpec
 
         if self.device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.guard_finish_reason not in ("stop", GUARD_STOP_REASON):
+            raise ValueError(f"guard_finish_reason must be 'stop' or {GUARD_STOP_REASON!r},"
+                             f" got {self.guard_finish_reason!r}")
         spec = BackendSpec(backend="vllm", model=self.model, guard=self.guard, max_num_seqs=self.max_num_seqs,
                            dtype=self.dtype, kv_cache_gib=self.kv_cache_gib, max_model_len=self.max_model_len)
         object.__setattr__(self, "guard", spec.guard)
@@ -136,7 +158,8 @@ def build_llm_config(config: LLMAppConfig) -> LLMConfig:
         },
         server_cls=GenGuardLLMServer,
         callback_config={"callback_class": LocalModelCallback},
-        experimental_configs={GENGUARD_CONFIG_KEY: {"model": config.model, "guard": config.guard}},
+        experimental_configs={GENGUARD_CONFIG_KEY: {"model": config.model, "guard": config.guard,
+                                                    "finish_reason": config.guard_finish_reason}},
         **kwargs,
     )
 
@@ -144,7 +167,94 @@ def build_llm_config(config: LLMAppConfig) -> LLMConfig:
 def build_app(args: dict | LLMAppConfig | None = None):
     """`import_path: deployments.llm_app:build_app` (`args:` = LLMAppConfig fields)."""
     config = args if isinstance(args, LLMAppConfig) else LLMAppConfig.from_args(dict(args or {}))
-    return build_openai_app({"llm_configs": [build_llm_config(config)]})
+    return build_ingress_app(build_llm_config(config))
+
+
+class BodyLimitedIngress(OpenAiIngress):
+    """Ray Serve LLM's OpenAI ingress with our request body limit (deployments/errors.py)."""
+
+    def _set_asgi_app(self, app) -> None:
+        # Where Serve hands the replica its FastAPI app, before the app starts: Ray Serve LLM's
+        # builder takes no middleware of ours (private in ray 2.60.0, which is pinned).
+        app.add_middleware(BodyLimitMiddleware)
+        super()._set_asgi_app(app)
+
+
+INGRESS_ENDPOINTS = {**DEFAULT_ENDPOINTS, "health": lambda app: app.get("/health"),
+                     "metrics": lambda app: app.get("/metrics")}
+# The ingress only relays requests to the LLM replicas, as Serve's proxy does, which takes no CPU
+# either: a CPU of its own would leave a 2-CPU node one short of the replica's two.
+INGRESS_ACTOR_OPTIONS = {"num_cpus": 0}
+
+
+def build_ingress_app(llm_config: LLMConfig):
+    """What build_openai_app builds for one model, with GenGuardIngress in front."""
+    server = build_llm_deployment(llm_config)
+    options = {**OpenAiIngress.get_deployment_options([llm_config]), "ray_actor_options": INGRESS_ACTOR_OPTIONS}
+    ingress_cls = make_fastapi_ingress(GenGuardIngress, endpoint_map=INGRESS_ENDPOINTS)
+    return serve.deployment(ingress_cls, **options).bind(
+        llm_deployments={llm_config.model_id: server},
+        model_cards={llm_config.model_id: to_model_metadata(llm_config.model_id, llm_config)})
+
+
+# Serve's states of a deployment whose running replicas all passed their last health check
+# (LLMServer.check_health asks the engine); UPSCALING / DOWNSCALING: those while one starts or stops.
+SERVING_STATUSES = ("HEALTHY", "UPSCALING", "DOWNSCALING")
+
+
+def why_not_serving(deployment) -> str | None:
+    """None if a deployment (Serve's DeploymentStatusOverview) serves, else why not."""
+    if deployment is None:
+        return "not deployed"
+    running = deployment.replica_states.get("RUNNING", 0)  # str enums: the names compare equal
+    if deployment.status not in SERVING_STATUSES:
+        status = getattr(deployment.status, "value", deployment.status)
+        return f"{status}: {deployment.message or f'{running} replicas running'}"
+    return None if running else "no replica running"
+
+
+class GenGuardIngress(BodyLimitedIngress):
+    """Plus `/health` and `/metrics`, as vLLM's server has them; a model is listed once it serves."""
+
+    def __init__(self, llm_deployments: dict, model_cards: dict, **kwargs):
+        super().__init__(llm_deployments, model_cards, **kwargs)
+        self._servers = dict(llm_deployments)
+
+    async def _not_serving(self) -> dict[str, str]:
+        """Model id -> why it cannot serve, for each model that cannot."""
+        status = await asyncio.to_thread(serve.status)  # the controller's view, over Ray
+        reasons = {}
+        for model_id, handle in self._servers.items():
+            application = status.applications.get(handle.app_name)
+            reason = why_not_serving(application and application.deployments.get(handle.deployment_name))
+            if reason is not None:
+                reasons[model_id] = reason
+        return reasons
+
+    async def health(self) -> Response:
+        not_serving = await self._not_serving()
+        if not_serving:
+            return JSONResponse({"status": "unavailable", "models": not_serving}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from deployments.metrics import cluster_metrics_text
+
+        return Response(await asyncio.to_thread(cluster_metrics_text), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self):
+        listed = await super().models()
+        not_serving = await self._not_serving()
+        listed.data = [card for card in listed.data if card.id not in not_serving]
+        return listed
+
+    async def model_data(self, model: str):
+        card = await super().model_data(model)
+        if card.id in await self._not_serving():
+            raise HTTPException(404, f"model {card.id!r} is still starting")
+        return card
 
 
 # ---- the server ----------------------------------------------------------------------------------
@@ -193,6 +303,7 @@ class GenGuardLLMServer(LLMServer):
     async def __init__(self, llm_config: LLMConfig, **kwargs):
         settings = (llm_config.experimental_configs or {}).get(GENGUARD_CONFIG_KEY) or {}
         self._guard_view = None
+        self._guard_stop = guard_stop_fields(legacy=settings.get("finish_reason") == GUARD_STOP_REASON)
         if settings.get("guard") is not None:
             from guard.export import export_folder_for
 
@@ -248,7 +359,7 @@ class GenGuardLLMServer(LLMServer):
                     body = token_ids[:-1] if token_ids and token_ids[-1] == choice.stop_reason else token_ids
                     text = _replace_tail(text or "", self._guard_view.decode(body), self._guard_view.decode(kept))
                     _keep_logprobs(choice, len(token_ids) - len(kept))
-                    choice.finish_reason, choice.stop_reason = GUARD_FINISH_REASON, None
+                    choice.finish_reason, choice.stop_reason = self._guard_stop
                     num_stops += 1
                     num_dropped += len(token_ids) - 1 - len(kept)
                     _record_guard_stop(len(token_ids) - 1 - len(kept))
@@ -287,7 +398,7 @@ class GenGuardLLMServer(LLMServer):
                                      if echo is not None else "")
                         states[index] = _StreamChoice(echo_text)
                     state = states[index]
-                    if state.update(choice, self._guard_view, is_chat, wants_ids):
+                    if state.update(choice, self._guard_view, is_chat, wants_ids, self._guard_stop):
                         choices.append(choice)
                 if chunk.get("usage"):
                     chunk["usage"]["guard_stops"] = sum(s.is_guard_stop for s in states.values())
@@ -370,8 +481,10 @@ class _StreamChoice:
         self.num_dropped = 0
         self.echo_text = echo_text  # sent in front of the first chunk's text
 
-    def update(self, choice: dict, view: _GuardView, is_chat: bool, wants_ids: bool) -> bool:
-        """Rewrite `choice` in place to carry only safe text; False: nothing to send yet."""
+    def update(self, choice: dict, view: _GuardView, is_chat: bool, wants_ids: bool,
+               guard_stop: tuple[str, str | None]) -> bool:
+        """Rewrite `choice` in place to carry only safe text (`guard_stop`: its finish_reason and
+        stop_reason after a guard stop); False: nothing to send yet."""
         new_ids = choice.get("token_ids") or []
         delta = choice.get("delta") or {} if is_chat else None
         if is_chat and not new_ids and not self.token_ids and delta.get("content"):
@@ -389,7 +502,7 @@ class _StreamChoice:
             kept = view.kept_ids(self.token_ids, choice.get("stop_reason"))
             if kept is not None:
                 safe, safe_ids = view.decode(kept), len(kept)
-                choice["finish_reason"], choice["stop_reason"] = GUARD_FINISH_REASON, None
+                choice["finish_reason"], choice["stop_reason"] = guard_stop
                 self.is_guard_stop, self.num_dropped = True, len(self.token_ids) - 1 - len(kept)
                 _record_guard_stop(self.num_dropped)
             else:

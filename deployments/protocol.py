@@ -5,20 +5,73 @@ or ignored, so a client typo (`max_token`) fails loudly instead of silently usin
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-from engine.params import CODE_LANGUAGES, MAX_SEED, MIN_SEED, SamplingParams
+from engine.params import MAX_SEED, MIN_SEED, SamplingParams
+from guard.syntax import language_name_error
 
 # Code generation wants room for a whole function; OpenAI's own default (16) would cut every
 # completion before the guard could ever matter. Capped by the model's context at request time.
 DEFAULT_MAX_TOKENS = 256
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_STOP_STRINGS = 16
+# Refused (413) before it is parsed. Room for several prompts of a whole 32k-token context each,
+# JSON-escaped; a bigger body only costs the replica time that its other requests wait for.
+MAX_REQUEST_BODY_BYTES = 1 << 20
+# The per-request `guard` extension: one of these words, or a stop threshold (below).
+GuardWord = Literal["on", "off"]
+GUARD_WORDS = get_args(GuardWord)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
-GuardThreshold = Annotated[float, Field(gt=0, lt=1)]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A range of finite numbers, closed unless said otherwise; `x in interval` is False for NaN
+    and inf, which fail or pass a plain comparison for the wrong reason."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        if not _is_number(value) or not math.isfinite(value):
+            return False
+        above = self.low < value if self.low_open else self.low <= value
+        return above and (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def field_type(self):
+        """A float field in this interval whose error states the rule (pydantic's own range error
+        for NaN names a bound NaN does not break); the Field bounds are for the OpenAPI schema."""
+        def check(value: Any) -> Any:
+            if _is_number(value) and value not in self:  # a wrong type: the type check names it
+                raise PydanticCustomError("finite_number_range", "must be a finite number in {rule}, got {value}",
+                                          {"rule": str(self), "value": value})
+            return value
+
+        bounds = {"gt" if self.low_open else "ge": self.low, "lt" if self.high_open else "le": self.high}
+        return Annotated[float, Field(allow_inf_nan=False, **bounds), BeforeValidator(check)]
+
+
+TEMPERATURE_RANGE = Interval(0, 2)
+TOP_P_RANGE = Interval(0, 1, low_open=True)
+GUARD_THRESHOLD_RANGE = Interval(0, 1, low_open=True, high_open=True)
+Temperature = TEMPERATURE_RANGE.field_type()
+TopP = TOP_P_RANGE.field_type()
+GuardThreshold = GUARD_THRESHOLD_RANGE.field_type()
 
 
 class RequestError(ValueError):
@@ -43,8 +96,8 @@ class CompletionRequest(BaseModel):
     prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)]
     model: str | None = None  # None: the served model
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     stop: NonEmptyStr | list[NonEmptyStr] | None = None
     seed: Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)] | None = None  # int64, what every RNG takes
     stream: bool = False
@@ -52,15 +105,27 @@ class CompletionRequest(BaseModel):
     n: int = 1
     user: str | None = None  # accepted for OpenAI compatibility, not used
     # Extension: "on" (default) / "off" / a stop threshold in (0, 1) for this request only.
-    guard: Literal["on", "off"] | GuardThreshold | None = None
+    guard: GuardWord | GuardThreshold | None = None
     # Extension: the code's language, for the guard's syntax gate (None: told from the prompt).
     language: str | None = None
 
+    @field_validator("guard", mode="before")
+    @classmethod
+    def _guard_word_or_threshold(cls, guard: Any) -> Any:
+        # Checked as a whole: the union would report only its first branch ("'on' or 'off'").
+        if guard is None or (isinstance(guard, str) and guard in GUARD_WORDS):
+            return guard
+        if guard in GUARD_THRESHOLD_RANGE:
+            return guard
+        words = ", ".join(repr(word) for word in GUARD_WORDS)
+        raise PydanticCustomError("guard", "must be {words} or a stop threshold in {rule}, got {guard}",
+                                  {"words": words, "rule": str(GUARD_THRESHOLD_RANGE), "guard": repr(guard)})
+
     @field_validator("language")
     @classmethod
-    def _known_language(cls, language: str | None) -> str | None:
-        if language is not None and language not in CODE_LANGUAGES:
-            raise ValueError(f"language must be one of {', '.join(CODE_LANGUAGES)}")
+    def _language_name(cls, language: str | None) -> str | None:
+        if (error := language_name_error(language)) is not None:  # SamplingParams' own rule
+            raise ValueError(error)
         return language
 
     @field_validator("n")
@@ -105,7 +170,7 @@ class CompletionRequest(BaseModel):
 
 
 # ---- responses ---------------------------------------------------------------------------------
-FinishReasonName = Literal["stop", "length", "guard"]
+FinishReasonName = Literal["stop", "length"]  # OpenAI's; a guard stop is "stop" (finish_reasons.py)
 
 
 class Usage(BaseModel):
@@ -122,6 +187,7 @@ class CompletionChoice(BaseModel):
     index: int
     logprobs: None = None
     finish_reason: FinishReasonName | None = None
+    stop_reason: str | None = None  # "guard" after a guard stop, as vLLM names a stop's cause
 
 
 class CompletionResponse(BaseModel):

@@ -1,8 +1,8 @@
 """GenGuard on Ray Serve LLM (deployments/llm_app.py): vLLM's OpenAI server with the guard inside,
 over HTTP. The tiny model (in vLLM's CPU-compatible variant) with a guard sure that everything is
 excess (p_stop 0.99 on every token, no minimum code): every guarded completion stops on its first
-code token, before emitting it, so its text is empty and its finish reason is `guard`; a request
-with the guard off, or above the guard's certainty, runs to its length."""
+code token, before emitting it, so its text is empty, its finish_reason `stop` and its stop_reason
+`guard`; a request with the guard off, or above the guard's certainty, runs to its length."""
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,6 +10,7 @@ import httpx
 import pytest
 import yaml
 
+from deployments.finish_reasons import guard_stop_fields
 from deployments.llm_app import LLMAppConfig, LocalModelCallback, build_app, build_llm_config
 from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
@@ -50,11 +51,15 @@ def model_id(url) -> str:
     return httpx.get(f"{url}/v1/models", timeout=HTTP_TIMEOUT_S).json()["data"][0]["id"]
 
 
-def test_completion_ends_with_finish_reason_guard_and_keeps_no_excess(url):
+def is_guard_stop(choice: dict) -> bool:
+    return choice["finish_reason"] == "stop" and choice["stop_reason"] == "guard"
+
+
+def test_completion_ends_on_a_guard_stop_and_keeps_no_excess(url):
     body = {"model": model_id(url), "prompt": "def f(x):\n", "max_tokens": 32, "temperature": 0}
     guarded = post(url, "/v1/completions", body).json()
     (choice,) = guarded["choices"]
-    assert choice["finish_reason"] == "guard" and choice["text"].strip() == ""
+    assert is_guard_stop(choice) and choice["text"].strip() == ""
     assert "token_ids" not in choice or choice["token_ids"] is None  # not asked for: not sent
     assert guarded["usage"]["guard_stops"] == 1
     off = post(url, "/v1/completions", {**body, "vllm_xargs": {"guard": "off"}}).json()
@@ -81,8 +86,8 @@ def test_stream_holds_back_what_the_guard_drops(url):
                 for choice in chunk["choices"]:
                     texts.append(choice["text"])
                     tokens += choice["logprobs"]["tokens"]
-                    finish = choice.get("finish_reason") or finish
-    assert finish == "guard" and "".join(texts).strip() == ""
+                    finish = (choice["finish_reason"], choice.get("stop_reason")) if choice.get("finish_reason") else finish
+    assert finish == ("stop", "guard") and "".join(texts).strip() == ""
     assert tokens == []  # nothing kept: no logprob of a dropped token or of the marker went out
     assert usage["guard_stops"] == 1
 
@@ -90,7 +95,7 @@ def test_stream_holds_back_what_the_guard_drops(url):
 def test_chat_defaults_to_no_guard_and_bad_settings_get_a_400(url):
     chat = post(url, "/v1/chat/completions", {"model": model_id(url), "max_tokens": 8, "temperature": 0,
                                               "messages": [{"role": "user", "content": "add two numbers"}]})
-    assert chat.status_code == 200 and chat.json()["choices"][0]["finish_reason"] != "guard"
+    assert chat.status_code == 200 and chat.json()["choices"][0]["finish_reason"] == "length"
     bad = post(url, "/v1/completions", {"model": model_id(url), "prompt": "x", "max_tokens": 4,
                                         "vllm_xargs": {"guard": "maybe"}})
     assert bad.status_code == 400 and "guard" in bad.text
@@ -106,13 +111,13 @@ def test_echo_logprobs_and_structured_outputs_with_the_guard(url):
     # of the marker that ended it.
     echoed = post(url, "/v1/completions", {**body, "echo": True, "logprobs": 1}).json()
     (choice,) = echoed["choices"]
-    assert choice["finish_reason"] == "guard" and choice["text"] == body["prompt"]
+    assert is_guard_stop(choice) and choice["text"] == body["prompt"]
     assert len(choice["logprobs"]["tokens"]) == echoed["usage"]["prompt_tokens"]  # the prompt's only
     plain = post(url, "/v1/completions", {**body, "logprobs": 1}).json()["choices"][0]
-    assert plain["finish_reason"] == "guard" and plain["logprobs"]["tokens"] == []
+    assert is_guard_stop(plain) and plain["logprobs"]["tokens"] == []
     # ignore_eos takes the export's EOS ids (the guard's markers among them) out of the stops:
     # the server names the markers as stop ids, so the guard still ends the request.
-    assert post(url, "/v1/completions", {**body, "ignore_eos": True}).json()["choices"][0]["finish_reason"] == "guard"
+    assert is_guard_stop(post(url, "/v1/completions", {**body, "ignore_eos": True}).json()["choices"][0])
     # vLLM masks the guard's columns for a structured request (its grammar decides where it
     # ends): the guard stays off unless asked, and asking for both is a 400.
     structured = {**body, "structured_outputs": {"choice": ["yes", "no"]}}
@@ -121,6 +126,58 @@ def test_echo_logprobs_and_structured_outputs_with_the_guard(url):
     assert answer.json()["choices"][0]["text"] in ("yes", "no")
     both = post(url, "/v1/completions", {**structured, "vllm_xargs": {"guard": "on"}})
     assert both.status_code == 400 and "vLLM masks the guard's columns" in both.text, both.text
+
+
+def test_a_guard_stop_parses_in_the_openai_clients_typed_models(url):
+    """finish_reason "guard" is no OpenAI value: a strict client (pydantic validation of the
+    openai package's own types) must accept the guard-stopped completion, streamed and not."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    body = {"model": model_id(url), "prompt": "def f(x):\n", "max_tokens": 8, "temperature": 0}
+    completion = Completion.model_validate(post(url, "/v1/completions", body).json())
+    (choice,) = completion.choices
+    assert choice.finish_reason == "stop" and choice.model_extra["stop_reason"] == "guard"
+    assert completion.usage.model_extra["guard_stops"] == 1
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=HTTP_TIMEOUT_S) as response:
+        chunks = [Completion.model_validate_json(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    last = [c for chunk in chunks for c in chunk.choices][-1]
+    assert last.finish_reason == "stop" and last.model_extra["stop_reason"] == "guard"
+    chat = post(url, "/v1/chat/completions", {"model": model_id(url), "max_tokens": 8, "temperature": 0,
+                                              "messages": [{"role": "user", "content": "def f(x):"}],
+                                              "vllm_xargs": {"guard": "on"}})
+    (chat_choice,) = ChatCompletion.model_validate(chat.json()).choices
+    assert chat_choice.finish_reason == "stop" and chat_choice.model_extra["stop_reason"] == "guard"
+
+
+def test_health_metrics_and_models_as_vllms_server_has_them(url):
+    """/health and /metrics answer on the app's port; /metrics carries vLLM's engine metrics and
+    the guard's counters, which a guard stop raises (vLLM counts it as a "stop")."""
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert httpx.get(f"{url}/health", timeout=HTTP_TIMEOUT_S).json() == {"status": "ok"}
+    models = httpx.get(f"{url}/v1/models", timeout=HTTP_TIMEOUT_S).json()["data"]
+    assert len(models) == 1 and httpx.get(f"{url}/v1/models/{models[0]['id']}", timeout=HTTP_TIMEOUT_S).status_code == 200
+    body = {"model": model_id(url), "prompt": "def f(x):\n", "max_tokens": 8, "temperature": 0}
+    assert is_guard_stop(post(url, "/v1/completions", body).json()["choices"][0])
+
+    def totals() -> dict[str, float]:
+        response = httpx.get(f"{url}/metrics", timeout=HTTP_TIMEOUT_S)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        sums: dict[str, float] = {}
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                key = sample.name + "".join(f"|{v}" for k, v in sorted(sample.labels.items()) if k == "finished_reason")
+                sums[key] = sums.get(key, 0) + sample.value
+        return sums
+    deadline = time.monotonic() + 60  # Ray's agent exports what its processes recorded every few seconds
+    while (seen := totals()).get("ray_codefast_guard_stops_total", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(2)
+    assert seen.get("ray_codefast_guard_stops_total", 0) >= 1, sorted(k for k in seen if "codefast" in k)
+    assert seen.get("ray_vllm_request_success_total|stop", 0) >= 1, sorted(k for k in seen if "vllm" in k)[:40]
 
 
 def test_shipped_llm_configs_are_valid():
@@ -141,6 +198,30 @@ def test_shipped_llm_configs_are_valid():
         LLMAppConfig.from_args({"max_num_seq": 4})
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         LLMAppConfig(max_num_seqs=8, max_ongoing_requests=4)
+    with pytest.raises(ValueError, match="guard_finish_reason"):
+        LLMAppConfig(guard_finish_reason="length")
+
+
+def test_the_ingress_takes_no_cpu_and_lists_a_model_only_once_it_serves():
+    """The ingress's CPU was the one a 2-CPU node lacked (the replica takes both); /health and
+    /v1/models read Serve's status of the model's deployment."""
+    from ray.serve._private.common import DeploymentStatus, ReplicaState
+    from ray.serve.schema import DeploymentStatusOverview
+
+    from deployments.llm_app import why_not_serving
+
+    app = build_app(LLMAppConfig(model=TINY_MODEL_NAME, guard=None, dtype="float32"))
+    assert app._bound_deployment.ray_actor_options["num_cpus"] == 0
+
+    def overview(status, **replicas):
+        return DeploymentStatusOverview(status=status, status_trigger=None, message="",
+                                        replica_states={ReplicaState(k): v for k, v in replicas.items()})
+    assert why_not_serving(overview(DeploymentStatus.HEALTHY, RUNNING=1)) is None
+    assert why_not_serving(overview(DeploymentStatus.UPSCALING, RUNNING=1, STARTING=1)) is None
+    assert why_not_serving(overview(DeploymentStatus.UPDATING, STARTING=1)).startswith("UPDATING")
+    assert why_not_serving(overview(DeploymentStatus.UNHEALTHY, RUNNING=1)).startswith("UNHEALTHY")
+    assert why_not_serving(overview(DeploymentStatus.UPSCALING, STARTING=1)) == "no replica running"
+    assert why_not_serving(None) == "not deployed"
 
 
 def test_ray_serve_llm_skips_its_model_download_task_only_for_a_model_folder(tmp_path):
@@ -184,7 +265,7 @@ def guarded_server(tmp_path_factory):
     from tests.test_vllm_processor import POLICY, tiny_export
 
     view = _GuardView(tiny_export(tmp_path_factory, POLICY))
-    server = SimpleNamespace(_guard_view=view)
+    server = SimpleNamespace(_guard_view=view, _guard_stop=guard_stop_fields())
     for name in ("_fix_responses", "_fix_stream"):
         setattr(server, name, getattr(GenGuardLLMServer, name).__get__(server))
     return server
@@ -239,9 +320,33 @@ def test_a_guard_stop_leaves_the_dropped_tokens_logprobs_out_and_echo_keeps_the_
     (fixed,) = collect(guarded_server._fix_responses(replay([response]), wants_ids=False,
                                                      echo=_EchoedPrompts(request)))
     (choice,) = fixed.choices
-    assert choice.text == PROMPT + KEPT and choice.finish_reason == "guard" and choice.token_ids is None
+    assert choice.text == PROMPT + KEPT and choice.token_ids is None
+    assert (choice.finish_reason, choice.stop_reason) == ("stop", "guard")
     assert choice.logprobs.tokens == list(PROMPT + KEPT) and len(choice.logprobs.top_logprobs) == len(PROMPT + KEPT)
     assert fixed.usage.guard_stops == 1 and fixed.usage.guard_dropped_tokens == len(DROPPED)
+
+
+def test_the_old_finish_reason_guard_is_one_config_field_away(guarded_server):
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.openai.completion.protocol import CompletionResponse, CompletionResponseChoice
+    from vllm.entrypoints.serve.engine.protocol import UsageInfo
+
+    from deployments.llm_app import GenGuardLLMServer
+    from guard.export import MarkerKind
+
+    view = guarded_server._guard_view
+    marker = view.export.marker_id(MarkerKind.DROP_OPEN)
+    legacy = SimpleNamespace(_guard_view=view, _guard_stop=guard_stop_fields(legacy=True))
+    choice = CompletionResponseChoice(index=0, text=KEPT + DROPPED, finish_reason="stop", stop_reason=marker,
+                                      token_ids=encode(view, KEPT + DROPPED) + [marker])
+    (fixed,) = collect(GenGuardLLMServer._fix_responses.__get__(legacy)(
+        replay([CompletionResponse(model="m", choices=[choice], usage=UsageInfo(prompt_tokens=1))]),
+        wants_ids=False, echo=None))
+    assert (fixed.choices[0].finish_reason, fixed.choices[0].stop_reason) == ("guard", None)
+    config = build_llm_config(LLMAppConfig(model=TINY_MODEL_NAME, guard=None, dtype="float32",
+                                           guard_finish_reason="guard"))
+    assert config.experimental_configs["genguard"]["finish_reason"] == "guard"
 
 
 def sse(chunk: dict) -> str:
@@ -277,7 +382,8 @@ def test_a_stream_holds_back_logprobs_with_their_text_and_echo_comes_first(guard
             for item in batch]
     choices = [c for chunk in sent for c in chunk["choices"]]
     assert choices[0]["text"] == PROMPT  # the echo at once, the open line held back
-    assert "".join(c["text"] for c in choices) == PROMPT + KEPT and choices[-1]["finish_reason"] == "guard"
+    assert "".join(c["text"] for c in choices) == PROMPT + KEPT
+    assert (choices[-1]["finish_reason"], choices[-1]["stop_reason"]) == ("stop", "guard")
     assert [t for c in choices for t in c["logprobs"]["tokens"]] == list(PROMPT + KEPT)
     for c in choices:  # each chunk's logprobs are its own text's
         assert "".join(c["logprobs"]["tokens"]) == c["text"] and "token_ids" not in c
@@ -306,7 +412,7 @@ def test_a_chat_stream_passes_the_echo_and_drops_the_excess_logprobs(guarded_ser
     choices = [c for chunk in sent for c in chunk["choices"]]
     assert "".join(c["delta"].get("content") or "" for c in choices) == "Sure:" + KEPT
     assert [e["token"] for c in choices for e in (c.get("logprobs") or {}).get("content") or []] == list(KEPT)
-    assert choices[-1]["finish_reason"] == "guard"
+    assert (choices[-1]["finish_reason"], choices[-1]["stop_reason"]) == ("stop", "guard")
 
 
 def test_structured_outputs_default_to_no_guard_and_refuse_an_explicit_one(tmp_path_factory):

@@ -19,14 +19,15 @@ import yaml
 from deployments.app import build_app
 from deployments.config import ServeConfig, check_capacity
 from deployments.protocol import CompletionRequest, RequestError
-from deployments.protocol import MAX_PROMPTS_PER_REQUEST, MAX_STOP_STRINGS
+from deployments.protocol import MAX_PROMPTS_PER_REQUEST, MAX_REQUEST_BODY_BYTES, MAX_STOP_STRINGS
 from engine import SamplingParams
 from engine.health import DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES
 from engine.params import MAX_SEED
 from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
+from guard.syntax import MAX_LANGUAGE_NAME_CHARS
 from tests.helpers import constant_guard, tiny_engine
-from tests.serve_faults import HANG, RAISE, build_fault_app
+from tests.serve_faults import FLAKY, HANG, RAISE, build_fault_app
 
 pytestmark = pytest.mark.ray
 
@@ -76,6 +77,30 @@ def test_request_fields_map_to_sampling_params():
     assert CompletionRequest(prompt="x").sampling_params(100).max_new_tokens == 100
     with pytest.raises(RequestError, match="context length"):
         CompletionRequest(prompt="x", max_tokens=513).sampling_params(512)
+
+
+GUARD_RULE = "must be 'on', 'off' or a stop threshold in (0, 1)"
+
+
+@pytest.mark.parametrize("field, value, rule", [
+    ("temperature", float("nan"), "must be a finite number in [0, 2], got nan"),
+    ("temperature", float("inf"), "must be a finite number in [0, 2], got inf"),
+    ("temperature", 2.5, "must be a finite number in [0, 2], got 2.5"),
+    ("top_p", float("nan"), "must be a finite number in (0, 1], got nan"),
+    ("top_p", 0, "must be a finite number in (0, 1], got 0"),
+    ("guard", 2, f"{GUARD_RULE}, got 2"),
+    ("guard", float("nan"), f"{GUARD_RULE}, got nan"),
+    ("guard", "maybe", f"{GUARD_RULE}, got 'maybe'"),
+])
+def test_range_errors_state_the_rule_the_value_breaks(field, value, rule):
+    """NaN fails every comparison and `guard` is a union: pydantic's own messages named a bound
+    NaN does not break ("<= 2") or only the union's first branch ("'on' or 'off'")."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        CompletionRequest(prompt="x", **{field: value})
+    (error,) = caught.value.errors()
+    assert error["loc"] == (field,) and error["msg"] == rule
 
 
 # ---- the deployed app ---------------------------------------------------------------------------
@@ -162,6 +187,12 @@ def test_concurrent_requests_share_decode_steps(server):
     assert after["max_decode_batch_size"] > 1
 
 
+def body_of(num_bytes: int) -> bytes:
+    """A valid completion request of exactly num_bytes (its prompt is far past the context)."""
+    head, tail = b'{"prompt": "', b'"}'
+    return head + b"x" * (num_bytes - len(head) - len(tail)) + tail
+
+
 BAD_REQUESTS = [
     ("malformed json", b'{"prompt": ', 400),
     ("body not an object", b'["def f():"]', 400),
@@ -178,7 +209,7 @@ BAD_REQUESTS = [
     ("n > 1", {"prompt": "x", "n": 2}, 400),
     ("bad guard word", {"prompt": "x", "guard": "maybe"}, 400),
     ("guard threshold out of range", {"prompt": "x", "guard": 1.5}, 400),
-    ("unknown language", {"prompt": "x", "language": "cobol"}, 400),
+    ("language name too long", {"prompt": "x", "language": "x" * (MAX_LANGUAGE_NAME_CHARS + 1)}, 400),
     ("negative temperature", {"prompt": "x", "temperature": -1}, 400),
     ("empty stop string", {"prompt": "x", "stop": [""]}, 400),
     ("unknown model", {"prompt": "x", "model": "gpt-4"}, 404),
@@ -188,12 +219,21 @@ BAD_REQUESTS = [
     ("prompt with a lone surrogate", b'{"prompt": "x = \\ud800", "max_tokens": 3}', 400),
     ("too many stop strings", {"prompt": "x", "stop": ["a"] * (MAX_STOP_STRINGS + 1)}, 400),
     ("too many prompts", {"prompt": ["x"] * (MAX_PROMPTS_PER_REQUEST + 1)}, 400),
+    ("temperature NaN", b'{"prompt": "x", "temperature": NaN}', 400),
+    ("top_p Infinity", b'{"prompt": "x", "top_p": Infinity}', 400),
+    ("guard 2", {"prompt": "x", "guard": 2}, 400),
+    ("guard threshold NaN", b'{"prompt": "x", "guard": NaN}', 400),
+    ("body over the size limit", body_of(MAX_REQUEST_BODY_BYTES + 1), 413),
 ]
 # The error must state the limit it enforces, not only that something is wrong.
 STATED_LIMITS = {"seed above int64": str(MAX_SEED), "seed 2**64": str(MAX_SEED),
                  "prompt with a lone surrogate": "surrogate",
                  "too many stop strings": f"at most {MAX_STOP_STRINGS}",
-                 "too many prompts": f"at most {MAX_PROMPTS_PER_REQUEST}"}
+                 "too many prompts": f"at most {MAX_PROMPTS_PER_REQUEST}",
+                 "temperature NaN": "temperature: must be a finite number in [0, 2]",
+                 "top_p Infinity": "top_p: must be a finite number in (0, 1]",
+                 "guard 2": f"guard: {GUARD_RULE}", "guard threshold NaN": f"guard: {GUARD_RULE}",
+                 "body over the size limit": f"the limit is {MAX_REQUEST_BODY_BYTES} bytes"}
 
 
 def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
@@ -212,6 +252,28 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
         good = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
         assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
     assert stats(server)["num_running"] == 0
+
+
+def test_bodies_over_the_size_limit_get_413_before_parsing_and_the_server_keeps_serving(server):
+    def chunked(body: bytes):  # a generator: httpx sends it without a Content-Length
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start:start + 64 * 1024]
+
+    json_header = {"content-type": "application/json"}
+    with httpx.Client(base_url=server, timeout=HTTP_TIMEOUT_S) as http:
+        at_limit = http.post("/v1/completions", content=body_of(MAX_REQUEST_BODY_BYTES), headers=json_header)
+        assert at_limit.status_code == 400  # parsed: its prompt is longer than the context
+        assert at_limit.json()["error"]["code"] == "context_length_exceeded"
+        for name, content in [("declared", body_of(MAX_REQUEST_BODY_BYTES + 1)),
+                              ("chunked", chunked(body_of(20 * MAX_REQUEST_BODY_BYTES))),
+                              ("chunked, not even JSON", chunked(b"[" * (MAX_REQUEST_BODY_BYTES + 1)))]:
+            response = http.post("/v1/completions", content=content, headers=json_header)
+            assert response.status_code == 413, (name, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "request_too_large" and error["type"] == "invalid_request_error", name
+            assert f"the limit is {MAX_REQUEST_BODY_BYTES} bytes" in error["message"], name
+        good = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(server):
@@ -237,7 +299,9 @@ def test_guard_stop_comes_through_http(server):
     # Token policy, every token votes stop at threshold 0.5: the second token stops the request.
     stopped = api.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=32,
                                      temperature=0, extra_body={"guard": 0.5})
-    assert stopped.choices[0].finish_reason == "guard"
+    # OpenAI's finish reason, the guard named in stop_reason: the openai package's types accept it.
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].stop_reason == "guard"
+    openai.types.Completion.model_validate(stopped.model_dump())
     usage = stopped.usage
     assert usage.completion_tokens + usage.guard_dropped_tokens == 2
     assert stats(server)["num_guard_stops"] == before["num_guard_stops"] + 1
@@ -248,7 +312,8 @@ def test_guard_stop_comes_through_http(server):
         assert completion.choices[0].finish_reason == "length", guard
     chunks = list(api.completions.create(model=TINY_MODEL_NAME, prompt=PROMPT, max_tokens=32,
                                          temperature=0, stream=True, extra_body={"guard": 0.5}))
-    assert chunks[-1].choices[0].finish_reason == "guard"
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].choices[0].stop_reason == "guard"
+    openai.types.Completion.model_validate(chunks[-1].model_dump())
 
 
 def test_bad_sampling_values_during_decoding_fail_nobody(server):
@@ -354,3 +419,29 @@ def test_engine_faults_turn_health_503_and_serve_replaces_the_replica(fault_serv
                 pass  # or the connection dropped with it
         assert wait_for(serves, REPLACE_TIMEOUT_S, "a completion on the third replica")
         assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_steps_failing_every_other_time_get_the_replica_replaced(fault_server):
+    """Never two failed steps in a row, so the consecutive-failure rule never fires: before the
+    failure-rate rule, every other request got a 500 and /health stayed ok for good."""
+    url, control = fault_server
+    body = {"prompt": PROMPT, "max_tokens": 1, "temperature": 0}  # one step each: its prefill
+    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S) as http:
+        def replica() -> str:
+            return http.get("/v1/stats").json()["replica"]
+
+        first = replica()
+        control.write_text(FLAKY)
+        statuses, health = [], http.get("/health")
+        for _ in range(40):  # the default rule needs a dozen steps or so
+            statuses.append(http.post("/v1/completions", json=body).status_code)
+            if (health := http.get("/health")).status_code != 200:
+                break
+        assert 200 in statuses and 500 in statuses
+        assert health.status_code == 503, statuses
+        assert "engine steps failed (the limit is" in health.json()["error"]["message"]
+        control.write_text("")  # so that the replacement is healthy
+        wait_for(lambda: (tag := replica()) != first and tag, REPLACE_TIMEOUT_S,
+                 "replacing the replica whose steps failed every other time")
+        assert wait_for(lambda: http.post("/v1/completions", json=body).status_code == 200,
+                        REPLACE_TIMEOUT_S, "a completion on the new replica")

@@ -36,17 +36,18 @@ def test_app_on_vllm_stops_on_the_guard_and_reports_it(url):
     assert models["backend"] == "vllm" and models["has_guard"]
     body = {"prompt": "def f(x):\n", "max_tokens": 16, "temperature": 0}
     on = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
-    assert on["choices"][0]["finish_reason"] == "guard" and on["choices"][0]["text"].strip() == ""
+    assert (on["choices"][0]["finish_reason"], on["choices"][0]["stop_reason"]) == ("stop", "guard")
+    assert on["choices"][0]["text"].strip() == ""
     off = httpx.post(f"{url}/v1/completions", json={**body, "guard": "off"}, timeout=120).json()
     assert off["choices"][0]["finish_reason"] == "length" and off["usage"]["completion_tokens"] == 16
     # A per-request threshold above the guard's certainty (0.99) lets it run; one below stops it.
     loose, strict = (httpx.post(f"{url}/v1/completions", json={**body, "guard": threshold}, timeout=120).json()
                      for threshold in (0.995, 0.9))
     assert loose["choices"][0]["finish_reason"] == "length" and loose["choices"][0]["text"] == off["choices"][0]["text"]
-    assert strict["choices"][0]["finish_reason"] == "guard"
+    assert (strict["choices"][0]["finish_reason"], strict["choices"][0]["stop_reason"]) == ("stop", "guard")
     deltas = []
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as response:
         deltas = [line for line in response.iter_lines() if line.startswith("data: ")]
-    assert deltas[-1] == "data: [DONE]" and '"finish_reason":"guard"' in "".join(deltas).replace(" ", "")
+    assert deltas[-1] == "data: [DONE]" and '"finish_reason":"stop","stop_reason":"guard"' in "".join(deltas).replace(" ", "")
     assert httpx.get(f"{url}/health", timeout=60).status_code == 200
     assert httpx.get(f"{url}/v1/stats", timeout=60).json()["num_guard_stops"] >= 2
