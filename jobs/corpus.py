@@ -252,6 +252,15 @@ class Corpus:
     jsonl_layout: JsonlLayout | None = None
     file_paths: tuple[str, ...] = field(default=(), repr=False)
 
+    def fingerprint(self) -> list:
+        """(path, size, modification time) of every input file: what tells a rerun that the
+        input is the one a finished run read. One listing, no file opened."""
+        if self.kind == "hf":
+            infos = self.location.list_files(recursive=True)
+        else:
+            infos = self.location.filesystem.get_file_info(list(self.file_paths))
+        return sorted([info.path, info.size, info.mtime_ns] for info in infos)
+
     def read(self):
         import ray
 

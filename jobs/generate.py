@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import sys
@@ -30,7 +31,7 @@ from engine.params import SamplingParams
 from jobs.corpus import describe, open_corpus
 from jobs.http_worker import ServeSpec, check_server
 from jobs.rows import MAX_SEED, RowSettings
-from jobs.storage import checkpoint_location, redacted, resolve
+from jobs.storage import check_writable, checkpoint_location, redacted, resolve
 
 DEFAULT_BATCHES_PER_ACTOR = 2  # one batch generating, one filling the slots its tail frees
 IDS_SHARD_PER_ACTORS = 8  # one more id registry shard per this many actors (ids live in actors)
@@ -66,6 +67,7 @@ class JobConfig:
     http_concurrency: int = 8
     progress_interval_s: float = 10.0
     ray_num_cpus: int = 4  # logical CPUs of the local Ray this CLI starts when no cluster is given
+    verbose: bool = False  # workers' and engines' own logs (and Ray Data's INFO lines) on the console
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -114,7 +116,7 @@ class JobConfig:
         return ServeSpec(self.serve_url, model, concurrency=self.http_concurrency)
 
 
-def connect_ray(config: JobConfig, address: str | None) -> bool:
+def connect_ray(config: JobConfig, address: str | None, log=print) -> bool:
     """Join a cluster (inside `ray job submit`, RAY_ADDRESS is set) or start a local one.
     Returns True when this process started Ray and so must shut it down."""
     import ray
@@ -122,14 +124,44 @@ def connect_ray(config: JobConfig, address: str | None) -> bool:
     from scripts.ray_local import RAY_LOCAL_ENV, apply_local_env
 
     apply_local_env()
+    quiet_ray_data_console(config.verbose)
     if ray.is_initialized():
         return False
+    # Without --verbose the workers' output (an engine's dozens of load lines) stays in Ray's
+    # log files; the driver prints the job's own lines, and a worker's error still reaches it.
+    logging_level = logging.INFO if config.verbose else logging.WARNING
     if address or os.environ.get("RAY_ADDRESS"):  # "auto" resolves RAY_ADDRESS (set inside jobs)
-        ray.init(address=address or "auto")
-        return False
-    ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": RAY_LOCAL_ENV}, log_to_driver=True)
-    return True
+        ray.init(address=address or "auto", log_to_driver=config.verbose, logging_level=logging_level)
+        is_owner = False
+    else:
+        ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": RAY_LOCAL_ENV}, log_to_driver=config.verbose,
+                 logging_level=logging_level)
+        is_owner = True
+    if not config.verbose:
+        log(f"[generate] worker and engine logs: {ray_logs_folder()} (--verbose prints them here)")
+    return is_owner
+
+
+def quiet_ray_data_console(verbose: bool) -> None:
+    """Ray Data's INFO lines (execution plans, checkpoint loading) still go to its log file."""
+    import ray.data  # noqa: F401  (configures the "ray.data" logger and its handlers)
+    from ray.util.debug import log_once
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # the job turns Ray Data's bars off for its own line: no need to warn of it
+        log_once("ray_data_progress_manager_disabled")
+
+
+def ray_logs_folder() -> str:
+    try:
+        from ray._private.worker import global_worker
+
+        return global_worker.node.get_logs_dir_path()
+    except Exception:  # a private API: the folder is only a hint
+        return "the Ray session's logs folder (/tmp/ray/session_latest/logs on the head node)"
 
 
 def actor_pool(config: JobConfig):
@@ -182,45 +214,82 @@ def new_run_id() -> str:
 
 def run_job(config: JobConfig, address: str | None = None, log=print) -> dict:
     """Generate for every input id not yet committed to the output; returns the run's summary."""
-    from jobs.output import check_output_folder, count_checkpointed_rows
+    from jobs.output import check_output_folder, clear_complete_marker, is_known_complete, write_complete_marker
 
     start = time.perf_counter()
     corpus = open_corpus(config.input, config.prompt_column, config.id_column, config.split)
     output = resolve(config.output)
     checkpoint = resolve(config.checkpoint) if config.checkpoint else checkpoint_location(output)
     check_output_folder(output, checkpoint)
+    committed = trusted_committed_output(output, checkpoint, log)
+    num_already_done = committed.num_rows
+    run_id = new_run_id()
+    key = job_key(corpus, config)
+    if is_known_complete(checkpoint, key, committed):
+        # No Ray, no checkpoint load, no engine: a finished job's rerun is a few file reads.
+        log(f"[generate] nothing to do: a finished run committed every id of {redacted(config.input)} "
+            f"({num_already_done} rows, each file checked); no engine started")
+        return _finish({}, start, config, run_id, committed, output, checkpoint, log)
+    check_writable(output, "--output")
+    check_writable(checkpoint, "--checkpoint" if config.checkpoint else "--output (its checkpoint folder)")
     if config.serve_url:
         check_server(config.serve_url)
     if config.num_samples > 1 and config.temperature == 0:
         log(f"[generate] note: --num-samples {config.num_samples} with temperature 0 (greedy) gives "
             "identical samples unless rows set their own temperature")
-    num_already_done = count_checkpointed_rows(checkpoint)
-    run_id = new_run_id()
     log(f"[generate] run {run_id}: input {redacted(config.input)} ({describe(corpus)}); "
         f"output {redacted(config.output)}; "
         f"{num_already_done} rows committed by earlier runs")
-    is_ray_owner = connect_ray(config, address)
+    clear_complete_marker(checkpoint)
+    is_ray_owner = connect_ray(config, address, log)
     try:
-        expected = corpus.num_rows * config.num_samples - num_already_done if corpus.num_rows else None
-        totals = _run(corpus, config, output, checkpoint, run_id, log, expected)
+        totals = _run(corpus, config, output, checkpoint, run_id, log, num_already_done)
     finally:
         if is_ray_owner:
             import ray
             ray.shutdown()
-    summary = _summary(totals, time.perf_counter() - start, config, run_id, num_already_done, output, checkpoint)
+    write_complete_marker(checkpoint, key, num_already_done + int(totals.get("num_rows", 0)))
+    return _finish(totals, start, config, run_id, committed, output, checkpoint, log)
+
+
+def job_key(corpus, config: JobConfig) -> dict:
+    """What decides which (id, sample) rows a job owes: its input files and id settings."""
+    return {"input": corpus.fingerprint(), "id_column": config.id_column,
+            "prompt_column": config.prompt_column, "split": config.split, "num_samples": config.num_samples}
+
+
+def _finish(totals: dict, start: float, config: JobConfig, run_id: str, committed, output, checkpoint, log) -> dict:
     from jobs.progress import summary_line
 
+    summary = _summary(totals, time.perf_counter() - start, config, run_id, committed.num_rows, output, checkpoint)
+    summary.update(num_damaged_files=len(committed.damaged), num_damaged_rows=committed.num_damaged_rows)
     log("[generate] done: " + summary_line(summary))
     log("SUMMARY " + json.dumps(summary, sort_keys=True))
     return summary
 
 
-def _run(corpus, config: JobConfig, output, checkpoint, run_id: str, log, num_expected_rows: int | None) -> dict:
+def trusted_committed_output(output, checkpoint, log):
+    """The earlier runs' committed output, checked file by file: a committed write whose file is
+    missing, unreadable or short is removed (files and checkpoint) so its ids are generated again."""
+    from jobs.output import remove_damaged_writes, verify_committed_output
+
+    committed = verify_committed_output(output, checkpoint)
+    for write in committed.damaged:
+        rows = "its rows" if write.num_rows is None else f"its {write.num_rows} rows"
+        log(f"[generate] committed write {write.name}: {write.reason}; "
+            f"removing it, {rows} will be generated again")
+    remove_damaged_writes(output, checkpoint, committed.damaged)
+    return committed
+
+
+def _run(corpus, config: JobConfig, output, checkpoint, run_id: str, log, num_already_done: int) -> dict:
     import ray
     from ray.data.datasource import FilenameProvider
 
     from jobs.ledger import LEDGER_NAME_PREFIX, IdRegistry, JobLedger
     from jobs.progress import ProgressReporter
+
+    num_expected_rows = corpus.num_rows * config.num_samples - num_already_done if corpus.num_rows else None
 
     # num_cpus=0: bookkeeping actors must never wait for (or hold) a CPU the engines need.
     ledger = ray.remote(num_cpus=0)(JobLedger).options(name=LEDGER_NAME_PREFIX + run_id).remote()
@@ -231,7 +300,8 @@ def _run(corpus, config: JobConfig, output, checkpoint, run_id: str, log, num_ex
     were_progress_bars_enabled, context.enable_progress_bars = context.enable_progress_bars, False
     try:
         dataset = build_dataset(corpus, config, ledger, registries, checkpoint)
-        with ProgressReporter(ledger, config.progress_interval_s, log, num_expected_rows):
+        with ProgressReporter(ledger, config.progress_interval_s, log, num_expected_rows,
+                              _starting_what(config, num_already_done)):
             dataset.write_parquet(output.path, filesystem=output.filesystem,
                                   filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
                                   min_rows_per_file=config.min_rows_per_file)
@@ -242,13 +312,20 @@ def _run(corpus, config: JobConfig, output, checkpoint, run_id: str, log, num_ex
             ray.kill(actor)
 
 
+def _starting_what(config: JobConfig, num_already_done: int) -> str:
+    """What the progress line names until the first worker is up (an engine loads for minutes)."""
+    what = (f"starting workers (Serve at {config.serve_url})" if config.serve_url
+            else f"starting engine ({config.backend}, {config.model})")
+    return what + ("; Ray loads the checkpoint's ids meanwhile" if num_already_done else "")
+
+
 def _summary(totals: dict, wall_s: float, config: JobConfig, run_id: str, num_already_done: int,
              output, checkpoint) -> dict:
     from jobs.progress import summarize
 
     summary = summarize(totals, wall_s)
     summary.update(run_id=run_id, num_already_done=num_already_done, output=redacted(output.uri),
-                   checkpoint=checkpoint.path, mode="serve" if config.serve_url else "actors",
+                   checkpoint=redacted(checkpoint.uri), mode="serve" if config.serve_url else "actors",
                    backend=None if config.serve_url else config.backend,
                    # ru_maxrss is in KiB on Linux: the driver's own peak, not the workers'.
                    driver_peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
@@ -290,6 +367,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--ray-num-cpus", type=int, default=4, help="CPUs of the local Ray (no cluster given)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the workers' and engines' own logs here (default: in Ray's log files)")
     args = p.parse_args(argv)
     min_actors = args.num_actors or args.min_actors
     max_actors = args.num_actors or args.max_actors or min_actors
@@ -304,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
         num_cpus_per_actor=args.num_cpus_per_actor, num_gpus_per_actor=args.num_gpus_per_actor,
         min_rows_per_file=args.min_rows_per_file, serve_url=args.serve_url,
         http_concurrency=args.http_concurrency, progress_interval_s=args.progress_interval,
-        ray_num_cpus=args.ray_num_cpus)
+        ray_num_cpus=args.ray_num_cpus, verbose=args.verbose)
     return config, args
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import httpx
 import pyarrow as pa
 
+from deployments.finish_reasons import is_guard_stop
 from engine.params import SamplingParams
 from jobs.engine_worker import report_batch_start, report_start
 from jobs.rows import (
@@ -104,13 +105,14 @@ class HttpWorker:
             raise RuntimeError(f"{self.spec.completions_url} refused the request ({message[:1000]})")
         payload = response.json()
         choice, usage = payload["choices"][0], payload.get("usage") or {}
+        is_guard = is_guard_stop(choice)  # HTTP: "stop" with stop_reason "guard"; rows: "guard"
         return {"completion": choice["text"], "completion_ids": None,
-                "finish_reason": choice.get("finish_reason"),
+                "finish_reason": "guard" if is_guard else choice.get("finish_reason"),
                 "num_prompt_tokens": usage.get("prompt_tokens"),
                 # Tokens decoded, as in actor mode: the returned ones plus the excess line the
                 # guard cut (the deployment reports those separately).
                 "num_generated_tokens": _num_decoded_tokens(usage),
-                "is_guard_stop": choice.get("finish_reason") == "guard",
+                "is_guard_stop": is_guard,
                 "latency_s": latency_s, "error": None}
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -9,8 +9,20 @@ dead actor or a killed driver were never committed, so they are generated again,
 are loaded and searched by Ray's checkpoint actors, never listed on the driver.
 
 Output files are named `<run id>_<write uuid>_<task>.parquet`; a run appends, never overwrites.
+The committed checkpoint of a write has the same name in the checkpoint folder.
+
+A checkpoint only says a file was written, not that it is still there: before a rerun trusts
+it, `verify_committed_output` checks each committed write's output (the files exist, their
+footers read, their row count is the checkpoint's), and `remove_damaged_writes` deletes the
+output files and the checkpoint of any write that fails, so its ids are generated again.
 """
 from __future__ import annotations
+
+import bisect
+import json
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +35,8 @@ from jobs.corpus import with_row_ids
 from jobs.storage import Location, redacted, resolve
 
 PENDING_CHECKPOINT_SUFFIX = ".pending.parquet"  # ray.data.checkpoint.checkpoint_writer's
+PARQUET_SUFFIX = ".parquet"
+FOOTER_READ_THREADS = 16  # footers are one small read each; on an object store, latency-bound
 
 
 class CorpusCheckpointConfig(CheckpointConfig):
@@ -77,13 +91,144 @@ def committed_checkpoint_files(checkpoint: Location) -> list[str]:
             if info.path.endswith(".parquet") and not info.path.endswith(PENDING_CHECKPOINT_SUFFIX)]
 
 
-def count_checkpointed_rows(checkpoint: Location) -> int:
-    """Rows committed by earlier runs, from the parquet footers (one small read per file)."""
-    total = 0
-    for path in committed_checkpoint_files(checkpoint):
-        with checkpoint.filesystem.open_input_file(path) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
+@dataclass(frozen=True)
+class DamagedWrite:
+    """A committed write whose output cannot be trusted."""
+
+    checkpoint_file: str
+    data_files: tuple[str, ...]  # its output files that exist (possibly none)
+    num_rows: int | None  # the rows its checkpoint holds; None if the checkpoint is unreadable
+    reason: str
+
+    @property
+    def name(self) -> str:  # the write task's, which its output files' names start with
+        return posixpath.basename(self.checkpoint_file)[:-len(PARQUET_SUFFIX)]
+
+
+@dataclass(frozen=True)
+class CommittedOutput:
+    num_rows: int  # rows of the committed writes whose output checks out
+    damaged: tuple[DamagedWrite, ...]
+
+    @property
+    def num_damaged_rows(self) -> int:
+        return sum(write.num_rows or 0 for write in self.damaged)
+
+
+def _footer_rows(filesystem, path: str) -> tuple[int | None, str | None]:
+    """(row count, None) from the parquet footer, or (None, why the file cannot be read)."""
+    try:
+        with filesystem.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows, None
+    except (OSError, pa.ArrowException) as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _files_by_write(data_paths: list[str], write_names: list[str]) -> dict[str, list[str]]:
+    """Output files of each write: those whose name starts with the write's name (Ray names the
+    checkpoint and the data file after the write task, and a task may split its file)."""
+    ordered = sorted(write_names)
+    groups: dict[str, list[str]] = {name: [] for name in write_names}
+    for path in data_paths:
+        basename = posixpath.basename(path)
+        # Task indexes are zero-padded, so no write's name is a prefix of another's: the
+        # greatest name not above the file's is the only candidate.
+        index = bisect.bisect_right(ordered, basename) - 1
+        if index >= 0 and basename.startswith(ordered[index]):
+            groups[ordered[index]].append(path)
+    return groups
+
+
+def _judge_write(checkpoint_rows, data_rows: dict) -> str | None:
+    """Why a committed write's output is damaged, or None when it checks out."""
+    num_rows, error = checkpoint_rows
+    if error is not None:
+        return f"its checkpoint file is unreadable ({error})"
+    if not data_rows:
+        return "its output file is missing"
+    for path, (_, file_error) in data_rows.items():
+        if file_error is not None:
+            return f"{posixpath.basename(path)} is unreadable ({file_error})"
+    num_written = sum(rows for rows, _ in data_rows.values())
+    if num_written != num_rows:
+        return f"its output holds {num_written} rows, its checkpoint {num_rows}"
+    return None
+
+
+def verify_committed_output(output: Location, checkpoint: Location) -> CommittedOutput:
+    """Checks every committed write against its output files, reading footers only (a file cut
+    short loses its footer; reading every page would download the whole output)."""
+    checkpoint_files = committed_checkpoint_files(checkpoint)
+    if not checkpoint_files:
+        return CommittedOutput(0, ())
+    names = [posixpath.basename(path)[:-len(PARQUET_SUFFIX)] for path in checkpoint_files]
+    data_paths = [info.path for info in output.list_files() if info.path.endswith(PARQUET_SUFFIX)]
+    groups = _files_by_write(data_paths, names)
+    owned = [path for paths in groups.values() for path in paths]
+    with ThreadPoolExecutor(FOOTER_READ_THREADS) as pool:
+        checkpoint_rows = list(pool.map(lambda p: _footer_rows(checkpoint.filesystem, p), checkpoint_files))
+        data_rows = dict(zip(owned, pool.map(lambda p: _footer_rows(output.filesystem, p), owned)))
+    num_rows, damaged = 0, []
+    for path, name, rows in zip(checkpoint_files, names, checkpoint_rows):
+        files = {p: data_rows[p] for p in groups[name]}
+        reason = _judge_write(rows, files)
+        if reason is None:
+            num_rows += rows[0]
+        else:
+            damaged.append(DamagedWrite(path, tuple(files), rows[0], reason))
+    return CommittedOutput(num_rows, tuple(damaged))
+
+
+def _delete_if_present(filesystem, path: str) -> None:
+    try:
+        filesystem.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_damaged_writes(output: Location, checkpoint: Location, damaged) -> None:
+    """Deletes the output files, then the checkpoint, of each damaged write, so that its ids are
+    generated again and the output folder reads. In that order: a crash in between leaves a
+    checkpoint without output, which the next run finds and removes."""
+    for write in damaged:
+        for path in write.data_files:
+            _delete_if_present(output.filesystem, path)
+        _delete_if_present(checkpoint.filesystem, write.checkpoint_file)
+
+
+COMPLETE_MARKER = "_complete.json"  # in the checkpoint folder: '_' keeps Ray's readers off it
+
+
+def _marker_path(checkpoint: Location) -> str:
+    return posixpath.join(checkpoint.path, COMPLETE_MARKER)
+
+
+def read_complete_marker(checkpoint: Location) -> dict | None:
+    try:
+        with checkpoint.filesystem.open_input_stream(_marker_path(checkpoint)) as f:
+            return json.loads(f.read())
+    except (OSError, pa.ArrowException, ValueError):  # absent or unreadable: not known complete
+        return None
+
+
+def write_complete_marker(checkpoint: Location, job_key: dict, num_rows: int) -> None:
+    """Written after a run finished: every id of this input is committed."""
+    checkpoint.filesystem.create_dir(checkpoint.path, recursive=True)
+    with checkpoint.filesystem.open_output_stream(_marker_path(checkpoint)) as f:
+        f.write(json.dumps({"job": job_key, "num_rows": num_rows}).encode())
+
+
+def clear_complete_marker(checkpoint: Location) -> None:
+    """Before a run writes: should it not finish, the marker must not claim the output complete."""
+    if checkpoint.exists():
+        _delete_if_present(checkpoint.filesystem, _marker_path(checkpoint))
+
+
+def is_known_complete(checkpoint: Location, job_key: dict, committed: CommittedOutput) -> bool:
+    """A finished run of this very input and id settings, whose committed rows all check out."""
+    marker = read_complete_marker(checkpoint)
+    return (marker is not None and not committed.damaged and marker.get("job") == job_key
+            and marker.get("num_rows") == committed.num_rows)
 
 
 def check_output_folder(output: Location, checkpoint: Location) -> None:

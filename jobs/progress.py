@@ -15,9 +15,14 @@ SUMMARY_COUNTERS = ("num_rows", "num_errors", "num_guard_stops", "num_prompt_tok
                     "num_worker_starts", "num_actor_restarts", "num_batch_retries")
 
 
-def progress_line(totals: dict, elapsed_s: float, num_expected_rows: int | None) -> str:
+def progress_line(totals: dict, elapsed_s: float, num_expected_rows: int | None,
+                  starting: str = "starting engine") -> str:
     elapsed_s = max(elapsed_s, 1e-9)
     num_rows = totals.get("num_rows", 0)
+    if not num_rows and not totals.get("num_worker_starts"):
+        # No worker is up yet (an engine loads for a minute or more): say so, not "0 rows".
+        of = f" for {num_expected_rows} rows" if num_expected_rows else ""
+        return f"{starting}{of} | {elapsed_s:.0f}s"
     done = f"{num_rows} rows"
     if num_expected_rows:
         done += f" of ~{num_expected_rows} ({100.0 * num_rows / num_expected_rows:.0f}%)"
@@ -33,8 +38,10 @@ def progress_line(totals: dict, elapsed_s: float, num_expected_rows: int | None)
 class ProgressReporter:
     """A daemon thread that logs the ledger's totals every `interval_s` while the job runs."""
 
-    def __init__(self, ledger, interval_s: float, log, num_expected_rows: int | None = None):
+    def __init__(self, ledger, interval_s: float, log, num_expected_rows: int | None = None,
+                 starting: str = "starting engine"):
         self.ledger = ledger
+        self.starting = starting
         self.interval_s = interval_s
         self.log = log
         self.num_expected_rows = num_expected_rows
@@ -43,6 +50,7 @@ class ProgressReporter:
         self._thread = threading.Thread(target=self._run, name="job-progress", daemon=True)
 
     def __enter__(self) -> ProgressReporter:
+        self.log("[generate] " + progress_line({}, 0.0, self.num_expected_rows, self.starting))
         self._thread.start()
         return self
 
@@ -53,7 +61,7 @@ class ProgressReporter:
     def _run(self) -> None:
         import ray
 
-        last_totals, last_log = None, self.start
+        last_totals, last_log = None, self.start  # the "starting" line is logged on entry
         while not self._stopped.wait(self.interval_s):
             try:
                 totals = ray.get(self.ledger.snapshot.remote(), timeout=self.interval_s)
@@ -62,10 +70,12 @@ class ProgressReporter:
             now = time.perf_counter()
             # Unchanged totals (actors still loading their model) get a line now and then only.
             totals.pop("num_batches_in_flight", None)
-            if totals == last_totals and now - last_log < HEARTBEAT_S:
+            # Until a worker is up, rows being read change nothing the line says.
+            state = totals if totals.get("num_rows") or totals.get("num_worker_starts") else None
+            if state == last_totals and now - last_log < HEARTBEAT_S:
                 continue
-            last_totals, last_log = totals, now
-            self.log("[generate] " + progress_line(totals, now - self.start, self.num_expected_rows))
+            last_totals, last_log = state, now
+            self.log("[generate] " + progress_line(totals, now - self.start, self.num_expected_rows, self.starting))
 
 
 def summarize(totals: dict, wall_s: float) -> dict:
@@ -92,4 +102,7 @@ def summary_line(summary: dict) -> str:
                  f" (e.g. {', '.join(summary['example_duplicate_ids'])})")
     if summary["num_missing_ids"]:
         line += f"; {summary['num_missing_ids']} rows without id skipped"
+    if summary.get("num_damaged_files"):
+        line += (f"; {summary['num_damaged_files']} damaged committed files removed,"
+                 f" their {summary['num_damaged_rows']} rows generated again")
     return line

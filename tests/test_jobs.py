@@ -190,6 +190,11 @@ def test_an_s3_corpus_and_output_through_a_real_object_store_server(ray_session,
     assert summary["num_rows"] == 30 and all(e is None for e in table.column("error").to_pylist())
     assert filesystem.get_file_info("jobs-test/runs/out.checkpoint").type == pafs.FileType.Directory
     assert not Path("jobs-test").exists() and not list(tmp_path.glob("**/*.parquet"))  # nothing local
+    assert summary["checkpoint"] == s3_store("runs/out.checkpoint").replace("test:test@", "***@")
+    lines = []
+    again = run_job(config, log=lines.append)  # a finished run's marker: nothing to do, no Ray
+    assert again["num_rows"] == 0 and again["num_already_done"] == 30 and any("nothing to do" in x for x in lines)
+    filesystem.delete_file("jobs-test/runs/out.checkpoint/_complete.json")
     again = run_job(config)  # the checkpoint filter derives the prompt-hash ids to skip them
     assert again["num_rows"] == 0 and again["num_already_done"] == 30
 
