@@ -174,3 +174,31 @@ def test_the_cli_keeps_worker_and_ray_data_logs_off_the_console_and_a_finished_r
     assert not re.search(r"^\(\S+ pid=\d+", first, re.MULTILINE)
     again, wall_s = run()
     assert "nothing to do" in again and "worker and engine logs" not in again and wall_s < 20
+
+
+def test_a_store_that_fills_up_mid_job_keeps_the_committed_rows_and_the_rerun_completes(ray_session, tmp_path):
+    """A failed upload (here: the output's filesystem full partway through) loses no finished
+    row: what was committed stays readable, and the rerun writes the rest, each id once."""
+    import subprocess
+
+    output = tmp_path / "out"
+    output.mkdir()
+    # Room for the write check and a few files, not for the whole output.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(output)], check=True)
+    try:
+        records = [{"id": i, "prompt": good_prompt(i)} for i in range(NUM_ROWS)]
+        config = tiny_config(tmp_path, write_jsonl(tmp_path / "c.jsonl", records), batch_size=5,
+                             min_rows_per_file=5, max_new_tokens=64)
+        with pytest.raises(Exception):
+            run_job(config, log=lambda line: None)
+        # What the failed run committed checks out (the failed write's partial file is not
+        # committed: Ray's recovery removes it on the rerun).
+        committed = verify_committed_output(resolve(str(output)), resolve(config.output + ".checkpoint"))
+        assert committed.damaged == () and 0 < committed.num_rows < NUM_ROWS
+        subprocess.run(["mount", "-o", "remount,size=64m", str(output)], check=True)
+        summary = run_job(config, log=lambda line: None)
+        assert summary["num_already_done"] == committed.num_rows
+        assert summary["num_already_done"] + summary["num_rows"] == NUM_ROWS
+        assert_exactly_once(config.output, {(str(i), 0) for i in range(NUM_ROWS)})  # and it reads
+    finally:
+        subprocess.run(["umount", "-l", str(output)], check=False)
