@@ -2,23 +2,24 @@
 
     codefast demo [...]          # the product: a local Ray, a Ray Data job with and without
                                  # GenGuard, a table (jobs/demo.py; what `make demo` runs)
-    python -m engine.cli engine-demo [--model default] [--per-language 2] [--max-new-tokens 300]
+    python -m jobs.cli engine-demo [--model default] [--per-language 2] [--max-new-tokens 300]
                                  # the engine library alone, no Ray: per-task finish reasons
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.params import SamplingParams
+from evals.mbxp import load_problems, split_problems
 from guard.syntax import LANGUAGES
+from jobs.demo import main as job_demo
 
 
 def demo(args: argparse.Namespace) -> None:
-    from evals.mbxp import load_problems, split_problems
-
     problems = [p for lang in LANGUAGES
                 for p in split_problems(load_problems(lang), "test")[:args.per_language]]
     print(f"loading {args.model} ...", flush=True)
@@ -48,12 +49,8 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:  # its flags are jobs.demo's own
-        from jobs.demo import main as job_demo
-
         raise SystemExit(job_demo(argv[1:]))
     parser = argparse.ArgumentParser(prog="codefast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
