@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from evals.toolchains import toolchain
+
 FILES = {"python": "mbpp_release_v1.jsonl", "javascript": "mbjsp_release_v1.2.jsonl",
          "go": "mbgp_release_v1.1.jsonl", "cpp": "mbcpp_release_v1.2.jsonl",
          "java": "mbjp_release_v1.2.jsonl", "typescript": "mbtsp_release_v1.2.jsonl",
@@ -60,10 +62,10 @@ def split_problems(problems: list[Problem], split: str = "test") -> list[Problem
 
 
 def build_program(problem: Problem, completion: str) -> str:
-    """The program to execute, as MXEval builds it: prompt + completion + test. MBPP tests only
-    define `check(candidate)`, so for Python MXEval appends the call; the other languages' tests
-    are a main program (JS top-level asserts with lodash, Go `func main`, C++ `int main`)."""
-    program = problem.prompt + completion + problem.test
-    if problem.language == "python":
-        program += f"\ncheck({problem.entry_point})\n"
-    return program
+    """The program to execute, as MXEval builds it: prompt + completion + test, then the language's
+    `program_suffix` (evals/toolchains.py). MBPP tests only define `check(candidate)`, so for
+    Python MXEval appends the call; the other languages' tests are a main program (JS and TS
+    top-level asserts, Go `func main`, C++ `int main`, Java `class Main`, C# `Main` inside the
+    prompt's class, PHP and Ruby top-level code)."""
+    suffix = toolchain(problem.language).program_suffix.format(entry_point=problem.entry_point)
+    return problem.prompt + completion + problem.test + suffix

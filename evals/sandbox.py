@@ -1,4 +1,4 @@
-"""Run untrusted generated code (python, javascript, go, cpp) and say how it ended.
+"""Run untrusted generated code (every language of evals/toolchains.TOOLCHAINS) and say how it ended.
 
 Every run: its own files (a private root where the machine allows it: the host read-only, one
 tmpfs of `max_disk_mb` for the work dir, /tmp, /var/tmp and /dev/shm; else a temp directory), its
@@ -17,7 +17,8 @@ segments, the tmpfs of its private root. Everywhere, RLIMIT_DATA (Linux >= 4.7) 
 private writable mappings but not address space that is only reserved. RLIMIT_AS alone would
 kill go (~650 MiB of arena reservations at start) and node (~750 MiB for V8) before they run a
 line, so AS is only a backstop at memory + per-language headroom; without a cgroup it is what
-bounds mapped shared memory (memfd, shm), which DATA ignores.
+bounds mapped shared memory (memfd, shm), which DATA ignores. Managed runtimes (JVM, mono, PHP,
+V8) get a heap cap under the memory limit, so they end in their own out-of-memory error.
 """
 from __future__ import annotations
 
@@ -41,7 +42,10 @@ COMPILE_MAX_OPEN_FILES = 1024
 # fit fails whole or in part, so the last one can leave up to its own size unused.
 DISK_FULL_MARGIN_BYTES = 1 * MiB
 DISK_FULL_MARKERS = (b"No space left on device", b"ENOSPC")
-MEMORY_MARKERS = (b"MemoryError", b"std::bad_alloc", b"out of memory", b"Cannot allocate memory")
+MEMORY_MARKERS = (b"MemoryError", b"std::bad_alloc", b"out of memory", b"Cannot allocate memory",
+                  b"java.lang.OutOfMemoryError", b"System.OutOfMemoryException",  # JVM, mono
+                  b"error='Not enough space' (errno=12)",  # the JVM failing to commit beside its heap
+                  b"Allowed memory size of", b"failed to allocate memory (NoMemoryError)")  # PHP, ruby
 
 
 @dataclass(frozen=True)
@@ -142,9 +146,19 @@ def _compile(spec: toolchains.LanguageSpec, space: isolation.RunSpace, uid: int 
              limits: Limits) -> Outcome:
     rlimits = isolation.RLimits(int(limits.compile_timeout_s) + 1, limits.compile_memory_mb * MiB, None,
                                 COMPILE_FILE_BYTES, COMPILE_MAX_PROCESSES, COMPILE_MAX_OPEN_FILES)
-    return _step(spec.compile_argv, rlimits, uid, space,
-                 toolchains.environment(space, limits.memory_mb, is_compile=True),
+    return _step(spec.compile_argv, rlimits, uid, space, _environment(spec, space, limits, is_compile=True),
                  limits.compile_timeout_s, COMPILE_OUTPUT_BYTES)
+
+
+def _environment(spec: toolchains.LanguageSpec, space: isolation.RunSpace, limits: Limits,
+                 is_compile: bool) -> dict[str, str]:
+    return {**toolchains.environment(space, limits.memory_mb, is_compile), **dict(spec.env)}
+
+
+def _write(space: isolation.RunSpace, name: str, text: str) -> None:
+    path = Path(space.host_dir, name)
+    path.write_text(text)
+    path.chmod(0o644)  # ours, readable by the run's uid, which owns the folder
 
 
 def run_program(language: str, source: str, limits: Limits = Limits()) -> ExecResult:
@@ -156,10 +170,9 @@ def run_program(language: str, source: str, limits: Limits = Limits()) -> ExecRe
         shared_dirs = toolchains.shared_dirs(language)
         with isolation.sandbox_uid() as uid, \
                 isolation.run_space(uid, limits.max_disk_mb * MiB, shared_dirs) as space:
-            spec = toolchains.language_spec(language, space.path_of)
-            source_path = Path(space.host_dir, spec.filename)
-            source_path.write_text(source)
-            source_path.chmod(0o644)  # ours, readable by the run's uid, which owns the folder
+            spec = toolchains.language_spec(language, space.path_of, limits.memory_mb)
+            for name, text in ((spec.filename, source), *spec.extra_files):
+                _write(space, name, text)
             if spec.compile_argv:
                 built = _compile(spec, space, uid, limits)
                 if built.returncode != 0 or built.is_timed_out or built.is_output_exceeded:
@@ -171,8 +184,7 @@ def run_program(language: str, source: str, limits: Limits = Limits()) -> ExecRe
             rlimits = isolation.RLimits(limits.cpu_s, limits.memory_mb * MiB,
                                         (limits.memory_mb + spec.as_headroom_mb) * MiB,
                                         limits.max_file_bytes, limits.max_processes, limits.max_open_files)
-            outcome = _step(spec.run_argv, rlimits, uid, space,
-                            toolchains.environment(space, limits.memory_mb, is_compile=False),
+            outcome = _step(spec.run_argv, rlimits, uid, space, _environment(spec, space, limits, is_compile=False),
                             limits.timeout_s, limits.max_output_bytes)
             is_disk_full = _is_disk_full(space, outcome.stderr)
     except Exception as exc:  # the sandbox itself failed; one bad run must not end an evaluation

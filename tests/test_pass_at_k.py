@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from evals.mbxp import NUM_TEST, build_program, load_problems, split_problems
+from evals.mbxp import FILES, NUM_TEST, build_program, load_problems, split_problems
 from evals.pass_at_k import ProblemResult, evaluate, load_results, pass_at_1, save_results
 from evals.sandbox import Limits
 from evals.toolchains import toolchain_missing
@@ -16,7 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 FAST = Limits(timeout_s=3, cpu_s=2, memory_mb=256)
 # Canonical solutions checked to pass with build_program (some MBXP canonicals are broken upstream).
-CANONICAL_OK = {"python": "MBPP/475", "javascript": "MBJSP/469", "cpp": "MBCPP/391"}
+CANONICAL_OK = {"python": "MBPP/475", "javascript": "MBJSP/469", "cpp": "MBCPP/391", "java": "MBJP/1",
+                "typescript": "MBTSP/1", "php": "MBPHP/1", "ruby": "MBRBP/2", "csharp": "MBCSP/3"}
 
 
 def require(language: str) -> None:
@@ -38,7 +39,7 @@ def test_pass_at_1_is_the_pass_rate():
         pass_at_1([result("a", True), result("a", False)])
 
 
-@pytest.mark.parametrize("language", ["python", "javascript", "go", "cpp"])
+@pytest.mark.parametrize("language", list(FILES))
 def test_split_is_last_500_for_test_and_the_rest_for_train(language):
     problems = load_problems(language)
     test, train = split_problems(problems, "test"), split_problems(problems, "train")
@@ -56,6 +57,12 @@ def test_python_program_calls_check_on_the_entry_point():
     go = next(p for p in load_problems("go") if p.task_id == "MBGP/502")
     assert build_program(go, "X") == go.prompt + "X" + go.test and go.canonical_solution is None
 
+
+@pytest.mark.parametrize("language", ["java", "typescript", "php", "ruby", "csharp"])
+def test_other_programs_are_prompt_completion_test(language):
+    """MXEval's rule for every language but Python: the test is a main program of its own."""
+    problem = load_problems(language)[0]
+    assert build_program(problem, "X") == problem.prompt + "X" + problem.test
 
 @pytest.mark.parametrize("language", list(CANONICAL_OK))
 def test_canonical_solution_passes(language):

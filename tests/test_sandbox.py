@@ -24,13 +24,22 @@ SMALL = Limits(timeout_s=3, cpu_s=2, memory_mb=256, max_output_bytes=64 * KiB, m
                max_processes=32)
 SLACK_S = 2.0  # kill + cleanup on a busy 2-core machine
 
-# MBXP task 502 ("find remainder of two numbers") exists in all four languages.
+# MBXP task 502 ("find remainder of two numbers") exists in every language.
 REMAINDER = {
     "python": ("MBPP/502", "  return n % m\n", "  return n // m\n"),
     "javascript": ("MBJSP/502", "  return n % m;\n}\n", "  return Math.floor(n / m);\n}\n"),
     "go": ("MBGP/502", "\treturn n % m\n}\n", "\treturn n / m\n}\n"),
     "cpp": ("MBCPP/502", "  return n % m;\n}\n", "  return n / m;\n}\n"),
+    "java": ("MBJP/502", "        return n % m;\n    }\n}\n", "        return n / m;\n    }\n}\n"),
+    "typescript": ("MBTSP/502", "  return n % m;\n}\n", "  return Math.floor(n / m);\n}\n"),
+    "php": ("MBPHP/502", "    return $n % $m;\n}\n", "    return intdiv($n, $m);\n}\n"),
+    "ruby": ("MBRBP/502", "\n  n % m\nend\n", "\n  n / m\nend\n"),
+    "csharp": ("MBCSP/502", "\n            return n % m;\n        }", "\n            return n / m;\n        }"),
 }
+# A program the compiler rejects; for the interpreted languages a syntax error, which fails the run.
+NOT_A_PROGRAM = {"go": "compile_error", "cpp": "compile_error", "java": "compile_error",
+                 "typescript": "compile_error", "csharp": "compile_error", "python": "failed", "php": "failed",
+                 "ruby": "failed"}
 MEMORY_HOGS = {
     "python": "x = []\nwhile True:\n    x.append(bytearray(1 << 20))\n",
     "javascript": "const a = [];\nwhile (true) a.push(new Array(1 << 17).fill(1.5));\n",
@@ -38,6 +47,13 @@ MEMORY_HOGS = {
           "\t\tfor i := range b {\n\t\t\tb[i] = 1\n\t\t}\n\t\ts = append(s, b)\n\t}\n}\n",
     "cpp": "#include <cstring>\n#include <vector>\nint main() {\n  std::vector<char*> v;\n"
            "  while (true) { char* p = new char[1 << 20]; memset(p, 1, 1 << 20); v.push_back(p); }\n}\n",
+    "java": "import java.util.*;\nclass Main {\n  public static void main(String[] args) {\n"
+            "    List<long[]> v = new ArrayList<>();\n    while (true) v.add(new long[1 << 17]);\n  }\n}\n",
+    "typescript": "const a: number[][] = [];\nwhile (true) a.push(new Array(1 << 17).fill(1.5));\n",
+    "php": "<?php\n$a = [];\nwhile (true) { $a[] = str_repeat('x', 1 << 20); }\n",
+    "ruby": "a = []\nloop { a << ('x' * (1 << 20)) }\n",
+    "csharp": "using System.Collections.Generic;\nclass P {\n  static void Main() {\n"
+              "    var v = new List<long[]>();\n    while (true) v.Add(new long[1 << 17]);\n  }\n}\n",
 }
 SHM_MARKER = f"/dev/shm/codefast-test-{uuid.uuid4().hex}"
 HOSTILE = {
@@ -102,11 +118,12 @@ def test_mbxp_correct_solution_passes_and_wrong_one_fails(language):
     assert bad.status == "failed" and bad.returncode != 0, bad
 
 
-@pytest.mark.parametrize("language", ["go", "cpp"])
+@pytest.mark.parametrize("language", list(NOT_A_PROGRAM))
 def test_compile_error(language):
     require(language)
-    result = run_program(language, "this is not a program\n", SMALL)
-    assert result.status == "compile_error" and result.stderr
+    opening = "<?php\n" if language == "php" else ""  # else PHP echoes the text as a template
+    result = run_program(language, opening + "this is not a program {\n", SMALL)
+    assert result.status == NOT_A_PROGRAM[language] and result.stderr, result
 
 
 @pytest.mark.parametrize("language", list(MEMORY_HOGS))
