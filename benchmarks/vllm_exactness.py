@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
     guard = "default"
     if args.no_syntax_gate:
-        from engine.model_loading import DEFAULT_MODEL_NAME
+        from models.packaged import DEFAULT_MODEL_NAME
 
         guard = str(ungated_shipped_guard(DEFAULT_MODEL_NAME).save(out / "guard"))
     backend = build_backend(BackendSpec(backend="vllm", max_num_seqs=1, guard=guard))

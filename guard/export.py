@@ -173,8 +173,9 @@ def export_cache_root() -> Path:
 def resolve_model_folder(model: str) -> tuple[Path, str]:
     """(local HF folder, model name) for a packaged model ("default", ...), the tiny test model or
     a local folder."""
-    from engine.model_loading import ensure_model_cache, find_packaged_model
-    from engine.tiny import TINY_MODEL_NAME
+    from models.cache import ensure_model_cache
+    from models.packaged import find_packaged_model
+    from models.tiny import TINY_MODEL_NAME
 
     packaged = find_packaged_model(model)
     if packaged is not None:
@@ -193,8 +194,8 @@ TINY_CHAT_TEMPLATE = "{% for message in messages %}{{ message.content }}\n{% end
 
 def _tiny_model_folder() -> Path:
     """The tiny test model saved once as a folder (vLLM loads models from disk only), in the
-    variant vLLM's CPU attention takes (engine/tiny.py: TINY_VLLM_NUM_HEADS)."""
-    from engine.tiny import TINY_VLLM_NUM_HEADS, build_tiny_model_and_tokenizer
+    variant vLLM's CPU attention takes (models/tiny.py: TINY_VLLM_NUM_HEADS)."""
+    from models.tiny import TINY_VLLM_NUM_HEADS, build_tiny_model_and_tokenizer
 
     target = export_cache_root() / "models" / f"tiny-random-{TINY_VLLM_NUM_HEADS}heads"
     if not (target / "config.json").is_file():
@@ -250,7 +251,7 @@ def _model_digest(folder: Path) -> str:
 def export_folder_for(model: str, guard: str | Path | GenGuard = "default") -> Path:
     """The cached export of (model, guard), built on first use. Raises ExportError /
     GuardMismatchError with what to do for a model or guard that cannot be exported."""
-    from engine.model_loading import _file_lock
+    from models.lock import file_lock
 
     source, model_name = resolve_model_folder(model)
     genguard = _resolve_guard(guard, model_name)
@@ -259,7 +260,7 @@ def export_folder_for(model: str, guard: str | Path | GenGuard = "default") -> P
     target = export_cache_root() / f"{model_slug(model_name)}-{key}"
     if (target / META_FILE).is_file():
         return target
-    with _file_lock(target.with_name(target.name + ".lock")):
+    with file_lock(target.with_name(target.name + ".lock")):
         if (target / META_FILE).is_file():  # another process built it while we waited
             return target
         logger.warning("exporting %s with its GenGuard for vLLM into %s (once)", model_name, target)
@@ -369,8 +370,8 @@ def build_export(source: Path, model_name: str, guard: GenGuard, out_dir: Path) 
 
 def _eos_token_ids(source: Path, config: dict, tokenizer) -> tuple[int, ...]:
     """The ids that end generation for this model: config, generation config, tokenizer, and the
-    chat turn end (as our engine does, engine/model_loading.py)."""
-    from engine.model_loading import EXTRA_EOS_TOKENS
+    chat turn end (as our engine does, engine/model_loading.py; models/eos.py)."""
+    from models.eos import EXTRA_EOS_TOKENS
 
     ids: set[int] = set()
     generation_path = source / "generation_config.json"

@@ -9,9 +9,9 @@ import sys
 import torch
 
 from engine import Engine, EngineConfig
-from engine.tiny import TINY_MODEL_NAME, build_tiny_model_and_tokenizer
 from guard.policy import StopPolicy
 from guard.probe import GenGuard
+from models.tiny import TINY_MODEL_NAME, build_tiny_model_and_tokenizer
 from tests.conftest import REPO_ROOT
 
 TINY_HIDDEN_SIZE = 64

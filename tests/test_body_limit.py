@@ -48,7 +48,7 @@ def test_a_body_over_the_limit_never_reaches_the_endpoint():
 @pytest.mark.vllm  # imports vLLM's OpenAI server (Ray Serve LLM's ingress); starts no engine
 def test_the_ray_serve_llm_apps_ingress_refuses_a_body_over_the_limit():
     from deployments.llm_app import LLMAppConfig, build_app
-    from engine.tiny import TINY_MODEL_NAME
+    from models.tiny import TINY_MODEL_NAME
 
     # The ingress class build_app deploys, set up as Serve's replica does. Outside a replica a
     # request that passes the limit cannot be served (the endpoint looks up its replica), so

@@ -7,7 +7,7 @@ import torch
 from engine import EngineConfig
 from engine.dtypes import cpu_flags, resolve_dtype
 from engine.model_loading import load_model
-from engine.tiny import TINY_MODEL_NAME
+from models.tiny import TINY_MODEL_NAME
 
 
 @pytest.mark.parametrize("flags, expected", [

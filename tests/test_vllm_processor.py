@@ -13,7 +13,6 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from engine.tiny import TINY_MODEL_NAME, build_tiny_tokenizer
 from guard.export import ExportError, GuardExport, MarkerKind, build_export, resolve_model_folder
 from guard.policy import StopPolicy, find_stop
 from guard.syntax import is_complete
@@ -22,6 +21,7 @@ from guard.token_table import TABLE_FILE, TokenTable
 from guard.vllm_contract import parse_guard_arg
 from guard.vllm_processor import (DEVICE_PATH_ENV, TRACE_DIR_ENV, GenGuardLogitsProcessor, prompt_key,
                                   read_decoded, read_trace)
+from models.tiny import TINY_MODEL_NAME, build_tiny_tokenizer
 
 POLICY = StopPolicy(done_threshold=0.9, done_needs_blank_line=True, min_code_lines=1)
 CODE = ["def f(x):\n    return x\n\ndef check():\n    assert f(1) == 1\n",
