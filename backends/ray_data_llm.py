@@ -20,9 +20,8 @@ resume, error rows and per-row settings).
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
-from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG, PROCESSOR_PATH
+from guard.vllm_contract import GUARD_ARG, LANGUAGE_ARG
 from jobs.rows import ROW_SETTING_TYPES, language_name
 
 # The per-row settings of jobs.generate that are vLLM sampling parameters of the same name; the
@@ -37,24 +36,18 @@ def guarded_processor_config(model: str = "default", guard: str = "default", *, 
                              max_model_len: int = 8192, continue_on_error: bool = True):
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from backends.spec import VLLM_CPU_EXECUTOR, VLLM_CPU_EXECUTOR_ENV
-    from engine.dtypes import resolve_dtype
-    from guard.export import export_folder_for
+    from backends.spec import BackendSpec
+    from backends.vllm_args import RAY_WORKER_ENV, served_folder, vllm_engine_args
 
-    folder = export_folder_for(model, guard)
+    spec = BackendSpec(backend="vllm", model=model, guard=guard, max_num_seqs=max_num_seqs, dtype=dtype,
+                       device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
+    folder, _ = served_folder(spec)
+    args = vllm_engine_args(spec)
     is_cpu = device == "cpu"
-    env_vars = {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
-    engine_kwargs = {"logits_processors": [PROCESSOR_PATH], "max_num_seqs": max_num_seqs,
-                     "dtype": resolve_dtype(dtype, "cpu" if is_cpu else "cuda"), "enforce_eager": is_cpu,
-                     "max_model_len": max_model_len, "seed": 0}
-    if is_cpu:  # an explicit KV size; vLLM then skips its reserve-92%-of-RAM check
-        engine_kwargs["kv_cache_memory_bytes"] = kv_cache_gib << 30
-        engine_kwargs["distributed_executor_backend"] = VLLM_CPU_EXECUTOR
-        env_vars |= VLLM_CPU_EXECUTOR_ENV
     return vLLMEngineProcessorConfig(
         model_source=str(folder),
-        engine_kwargs=engine_kwargs,
-        runtime_env={"env_vars": env_vars},
+        engine_kwargs=args.kwargs,
+        runtime_env={"env_vars": RAY_WORKER_ENV | args.env},
         # Without CPU bundles the engine stage asks for a GPU (docs/vllm-and-ray-llm-on-cpu.md).
         placement_group_config={"bundles": [{"CPU": num_cpus}]} if is_cpu else None,
         batch_size=batch_size, concurrency=concurrency,
@@ -74,14 +67,10 @@ def guarded_processor_config(model: str = "default", guard: str = "default", *, 
 
 
 @cache
-def _view(folder: str):
-    from transformers import AutoTokenizer
+def _outputs(folder: str):
+    from backends.vllm_output import VllmOutputs
 
-    from guard.export import GuardExport
-    from guard.token_table import TABLE_FILE, TokenTable
-
-    return (GuardExport.load(folder), TokenTable.load(Path(folder) / TABLE_FILE).arrays["is_line_end"],
-            AutoTokenizer.from_pretrained(folder))
+    return VllmOutputs.load(folder)
 
 
 def guard_preprocess(row: dict, marker_ids: list[int], max_tokens: int, temperature: float) -> dict:
@@ -98,38 +87,41 @@ def guard_preprocess(row: dict, marker_ids: list[int], max_tokens: int, temperat
 
 def guard_postprocess(folder: str, row: dict, max_tokens: int | None = None,
                       max_model_len: int | None = None) -> dict:
-    """A processed row -> the guard's view of it (runs in Ray Data workers). `max_tokens` (a
-    row's own column wins) and `max_model_len`: the limits the request ran under."""
-    export, is_line_end, tokenizer = _view(folder)
+    """A processed row -> the guard's view of it (runs in Ray Data workers), as
+    backends/vllm_output.py reads any vLLM output. `max_tokens` (a row's own column wins) and
+    `max_model_len`: the limits the request ran under."""
+    outputs = _outputs(folder)
     token_ids = [int(t) for t in row.get("generated_tokens") or []]
-    last = token_ids[-1] if token_ids else None
-    kept = export.kept_ids(token_ids, last, is_line_end)
+    vllm_reason, stop_reason = _vllm_finish(row, token_ids, outputs.export, max_tokens, max_model_len)
+    kept = outputs.finished(token_ids, row.get("generated_text", ""), vllm_reason, stop_reason)
     out = {key: value for key, value in row.items() if key not in ("generated_tokens", "generated_text")}
-    if kept is not None:
-        out.update(completion=tokenizer.decode(kept, skip_special_tokens=True), completion_ids=kept,
-                   finish_reason="guard", is_guard_stop=True)
-    else:
-        out.update(completion=row.get("generated_text", ""), completion_ids=token_ids,
-                   finish_reason=_finish_reason(row, token_ids, export.eos_token_ids, max_tokens, max_model_len),
-                   is_guard_stop=False)
-    out["num_generated_tokens"] = len(token_ids)
+    out.update(completion=kept.text, completion_ids=kept.token_ids, finish_reason=kept.finish_reason,
+               is_guard_stop=kept.is_guard_stop, num_generated_tokens=len(token_ids))
     return out
 
 
-def _finish_reason(row: dict, token_ids: list[int], eos_token_ids, max_tokens: int | None,
-                   max_model_len: int | None) -> str:
-    """Ray Data LLM's rows carry no finish reason. vLLM ends a request on a stop token (here the
-    guard's markers, handled before, and the model's EOS ids), at its length (max_tokens or the
-    model's context) or on a stop string (a row's `stop`), so the last id and the counts tell."""
-    if token_ids and token_ids[-1] in eos_token_ids:
-        return "eos"
+# What vLLM names as the stop_reason of a stop string; a row does not say which string it was.
+_SOME_STOP_STRING = ""
+
+
+def _vllm_finish(row: dict, token_ids: list[int], export, max_tokens: int | None,
+                 max_model_len: int | None) -> tuple[str, int | str | None]:
+    """Ray Data LLM's rows carry no finish reason: vLLM's (finish_reason, stop_reason), told from
+    the last id and the counts. vLLM ends a request on a stop token (here the guard's markers and
+    the model's EOS ids), at its length (max_tokens or the model's context) or on a stop string (a
+    row's `stop`)."""
+    last = token_ids[-1] if token_ids else None
+    if last in export.marker_ids:  # a stop token vLLM names
+        return "stop", last
+    if last in export.eos_token_ids:
+        return "stop", None
     limit = row.get("max_tokens") or max_tokens
     num_tokens = (row.get("num_input_tokens") or 0) + len(token_ids)
     is_at_context = max_model_len is not None and num_tokens >= max_model_len
     # Short of both limits, only a stop string can have ended it; without any, a limit did.
     if (limit is not None and len(token_ids) >= limit) or is_at_context or _is_empty(row.get("stop")):
-        return "length"
-    return "stop"
+        return "length", None
+    return "stop", _SOME_STOP_STRING
 
 
 def _is_empty(value) -> bool:

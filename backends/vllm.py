@@ -4,10 +4,9 @@ vLLM's AsyncLLM runs on a private event loop in a background thread, so every ca
 same way whatever its own situation: Serve coroutines (`stream`, `generate`), Ray Data actor
 threads (`submit`). With a guard, the engine serves the exported folder (the guard rows in the
 LM head, markers as EOS) and the logits processor decides; this module turns a marker at the end
-of a completion back into what our engine reports: finish reason `guard` and the kept text
-without the excess line. While streaming, a line the guard may still drop is held back: text is
-sent up to the last line end before the newest token (a stop decided on a line's end comes one
-step after it).
+of a completion back into what our engine reports (backends/vllm_output.py: finish reason
+`guard`, the kept text without the excess line, and while streaming only what no later stop can
+take back); its engine arguments are backends/vllm_args.py's.
 
 Every request runs with the guard off, on, observed (votes only), or with its own threshold
 (`SamplingParams.use_guard`, `guard_threshold`): the same engine serves them all at once.
@@ -25,22 +24,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from backends.protocol import GenerationBackend, ModelInfo
-from backends.spec import VLLM_CPU_EXECUTOR, VLLM_CPU_EXECUTOR_ENV, BackendSpec
-from engine.dtypes import resolve_dtype
+from backends.spec import BackendSpec
+from backends.vllm_args import served_folder, vllm_engine_args
+from backends.vllm_output import StreamedCompletion, VllmOutputs
 from engine.errors import EngineDeadError, encode_prompt
 from engine.params import SamplingParams
 from engine.sequence import Result, StepEvent
-from guard.export import last_line_end
 
 logger = logging.getLogger(__name__)
 
 ENGINE_START_TIMEOUT_S = 900  # a CPU start takes about a minute; a first GPU compile, more
-_LOOPBACK_ENV = {"VLLM_HOST_IP": "127.0.0.1"}  # keep vLLM's own sockets on loopback
-_GUARD_MARKER_FINISH = "guard"
-GIB = 1 << 30
 
 
 @dataclass
@@ -55,28 +49,16 @@ class _Request:
     observes_guard: bool = False  # count the guard's votes (and trace them), never stop
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
-    safe_text: str = ""  # decoded whole lines the guard can no longer drop
-    num_safe_ids: int = 0  # tokens behind safe_text
-    sent_text: str = ""  # what the stream has sent
+    stream: StreamedCompletion | None = None  # what a stream holds back and has sent
 
 
 class VllmBackend(GenerationBackend):
     def __init__(self, spec: BackendSpec):
-        from guard.export import GuardExport, export_folder_for, resolve_model_folder
-
         self.spec = spec
         device = spec.resolved_device()
-        if spec.guard is not None:
-            self.folder = export_folder_for(spec.model, spec.guard)
-            self.export = GuardExport.load(self.folder)
-            model_name = self.export.model_name
-        else:
-            self.folder, model_name = resolve_model_folder(spec.model)
-            self.export = None
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        self.line_end_ids = self._line_end_table()
+        self.folder, model_name = served_folder(spec)
+        self.outputs = VllmOutputs.load(self.folder, guarded=spec.guard is not None)
+        self.export, self.tokenizer = self.outputs.export, self.outputs.tokenizer
         max_len = self._model_max_len()
         self.max_model_len = min(spec.max_model_len or max_len, max_len)
         self.info = ModelInfo(model_name=model_name, max_model_len=self.max_model_len,
@@ -99,15 +81,6 @@ class VllmBackend(GenerationBackend):
     def from_spec(cls, spec: BackendSpec) -> "VllmBackend":
         return cls(spec)
 
-    def _line_end_table(self) -> np.ndarray:
-        if self.export is not None:
-            from guard.token_table import TABLE_FILE, TokenTable
-
-            return TokenTable.load(self.folder / TABLE_FILE).arrays["is_line_end"]
-        from guard.token_table import TokenTable
-
-        return TokenTable.from_tokenizer(self.tokenizer).arrays["is_line_end"]
-
     def _model_max_len(self) -> int:
         import json
 
@@ -121,25 +94,13 @@ class VllmBackend(GenerationBackend):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        env = dict(_LOOPBACK_ENV)
-        enforce_eager = self.spec.enforce_eager if self.spec.enforce_eager is not None else device == "cpu"
-        kwargs = {}
-        if self.export is not None:
-            from guard.vllm_processor import GenGuardLogitsProcessor
-
-            kwargs["logits_processors"] = [GenGuardLogitsProcessor]
-        if device == "cpu":  # an explicit KV size; vLLM then skips its reserve-92%-of-RAM check
-            kwargs["kv_cache_memory_bytes"] = self.spec.kv_cache_gib * GIB
-            kwargs["distributed_executor_backend"] = VLLM_CPU_EXECUTOR
-            env |= VLLM_CPU_EXECUTOR_ENV
-        else:
+        args = vllm_engine_args(self.spec.with_overrides(device=device, max_model_len=self.max_model_len))
+        kwargs = dict(args.kwargs)
+        if device != "cpu":  # this backend shares its GPU as the spec says; Ray's LLM apps take vLLM's share
             kwargs["gpu_memory_utilization"] = self.spec.gpu_memory_utilization
-        for name, value in env.items():  # read by vLLM when the config is built, below
+        for name, value in args.env.items():  # read by vLLM when the config is built, below
             os.environ.setdefault(name, value)
-        args = AsyncEngineArgs(model=str(self.folder), dtype=resolve_dtype(self.spec.dtype, device),
-                               max_num_seqs=self.spec.max_num_seqs, max_model_len=self.max_model_len,
-                               enforce_eager=enforce_eager, seed=0, disable_log_stats=True, **kwargs)
-        return AsyncLLM.from_engine_args(args)
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(self.folder), disable_log_stats=True, **kwargs))
 
     # ---- protocol ---------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, params: SamplingParams) -> list[int]:
@@ -159,7 +120,8 @@ class VllmBackend(GenerationBackend):
             caller_loop.call_soon_threadsafe(queue.put_nowait, item)
 
         request = self._new_request(request_id, prompt, prompt_ids, params)
-        asyncio.run_coroutine_threadsafe(self._pump(request, put, is_stream=True), self._loop)
+        request.stream = StreamedCompletion.start(self.outputs, request.uses_guard, params.stop)
+        asyncio.run_coroutine_threadsafe(self._pump(request, put), self._loop)
         is_finished = False
         try:
             while not is_finished:
@@ -189,7 +151,7 @@ class VllmBackend(GenerationBackend):
             elif item.is_finished:
                 future.set_result(item.result)
 
-        asyncio.run_coroutine_threadsafe(self._pump(request, put, is_stream=False), self._loop)
+        asyncio.run_coroutine_threadsafe(self._pump(request, put), self._loop)
         return future
 
     def reset_prefix_cache(self) -> bool:
@@ -254,8 +216,9 @@ class VllmBackend(GenerationBackend):
             # Explicitly, so that a request with ignore_eos still ends on a guard marker.
             stop_token_ids = list(self.export.marker_ids)
         # A stop decided on the last allowed token's own vote (a line end, the done rule) is
-        # forced one step later: one more step is allowed, and _result cuts it off again when
-        # the guard did not use it, so the cap acts as in our engine (guard first, then length).
+        # forced one step later: one more step is allowed, and reading the output cuts it off again
+        # when the guard did not use it (VllmOutputs.finished's `cap`), so the cap acts as in our
+        # engine (guard first, then length).
         # An observing guard never stops, so it gets no extra step.
         max_tokens = params.max_new_tokens + (1 if extra.get(GUARD_ARG) not in (None, "off", OBSERVE) else 0)
         return VllmParams(
@@ -266,7 +229,7 @@ class VllmBackend(GenerationBackend):
             # Cumulative for submit too: every step's output keeps the wedge check fed.
             output_kind=RequestOutputKind.CUMULATIVE)
 
-    async def _pump(self, request: _Request, put, is_stream: bool) -> None:
+    async def _pump(self, request: _Request, put) -> None:
         with self._stats_lock:
             self._num_requests += 1
             if not self._num_running:
@@ -286,19 +249,23 @@ class VllmBackend(GenerationBackend):
             if engine is None:
                 raise EngineDeadError("the vLLM engine is shut down")
             params = self.vllm_params(request.params, observe=request.observes_guard)
+            stream = request.stream
             async for output in engine.generate({"prompt_token_ids": request.prompt_ids}, params,
                                                 request.request_id):
                 completion = output.outputs[0]
                 self._last_output_at = time.monotonic()
                 if request.first_token_time is None and completion.token_ids:
                     request.first_token_time = time.perf_counter()
+                if stream is not None:  # cumulative outputs: the ids not seen yet, the whole text
+                    stream.add(completion.token_ids[len(stream.token_ids):], completion.text)
                 if output.finished:
-                    result = self._result(request, completion)
-                    done(StepEvent(request.request_id, _advance(request, result.text) if is_stream else "",
-                                   True, result))
+                    kept = self.outputs.finished(completion.token_ids, completion.text, completion.finish_reason,
+                                                 completion.stop_reason, cap=request.params.max_new_tokens)
+                    delta = stream.final_delta(kept).text if stream is not None else ""
+                    done(StepEvent(request.request_id, delta, True, self._result(request, kept)))
                     return
-                if is_stream:
-                    delta = self._safe_delta(request, completion)
+                if stream is not None:
+                    delta = stream.safe_delta().text
                     if delta:
                         put(StepEvent(request.request_id, delta, False))
         except asyncio.CancelledError:
@@ -313,59 +280,21 @@ class VllmBackend(GenerationBackend):
         if self._engine is not None:
             await self._engine.abort(request_id)
 
-    def _safe_delta(self, request: _Request, completion) -> str:
-        """New text no rule can take back: with the guard, whole lines up to the last line end
-        before the newest token; with stop strings, all but a possible stop string's start."""
-        if request.uses_guard:
-            token_ids = completion.token_ids
-            safe_end = last_line_end(token_ids, len(token_ids) - 1, self.line_end_ids)
-            if safe_end > request.num_safe_ids:
-                request.safe_text += self.tokenizer.decode(token_ids[request.num_safe_ids:safe_end],
-                                                           skip_special_tokens=True)
-                request.num_safe_ids = safe_end
-            safe = request.safe_text
-        else:
-            safe = completion.text
-        if request.params.stop:  # vLLM cuts a matched stop string (and what follows) off the text
-            hold = max(len(s) for s in request.params.stop) - 1
-            safe = safe[:max(min(len(safe), len(completion.text) - hold), 0)]
-        return _advance(request, safe)
-
-    def _result(self, request: _Request, completion) -> Result:
-        token_ids = list(completion.token_ids)
-        cap = request.params.max_new_tokens
-        kept = (self.export.kept_ids(token_ids, completion.stop_reason, self.line_end_ids)
-                if self.export is not None else None)
-        stop_index = None if kept is None else self.export.stop_index(token_ids, completion.stop_reason)
-        if kept is not None and stop_index < cap:
-            text = self.tokenizer.decode(kept, skip_special_tokens=True)
-            finish_reason = _GUARD_MARKER_FINISH
-        elif len(token_ids) > cap:  # the extra step the guard did not use: the cap ends it
-            kept, stop_index = token_ids[:cap], None
-            text = self.tokenizer.decode(kept, skip_special_tokens=True)
-            finish_reason = "length"
-        else:
-            kept, text, stop_index = token_ids, completion.text, None
-            finish_reason = _finish_reason(completion)
-        is_guard_stop = stop_index is not None
-        now = time.perf_counter()
-        # Generated: every decode step, the marker's included (it took the step of the token the
-        # guard stopped on). Dropped: decoded text cut from the output (the marker is no text).
-        num_generated = len(token_ids)
-        num_dropped = num_generated - len(kept) - int(is_guard_stop)
+    def _result(self, request: _Request, kept) -> Result:
+        """A finished completion (backends/vllm_output.py's) as our engine's Result; counted."""
         with self._stats_lock:
-            self._num_generated_tokens += num_generated
-            if is_guard_stop:
+            self._num_generated_tokens += kept.num_generated
+            if kept.is_guard_stop:
                 self._num_guard_stops += 1
-                self._num_dropped_tokens += num_dropped
+                self._num_dropped_tokens += kept.num_dropped
         return Result(
-            request_id=request.request_id, prompt=request.prompt, text=text, token_ids=kept,
-            finish_reason=finish_reason, num_prompt_tokens=len(request.prompt_ids),
-            num_generated_tokens=num_generated, num_dropped_tokens=num_dropped,
-            latency_s=now - request.arrival_time,
+            request_id=request.request_id, prompt=request.prompt, text=kept.text, token_ids=kept.token_ids,
+            finish_reason=kept.finish_reason, num_prompt_tokens=len(request.prompt_ids),
+            num_generated_tokens=kept.num_generated, num_dropped_tokens=kept.num_dropped,
+            latency_s=time.perf_counter() - request.arrival_time,
             time_to_first_token_s=(None if request.first_token_time is None
                                    else request.first_token_time - request.arrival_time),
-            guard_stop_index=stop_index)
+            guard_stop_index=kept.guard_stop_index)
 
 
 async def _close(engine) -> None:
@@ -376,27 +305,3 @@ async def _close(engine) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _advance(request: _Request, safe: str) -> str:
-    """The part of `safe` not sent yet. Sent text is always a prefix of the final text: only
-    whole lines the guard cannot drop, and never a possible stop string's start."""
-    sent = request.sent_text
-    if len(safe) <= len(sent) or not safe.startswith(sent):
-        if not safe.startswith(sent):
-            logger.warning("request %s: final text does not extend what was streamed", request.request_id)
-        return ""
-    request.sent_text = safe
-    return safe[len(sent):]
-
-
-def _finish_reason(completion) -> str:
-    """vLLM's finish as our engine's: eos | stop (a stop string) | length | abort."""
-    reason = completion.finish_reason
-    if reason == "length":
-        return "length"
-    if reason == "abort":
-        return "abort"
-    if reason == "stop":
-        return "stop" if isinstance(completion.stop_reason, str) else "eos"
-    return reason or "eos"

@@ -41,7 +41,6 @@ Models vLLM cannot run stay on deployments/app.py (our engine, the same API).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +59,11 @@ from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
+from backends.vllm_output import (StreamedCompletion, VllmOutputs, drop_logprobs, logprob_entries,
+                                  pack_logprobs, parse_sse, to_sse)
 from deployments.errors import BodyLimitMiddleware
 from deployments.finish_reasons import GUARD_STOP_REASON, guard_stop_fields
-from guard.vllm_contract import GUARD_ARG, PROCESSOR_PATH, guard_columns_masked_by, parse_guard_arg
+from guard.vllm_contract import GUARD_ARG, guard_columns_masked_by, parse_guard_arg
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,21 +94,26 @@ class LLMAppConfig:
     guard_finish_reason: str = "stop"
 
     def __post_init__(self) -> None:
-        from backends.spec import BackendSpec
-
         if self.device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
         if self.guard_finish_reason not in ("stop", GUARD_STOP_REASON):
             raise ValueError(f"guard_finish_reason must be 'stop' or {GUARD_STOP_REASON!r},"
                              f" got {self.guard_finish_reason!r}")
-        spec = BackendSpec(backend="vllm", model=self.model, guard=self.guard, max_num_seqs=self.max_num_seqs,
-                           dtype=self.dtype, kv_cache_gib=self.kv_cache_gib, max_model_len=self.max_model_len)
-        object.__setattr__(self, "guard", spec.guard)
+        object.__setattr__(self, "guard", self.backend_spec().guard)
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_num_seqs:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_num_seqs"
                              f" ({self.max_num_seqs}): a replica would never fill its batch")
+
+    def backend_spec(self):
+        """The engine's settings as a BackendSpec (validated there), for backends/vllm_args.py."""
+        from backends.spec import BackendSpec
+
+        return BackendSpec(backend="vllm", model=self.model, guard=self.guard, max_num_seqs=self.max_num_seqs,
+                           dtype=self.dtype, device="cpu" if self.device == "cpu" else "cuda",
+                           enforce_eager=self.enforce_eager, kv_cache_gib=self.kv_cache_gib,
+                           max_model_len=self.max_model_len)
 
     @classmethod
     def from_args(cls, args: dict) -> "LLMAppConfig":
@@ -119,28 +125,12 @@ class LLMAppConfig:
 
 def build_llm_config(config: LLMAppConfig) -> LLMConfig:
     """The Ray Serve LLM config of one guarded model (the export is prepared here and in replicas)."""
-    from engine.dtypes import resolve_dtype
-    from guard.export import export_folder_for, resolve_model_folder
+    from backends.vllm_args import RAY_WORKER_ENV, served_folder, vllm_engine_args
 
-    if config.guard is not None:
-        folder = export_folder_for(config.model, config.guard)
-        model_name = json.loads((folder / "genguard_vllm.json").read_text())["model_name"]
-    else:
-        folder, model_name = resolve_model_folder(config.model)
+    spec = config.backend_spec()
+    folder, model_name = served_folder(spec)
+    args = vllm_engine_args(spec, picks_executor=False)  # Ray Serve LLM forces its own executor
     is_cpu = config.device == "cpu"
-    engine_kwargs = {
-        "max_num_seqs": config.max_num_seqs,
-        "dtype": resolve_dtype(config.dtype, "cpu" if is_cpu else "cuda"),
-        "enforce_eager": config.enforce_eager if config.enforce_eager is not None else is_cpu,
-        "seed": 0,
-    }
-    if config.max_model_len is not None:
-        engine_kwargs["max_model_len"] = config.max_model_len
-    if config.guard is not None:
-        engine_kwargs["logits_processors"] = [PROCESSOR_PATH]
-    env_vars = {"VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if is_cpu:  # an explicit KV size; vLLM then skips its reserve-92%-of-RAM check
-        engine_kwargs["kv_cache_memory_bytes"] = config.kv_cache_gib << 30
     max_ongoing = config.max_ongoing_requests or 2 * config.max_num_seqs
     kwargs = {}
     if is_cpu:  # without it Ray Serve LLM asks for a GPU and never schedules
@@ -148,8 +138,8 @@ def build_llm_config(config: LLMAppConfig) -> LLMConfig:
         kwargs["placement_group_config"] = {"bundles": [{"CPU": config.num_cpus}]}
     return LLMConfig(
         model_loading_config={"model_id": config.model_id or model_name, "model_source": str(folder)},
-        engine_kwargs=engine_kwargs,
-        runtime_env={"env_vars": env_vars},
+        engine_kwargs=args.kwargs,
+        runtime_env={"env_vars": RAY_WORKER_ENV | args.env},
         deployment_config={
             "max_ongoing_requests": max_ongoing,
             "autoscaling_config": {"min_replicas": config.min_replicas, "initial_replicas": config.min_replicas,
@@ -273,36 +263,13 @@ class LocalModelCallback(CallbackBase):
             self.ctx.run_init_node = False
 
 
-class _GuardView:
-    """What the server needs of the export: markers, line ends, the tokenizer to re-decode."""
-
-    def __init__(self, folder: Path):
-        from transformers import AutoTokenizer
-
-        from guard.export import GuardExport
-        from guard.token_table import TABLE_FILE, TokenTable
-
-        self.export = GuardExport.load(folder)
-        self.is_line_end = TokenTable.load(folder / TABLE_FILE).arrays["is_line_end"]
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-
-    def last_line_end(self, token_ids: list[int], end: int) -> int:
-        from guard.export import last_line_end
-
-        return last_line_end(token_ids, end, self.is_line_end)
-
-    def kept_ids(self, token_ids: list[int], marker_id) -> list[int] | None:
-        """The ids the guard keeps when the completion ended on `marker_id`, None if it did not."""
-        return self.export.kept_ids(token_ids, marker_id, self.is_line_end)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-
 class GenGuardLLMServer(LLMServer):
+    """Ray Serve LLM's server with vLLM's outputs read as backends/vllm_output.py reads them: a
+    response is patched as objects, a stream (vLLM's serialized chunks) as JSON."""
+
     async def __init__(self, llm_config: LLMConfig, **kwargs):
         settings = (llm_config.experimental_configs or {}).get(GENGUARD_CONFIG_KEY) or {}
-        self._guard_view = None
+        self._outputs = None
         self._guard_stop = guard_stop_fields(legacy=settings.get("finish_reason") == GUARD_STOP_REASON)
         if settings.get("guard") is not None:
             from guard.export import export_folder_for
@@ -310,7 +277,7 @@ class GenGuardLLMServer(LLMServer):
             # Built once per node (locked); a no-op where the driver already built it.
             folder = await asyncio.to_thread(export_folder_for, settings["model"], settings["guard"])
             llm_config.model_loading_config.model_source = str(folder)
-            self._guard_view = await asyncio.to_thread(_GuardView, folder)
+            self._outputs = await asyncio.to_thread(VllmOutputs.load, folder)
         await super().__init__(llm_config, **kwargs)
 
     async def completions(self, request, raw_request_info=None):
@@ -321,7 +288,7 @@ class GenGuardLLMServer(LLMServer):
 
     async def _guarded(self, method: str, request, raw_request_info):
         run = getattr(super(), method)
-        if self._guard_view is None:
+        if self._outputs is None:
             return await run(request, raw_request_info)
         xargs = dict(request.vllm_xargs or {})
         xargs.setdefault(GUARD_ARG, default_guard(method, request))
@@ -332,7 +299,7 @@ class GenGuardLLMServer(LLMServer):
             # The markers are EOS ids of the export, which ignore_eos takes out of the stops: named
             # as stop ids, they still end a guarded request (as backends/vllm.py does).
             stop_ids = list(request.stop_token_ids or [])
-            request.stop_token_ids = stop_ids + [i for i in self._guard_view.export.marker_ids if i not in stop_ids]
+            request.stop_token_ids = stop_ids + [i for i in self._outputs.export.marker_ids if i not in stop_ids]
         wants_ids = bool(request.return_token_ids)
         # vLLM leaves the echoed prompt out of a completion's text when it returns token ids (the
         # client has them); asked for here only to cut at a token, so the prompt goes back in.
@@ -347,28 +314,23 @@ class GenGuardLLMServer(LLMServer):
         async for response in outputs:
             num_stops = num_dropped = 0
             for choice in getattr(response, "choices", None) or []:
-                token_ids = list(choice.token_ids or [])
                 is_chat = hasattr(choice, "message")
                 text = choice.message.content if is_chat else choice.text
                 if echo is not None:
-                    text = echo.text(choice.index, choice.prompt_token_ids, self._guard_view) + (text or "")
-                kept = self._guard_view.kept_ids(token_ids, choice.stop_reason)
-                if kept is not None:
-                    # vLLM's text is an echoed prompt (if any), then the completion's (the marker
-                    # has no text): the completion is replaced by what the guard keeps.
-                    body = token_ids[:-1] if token_ids and token_ids[-1] == choice.stop_reason else token_ids
-                    text = _replace_tail(text or "", self._guard_view.decode(body), self._guard_view.decode(kept))
-                    _keep_logprobs(choice, len(token_ids) - len(kept))
+                    text = echo.text(choice.index, choice.prompt_token_ids, self._outputs) + (text or "")
+                kept = self._outputs.finished(choice.token_ids or [], text, choice.finish_reason, choice.stop_reason)
+                if kept.is_guard_stop:
+                    drop_logprobs(getattr(choice, "logprobs", None), kept.num_cut)
                     choice.finish_reason, choice.stop_reason = self._guard_stop
                     num_stops += 1
-                    num_dropped += len(token_ids) - 1 - len(kept)
-                    _record_guard_stop(len(token_ids) - 1 - len(kept))
+                    num_dropped += kept.num_dropped
+                    _record_guard_stop(kept.num_dropped)
                     if wants_ids:
-                        choice.token_ids = kept
+                        choice.token_ids = kept.token_ids
                 if is_chat:
-                    choice.message.content = text
+                    choice.message.content = kept.text
                 else:
-                    choice.text = text
+                    choice.text = kept.text
                 if not wants_ids:  # asked for by this server, not by the client: not sent
                     choice.token_ids = None
                     if hasattr(choice, "prompt_token_ids"):
@@ -386,7 +348,7 @@ class GenGuardLLMServer(LLMServer):
             items = batch if isinstance(batch, list) else [batch]
             fixed = []
             for item in items:
-                chunk = _parse_sse(item)
+                chunk = parse_sse(item)
                 if chunk is None:  # [DONE], an error, anything not a chunk: as is
                     fixed.append(item)
                     continue
@@ -394,18 +356,19 @@ class GenGuardLLMServer(LLMServer):
                 for choice in chunk.get("choices") or []:
                     index = choice.get("index", 0)
                     if index not in states:
-                        echo_text = (echo.text(index, choice.get("prompt_token_ids"), self._guard_view)
+                        echo_text = (echo.text(index, choice.get("prompt_token_ids"), self._outputs)
                                      if echo is not None else "")
-                        states[index] = _StreamChoice(echo_text)
-                    state = states[index]
-                    if state.update(choice, self._guard_view, is_chat, wants_ids, self._guard_stop):
+                        states[index] = _StreamChoice(StreamedCompletion.start(self._outputs, guarded=True),
+                                                      echo_text)
+                    if states[index].update(choice, is_chat, wants_ids, self._guard_stop):
                         choices.append(choice)
                 if chunk.get("usage"):
-                    chunk["usage"]["guard_stops"] = sum(s.is_guard_stop for s in states.values())
-                    chunk["usage"]["guard_dropped_tokens"] = sum(s.num_dropped for s in states.values())
+                    kept = [state.kept for state in states.values() if state.kept is not None]
+                    chunk["usage"]["guard_stops"] = sum(k.is_guard_stop for k in kept)
+                    chunk["usage"]["guard_dropped_tokens"] = sum(k.num_dropped for k in kept)
                 if choices or chunk.get("usage") or not chunk.get("choices"):
                     chunk["choices"] = choices
-                    fixed.append(f"data: {json.dumps(chunk)}\n\n")
+                    fixed.append(to_sse(chunk))
             if fixed:
                 yield fixed
 
@@ -421,26 +384,6 @@ def default_guard(method: str, request) -> str:
     return DEFAULT_GUARD[method]
 
 
-def _replace_tail(text: str, tail: str, new_tail: str) -> str:
-    """`text` with its `tail` replaced; only `new_tail` if it does not end so (no echo then)."""
-    return text[:len(text) - len(tail)] + new_tail if text.endswith(tail) else new_tail
-
-
-# A completion's logprobs are lists with one entry per token (the echoed prompt's first); a chat
-# completion's, the list `content`.
-_COMPLETION_LOGPROB_LISTS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
-_LOGPROB_LISTS = _COMPLETION_LOGPROB_LISTS + ("content",)
-
-
-def _keep_logprobs(choice, num_dropped: int) -> None:
-    """Drops the logprobs of the last `num_dropped` tokens of a response's choice."""
-    logprobs = getattr(choice, "logprobs", None)
-    for name in _LOGPROB_LISTS:
-        entries = getattr(logprobs, name, None)
-        if isinstance(entries, list):
-            setattr(logprobs, name, entries[:max(len(entries) - num_dropped, 0)])
-
-
 class _EchoedPrompts:
     """A completion request's prompts, for `echo`: choice i echoes prompt i // n."""
 
@@ -450,10 +393,10 @@ class _EchoedPrompts:
             list(prompt) if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt) else None)
         self.n = request.n or 1
 
-    def text(self, index: int, prompt_token_ids, view: "_GuardView") -> str:
+    def text(self, index: int, prompt_token_ids, outputs: VllmOutputs) -> str:
         if self.texts is not None and index // self.n < len(self.texts):
             return self.texts[index // self.n]
-        return view.decode(list(prompt_token_ids or []))  # a token-id prompt: its text
+        return outputs.decode(list(prompt_token_ids or []))  # a token-id prompt: its text
 
 
 def is_guard_off(value) -> bool:
@@ -467,59 +410,38 @@ def is_guard_off(value) -> bool:
 
 
 class _StreamChoice:
-    """One streamed choice: all its token ids (and their logprobs), vLLM's text, and what was sent
-    of it."""
+    """One streamed choice's chunks, rewritten to carry only what its StreamedCompletion sends."""
 
-    def __init__(self, echo_text: str = ""):
-        self.token_ids: list[int] = []
-        self.logprobs: list = []  # one entry per token id, as vLLM streamed them
-        self.has_logprobs = False  # the client asked for logprobs
-        self.text = ""
-        self.sent_text = ""
-        self.num_sent_ids = 0
-        self.is_guard_stop = False
-        self.num_dropped = 0
+    def __init__(self, stream: StreamedCompletion, echo_text: str = ""):
+        self.stream = stream
         self.echo_text = echo_text  # sent in front of the first chunk's text
+        self.kept = None  # the finished completion
 
-    def update(self, choice: dict, view: _GuardView, is_chat: bool, wants_ids: bool,
-               guard_stop: tuple[str, str | None]) -> bool:
+    def update(self, choice: dict, is_chat: bool, wants_ids: bool, guard_stop: tuple[str, str | None]) -> bool:
         """Rewrite `choice` in place to carry only safe text (`guard_stop`: its finish_reason and
         stop_reason after a guard stop); False: nothing to send yet."""
+        stream = self.stream
         new_ids = choice.get("token_ids") or []
         delta = choice.get("delta") or {} if is_chat else None
-        if is_chat and not new_ids and not self.token_ids and delta.get("content"):
+        if is_chat and not new_ids and not stream.token_ids and delta.get("content"):
             return True  # chat's echo of the last message, before any token: not the guard's
-        self.token_ids.extend(new_ids)
         # The entries before the new tokens' are an echoed prompt's (first chunk): sent at once.
-        entries = _logprob_entries(choice.get("logprobs"), is_chat)
+        entries = logprob_entries(choice.get("logprobs"), is_chat)
         num_prompt_entries = max(len(entries) - len(new_ids), 0) if entries is not None else 0
-        if entries is not None:
-            self.has_logprobs = True
-            self.logprobs.extend(entries[num_prompt_entries:])
-        self.text += (delta.get("content") or "") if is_chat else (choice.get("text") or "")
+        new_text = (delta.get("content") or "") if is_chat else (choice.get("text") or "")
+        stream.add(new_ids, stream.text + new_text, None if entries is None else entries[num_prompt_entries:])
         finish = choice.get("finish_reason")
         if finish is not None:
-            kept = view.kept_ids(self.token_ids, choice.get("stop_reason"))
-            if kept is not None:
-                safe, safe_ids = view.decode(kept), len(kept)
+            self.kept = stream.outputs.finished(stream.token_ids, stream.text, finish, choice.get("stop_reason"))
+            if self.kept.is_guard_stop:
                 choice["finish_reason"], choice["stop_reason"] = guard_stop
-                self.is_guard_stop, self.num_dropped = True, len(self.token_ids) - 1 - len(kept)
-                _record_guard_stop(self.num_dropped)
-            else:
-                safe, safe_ids = self.text, len(self.token_ids)
+                _record_guard_stop(self.kept.num_dropped)
+            sent = stream.final_delta(self.kept)
         else:
-            # A stop decided on a line's end comes one step after it: the newest token's line
-            # may still be dropped, so send whole lines up to the line end before it.
-            safe_ids = view.last_line_end(self.token_ids, len(self.token_ids) - 1)
-            safe = view.decode(self.token_ids[:safe_ids]) if safe_ids > self.num_sent_ids else self.sent_text
-        if not safe.startswith(self.sent_text):
-            safe = self.sent_text  # never take back what was sent
-        text = safe[len(self.sent_text):]
-        ids = self.token_ids[self.num_sent_ids:safe_ids]
-        if self.has_logprobs:  # the entries of the ids sent now, whichever chunk brought them
-            choice["logprobs"] = _pack_logprobs(
-                (entries or [])[:num_prompt_entries] + self.logprobs[self.num_sent_ids:safe_ids], is_chat)
-        self.sent_text, self.num_sent_ids = safe, max(self.num_sent_ids, safe_ids)
+            sent = stream.safe_delta()
+        if sent.logprobs is not None:  # the entries of the ids sent now, whichever chunk brought them
+            choice["logprobs"] = pack_logprobs((entries or [])[:num_prompt_entries] + sent.logprobs, is_chat)
+        text = sent.text
         if self.echo_text:
             text, self.echo_text = self.echo_text + text, ""
         if is_chat:
@@ -528,41 +450,11 @@ class _StreamChoice:
         else:
             choice["text"] = text
         if wants_ids:
-            choice["token_ids"] = ids
+            choice["token_ids"] = sent.token_ids
         else:
             choice.pop("token_ids", None)
             choice.pop("prompt_token_ids", None)
         return bool(text) or bool(num_prompt_entries) or finish is not None or bool(is_chat and delta.get("role"))
-
-
-def _logprob_entries(logprobs: dict | None, is_chat: bool) -> list | None:
-    """A streamed chunk's logprobs as one entry per token (None: none in this chunk)."""
-    if not logprobs:
-        return None
-    if is_chat:
-        return list(logprobs.get("content") or [])
-    lists = {name: logprobs[name] for name in _COMPLETION_LOGPROB_LISTS if isinstance(logprobs.get(name), list)}
-    num_entries = max((len(values) for values in lists.values()), default=0)
-    return [{name: values[i] for name, values in lists.items() if i < len(values)} for i in range(num_entries)]
-
-
-def _pack_logprobs(entries: list, is_chat: bool) -> dict:
-    if is_chat:
-        return {"content": entries}
-    return {name: [entry.get(name) for entry in entries] for name in _COMPLETION_LOGPROB_LISTS}
-
-
-def _parse_sse(item) -> dict | None:
-    if not isinstance(item, str) or not item.startswith("data: "):
-        return None
-    payload = item[len("data: "):].strip()
-    if payload == "[DONE]":
-        return None
-    try:
-        chunk = json.loads(payload)
-    except json.JSONDecodeError:
-        return None
-    return chunk if isinstance(chunk, dict) and "choices" in chunk else None
 
 
 def _record_guard_stop(num_dropped_tokens: int) -> None:

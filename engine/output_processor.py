@@ -13,11 +13,9 @@ from guard.policy import StopPolicy, fold_token, gate_step
 from guard.syntax import gate_check
 from guard.token_table import TokenTable
 
+from engine.holdback import HoldBack
 from engine.runner import RunnerOutput
 from engine.sequence import FinishReason, Sequence
-
-# Hold back a partial UTF-8 character in streams until the next token completes it.
-_REPLACEMENT_CHAR = "\ufffd"
 
 
 class OutputProcessor:
@@ -107,12 +105,11 @@ class OutputProcessor:
         if seq.is_finished:
             safe = seq.text
         else:
+            # With the guard on, the current line may still be dropped (a stop is decided on the
+            # token's own vote here, so no lag); seq.text is the whole text when stop strings are set.
             guard_on = self.policy is not None and seq.params.use_guard and not self.policy.keep_stop_line
-            # With the guard on, the current line may still be dropped; send whole lines only.
-            ids = seq.output_ids[:seq.line_start] if guard_on else seq.output_ids
-            safe = self.decode(ids).rstrip(_REPLACEMENT_CHAR)
-            if seq.params.stop:
-                safe = safe[:max(0, len(safe) - max(len(s) for s in seq.params.stop) + 1)]
+            hold = HoldBack(self.token_table.arrays["is_line_end"] if guard_on else None, tuple(seq.params.stop))
+            safe = hold.safe_text(self.decode(seq.output_ids[:hold.safe_token_end(seq.output_ids)]), seq.text)
         delta = safe[seq.num_streamed_chars:]
         seq.num_streamed_chars = max(seq.num_streamed_chars, len(safe))
         return delta

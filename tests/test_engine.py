@@ -7,9 +7,9 @@ from engine import sampler as sampler_module
 from engine.params import MAX_SEED, MIN_SEED
 from engine.sampler import SamplingError, sample
 from engine.sequence import Sequence
-from engine.tiny import build_tiny_model_and_tokenizer
 from guard.policy import StopPolicy, count_blank_lines
 from guard.probe import GenGuard, GuardMismatchError
+from models.tiny import build_tiny_model_and_tokenizer
 from tests.helpers import TINY_HIDDEN_SIZE, constant_guard, tiny_engine
 
 PROMPTS = ["def add(a, b):\n", "x = 1\n", "import os\nprint(os.getcwd())\n", "hello",

@@ -12,8 +12,8 @@ import yaml
 
 from deployments.finish_reasons import guard_stop_fields
 from deployments.llm_app import LLMAppConfig, LocalModelCallback, build_app, build_llm_config
-from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
+from models.tiny import TINY_MODEL_NAME
 from tests.helpers import constant_guard
 from tests.conftest import REPO_ROOT
 
@@ -261,11 +261,12 @@ def guarded_server(tmp_path_factory):
     an LLMServer, whose start it would be)."""
     from types import SimpleNamespace
 
-    from deployments.llm_app import GenGuardLLMServer, _GuardView
+    from backends.vllm_output import VllmOutputs
+    from deployments.llm_app import GenGuardLLMServer
     from tests.test_vllm_processor import POLICY, tiny_export
 
-    view = _GuardView(tiny_export(tmp_path_factory, POLICY))
-    server = SimpleNamespace(_guard_view=view, _guard_stop=guard_stop_fields())
+    view = VllmOutputs.load(tiny_export(tmp_path_factory, POLICY))
+    server = SimpleNamespace(_outputs=view, _guard_stop=guard_stop_fields())
     for name in ("_fix_responses", "_fix_stream"):
         setattr(server, name, getattr(GenGuardLLMServer, name).__get__(server))
     return server
@@ -306,7 +307,7 @@ def test_a_guard_stop_leaves_the_dropped_tokens_logprobs_out_and_echo_keeps_the_
     from deployments.llm_app import _EchoedPrompts
     from guard.export import MarkerKind
 
-    view = guarded_server._guard_view
+    view = guarded_server._outputs
     marker = view.export.marker_id(MarkerKind.DROP_OPEN)
     prompt_ids, output_ids = encode(view, PROMPT), encode(view, KEPT + DROPPED)
     tokens = list(PROMPT) + list(KEPT + DROPPED) + [""]
@@ -335,9 +336,9 @@ def test_the_old_finish_reason_guard_is_one_config_field_away(guarded_server):
     from deployments.llm_app import GenGuardLLMServer
     from guard.export import MarkerKind
 
-    view = guarded_server._guard_view
+    view = guarded_server._outputs
     marker = view.export.marker_id(MarkerKind.DROP_OPEN)
-    legacy = SimpleNamespace(_guard_view=view, _guard_stop=guard_stop_fields(legacy=True))
+    legacy = SimpleNamespace(_outputs=view, _guard_stop=guard_stop_fields(legacy=True))
     choice = CompletionResponseChoice(index=0, text=KEPT + DROPPED, finish_reason="stop", stop_reason=marker,
                                       token_ids=encode(view, KEPT + DROPPED) + [marker])
     (fixed,) = collect(GenGuardLLMServer._fix_responses.__get__(legacy)(
@@ -359,7 +360,7 @@ def test_a_stream_holds_back_logprobs_with_their_text_and_echo_comes_first(guard
     from deployments.llm_app import _EchoedPrompts
     from guard.export import MarkerKind
 
-    view = guarded_server._guard_view
+    view = guarded_server._outputs
     marker = view.export.marker_id(MarkerKind.DROP_OPEN)
     pieces = ["    ret", "urn x\npr", "int("]
     chunks, offset = [], len(PROMPT)
@@ -392,7 +393,7 @@ def test_a_stream_holds_back_logprobs_with_their_text_and_echo_comes_first(guard
 def test_a_chat_stream_passes_the_echo_and_drops_the_excess_logprobs(guarded_server):
     from guard.export import MarkerKind
 
-    view = guarded_server._guard_view
+    view = guarded_server._outputs
     marker = view.export.marker_id(MarkerKind.DROP_OPEN)
     entry = lambda t: {"token": t, "logprob": -0.5, "bytes": None, "top_logprobs": []}  # noqa: E731
     chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},

@@ -3,8 +3,8 @@ engine runs the guard; the tiny model with a guard sure that every token is exce
 import pytest
 
 from backends.ray_data_llm import build_guarded_processor, guard_postprocess, guard_preprocess, guarded_processor_config
-from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
+from models.tiny import TINY_MODEL_NAME
 from tests.helpers import constant_guard, engine_stack_imported_by
 from tests.test_llm_app import SURE_STOP_LOGIT
 

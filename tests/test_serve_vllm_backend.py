@@ -6,8 +6,8 @@ import httpx
 import pytest
 
 from deployments.config import ServeConfig
-from engine.tiny import TINY_MODEL_NAME
 from guard.policy import StopPolicy
+from models.tiny import TINY_MODEL_NAME
 from tests.helpers import constant_guard
 from tests.test_llm_app import SURE_STOP_LOGIT
 
