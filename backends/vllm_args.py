@@ -1,5 +1,5 @@
 """vLLM's engine arguments for a BackendSpec, the same for every way we start vLLM: our backend
-(backends/vllm.py), Ray Serve LLM (deployments/llm_app.py) and Ray Data LLM (backends/ray_data_llm.py).
+(backends/vllm.py), Ray Serve LLM (deployments/llm_app.py) and Ray Data LLM (jobs/ray_data_llm.py).
 
 No torch or vLLM import at module level: Ray Data LLM's and Ray Serve LLM's drivers build these
 without loading an engine's stack (guard/vllm_contract.py says why).

@@ -1,5 +1,5 @@
 """vLLM's output as we return it: one contract for our backend (backends/vllm.py), Ray Serve LLM's
-server (deployments/llm_app.py) and Ray Data LLM's postprocess (backends/ray_data_llm.py).
+server (deployments/llm_app.py) and Ray Data LLM's postprocess (jobs/ray_data_llm.py).
 
 vLLM reports a guard stop as a stop on a marker token (guard/export.py). Read here, a completion
 keeps the ids and text the guard keeps (the excess line and the marker out), finishes as our

@@ -1,8 +1,8 @@
-"""GenGuard in Ray Data LLM (backends/ray_data_llm.py): a `ray.data.llm` processor whose vLLM
+"""GenGuard in Ray Data LLM (jobs/ray_data_llm.py): a `ray.data.llm` processor whose vLLM
 engine runs the guard; the tiny model with a guard sure that every token is excess."""
 import pytest
 
-from backends.ray_data_llm import build_guarded_processor, guard_postprocess, guard_preprocess, guarded_processor_config
+from jobs.ray_data_llm import build_guarded_processor, guard_postprocess, guard_preprocess, guarded_processor_config
 from guard.policy import StopPolicy
 from models.tiny import TINY_MODEL_NAME
 from tests.helpers import constant_guard, engine_stack_imported_by
@@ -103,4 +103,4 @@ def test_preprocess_puts_a_rows_own_settings_over_the_defaults():
 def test_the_processors_row_functions_load_no_engine():
     """Ray Data runs the preprocess and postprocess in fresh task workers, which import this
     module to call them: importing vLLM there cost each worker 12 s of CPU beside the engine."""
-    assert engine_stack_imported_by("import backends.ray_data_llm, guard.vllm_contract") == []
+    assert engine_stack_imported_by("import jobs.ray_data_llm, guard.vllm_contract") == []
