@@ -1,9 +1,8 @@
 """Which floating-point type runs the model when the user asks for `auto` (the default).
 
 bfloat16 halves memory traffic, but on a CPU without native bf16 instructions (AVX512_BF16, AMX,
-or Arm's BF16) PyTorch emulates it and it is slower than float32: on an AVX2-only EPYC we
-measured a 2400-token prefill at 23 tokens/s in bf16 vs 132 in float32, and decode 2x slower.
-So `auto` picks bf16 on a CPU only where the hardware has it; on a GPU, bf16 where supported.
+or Arm's BF16) PyTorch emulates it and it is several times slower than float32 (figures in
+docs/measurements-notes.md). So `auto` picks bf16 on a CPU only where the hardware has it; on a GPU, bf16 where supported.
 """
 from __future__ import annotations
 

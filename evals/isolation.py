@@ -81,7 +81,7 @@ PRIVATE_ROOT_SCRIPT = Path(__file__).with_name("private_root.py")
 PRIVATE_WORK_DIR = "/tmp/work"  # as the program sees it, in its private root
 PRIVATE_SHARED_DIR = "/tmp/.shared"  # read-only toolchain caches, one numbered folder each
 PRIVATE_MAX_INODES = 16384  # files in the run's tmpfs: empty files cost kernel memory, not bytes
-HOLDER_START_S = 20.0  # the holder is a python that mounts three things; ~50 ms when idle
+HOLDER_START_S = 20.0  # the holder is a python that mounts three things: far longer only on a loaded host
 PROBE_DISK_BYTES = 1 << 20
 # Queued signals and POSIX timers (each holds one preallocated): without a bound a program can
 # pin kernel memory with a million timers. Go and node use a handful.

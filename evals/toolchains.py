@@ -8,7 +8,7 @@
   and that runs see read-only, so no run can plant an entry for the next one. A package that is
   not in it is compiled per run (slower, still correct).
 - cpp: g++ -O0 -std=c++17, with a precompiled <bits/stdc++.h> (every MBCPP prompt includes it):
-  built once into ~/.cache/codefast/cpp-pch, it cuts a compile from ~0.75 s to ~0.2 s.
+  built once into ~/.cache/codefast/cpp-pch, it spares each compile parsing the whole library.
 - java: javac, then java -cp . Main (MBJP tests are `class Main`), the JVM capped (JVM_FLAGS).
 - typescript: transpiled in the sandbox by the typescript package (TS_TRANSPILE), run by node;
   MBTSP prompts import mathjs and heap-js, so those are installed too.

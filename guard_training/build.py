@@ -30,7 +30,7 @@ MIN_BLANK_LINE_DONE_SHARE = 0.95
 
 def sampling_backend(requested: str, model: str) -> str:
     """The backend that samples: `auto` picks vLLM (faster even on CPU) when it is installed,
-    except for the tiny test model, where its ~30 s start outweighs the few tokens sampled."""
+    except for the tiny test model, where vLLM's start outweighs the few tokens sampled."""
     from models.tiny import TINY_MODEL_NAME
 
     if requested != "auto":
