@@ -98,7 +98,7 @@ def run_ray_job(args, guard: str | None, corpus: Path, output: Path, **overrides
                     max_num_seqs=args.max_num_seqs, dtype=args.dtype, num_cpus_per_actor=args.threads,
                     num_gpus_per_actor=args.num_gpus_per_actor, min_rows_per_file=10**9,
                     progress_interval_s=30.0)
-    summary = run_job(JobConfig(**{**settings, **overrides}), log=lambda line: print(line, flush=True))
+    summary = run_job(JobConfig.from_args({**settings, **overrides}), log=lambda line: print(line, flush=True))
     table = read_output(output, ["id", "completion", "num_generated_tokens"])
     texts = dict(zip(table.column("id").to_pylist(), table.column("completion").to_pylist()))
     return measure(summary["wall_s"], table.column("num_generated_tokens").to_pylist(),

@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         from deployments.config import ServeConfig
         from deployments.serve_cli import start_local_ray, start_server, stop_server
 
-        config = ServeConfig(model=args.model, guard=args.guard, max_num_seqs=args.max_num_seqs,
-                             dtype=args.dtype, num_cpus=args.num_cpus)
+        config = ServeConfig.from_args(dict(model=args.model, guard=args.guard, max_num_seqs=args.max_num_seqs,
+                                            dtype=args.dtype, num_cpus=args.num_cpus))
         start_local_ray(num_cpus=4)  # more logical CPUs than cores: proxy + replica never starve
         url = start_server(config, "127.0.0.1", args.port)
     try:

@@ -72,7 +72,7 @@ def _check_live_capacity(config: ServeConfig) -> None:
         return
     limit = getattr(deployment_config, "max_ongoing_requests", None)
     if isinstance(limit, int):
-        check_capacity(limit, config.max_num_seqs)
+        check_capacity(limit, config.engine.max_num_seqs)
 
 
 @serve.deployment(name="CodeFastServer")
@@ -81,15 +81,15 @@ class CodeFastServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         _check_live_capacity(config)
-        self.backend = build_backend(config.backend_spec())
+        self.backend = build_backend(config.engine)
         info = self.backend.info
-        self.served_names = {info.model_name, config.model}
+        self.served_names = {info.model_name, config.engine.model}
         self.created = int(time.time())
         self.metrics = serve_metrics()
         self.num_requests = 0  # completion requests that passed body validation
         self.num_cancelled_requests = 0  # client went away before its completion was done
         logger.info("CodeFast replica ready: backend=%s model=%s guard=%s slots=%d", info.backend,
-                    info.model_name, info.has_guard, config.max_num_seqs)
+                    info.model_name, info.has_guard, config.engine.max_num_seqs)
 
     def __del__(self):
         backend = getattr(self, "backend", None)
@@ -242,7 +242,8 @@ class CodeFastServer:
 
 
 def build_app(args: dict | ServeConfig | None = None) -> Application:
-    """Serve application builder (`import_path: deployments.app:build_app`, `args:` = ServeConfig
-    fields). Raises ValueError on a bad config, e.g. max_ongoing_requests < max_num_seqs."""
+    """Serve application builder (`import_path: deployments.app:build_app`, `args:` = the engine's
+    BackendSpec fields and ServeConfig's Serve options, flat). Raises ValueError on a bad config,
+    e.g. max_ongoing_requests < max_num_seqs."""
     config = args if isinstance(args, ServeConfig) else ServeConfig.from_args(dict(args or {}))
     return CodeFastServer.options(**config.deployment_options()).bind(config)

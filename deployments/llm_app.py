@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import HTTPException
@@ -61,6 +60,7 @@ from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
 from backends.vllm_output import (StreamedCompletion, VllmOutputs, drop_logprobs, logprob_entries,
                                   pack_logprobs, parse_sse, to_sse)
+from deployments.config import LLMAppConfig
 from deployments.errors import BodyLimitMiddleware
 from deployments.finish_reasons import GUARD_STOP_REASON, guard_stop_fields
 from guard.vllm_contract import GUARD_ARG, guard_columns_masked_by, parse_guard_arg
@@ -71,67 +71,15 @@ GENGUARD_CONFIG_KEY = "genguard"  # in LLMConfig.experimental_configs: what to e
 DEFAULT_GUARD = {"completions": "on", "chat": "off"}
 
 
-@dataclass(frozen=True)
-class LLMAppConfig:
-    """The `args:` of `serve run deployments/config.vllm.yaml` (validated before anything deploys)."""
-
-    model: str = "default"  # a packaged model ("default", "qwen2.5-coder-1.5b") or a local HF model folder
-    guard: str | None = "default"  # "default" (shipped for the model), None/"none", or a guard folder
-    model_id: str | None = None  # the name clients use; None: the model's own name
-    max_num_seqs: int = 16
-    dtype: str = "auto"
-    device: str = "cpu"  # "cpu" or "gpu"
-    enforce_eager: bool | None = None  # None: eager on CPU (no compile at start), graphs on GPU
-    kv_cache_gib: int = 4  # CPU only, whole GiB
-    max_model_len: int | None = 8192
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: int | None = None  # None: max_num_seqs
-    max_ongoing_requests: int | None = None  # None: 2x max_num_seqs
-    num_cpus: float = 1.0  # CPU only: the engine's share; the replica's actor (vLLM's frontend) takes 1 more
-    # "stop": finish_reason "stop" with stop_reason "guard" after a guard stop (OpenAI's values);
-    # "guard": finish_reason "guard", for clients written against it.
-    guard_finish_reason: str = "stop"
-
-    def __post_init__(self) -> None:
-        if self.device not in ("cpu", "gpu"):
-            raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
-        if self.guard_finish_reason not in ("stop", GUARD_STOP_REASON):
-            raise ValueError(f"guard_finish_reason must be 'stop' or {GUARD_STOP_REASON!r},"
-                             f" got {self.guard_finish_reason!r}")
-        object.__setattr__(self, "guard", self.backend_spec().guard)
-        if not 1 <= self.min_replicas <= self.max_replicas:
-            raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
-        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_num_seqs:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_num_seqs"
-                             f" ({self.max_num_seqs}): a replica would never fill its batch")
-
-    def backend_spec(self):
-        """The engine's settings as a BackendSpec (validated there), for backends/vllm_args.py."""
-        from backends.spec import BackendSpec
-
-        return BackendSpec(backend="vllm", model=self.model, guard=self.guard, max_num_seqs=self.max_num_seqs,
-                           dtype=self.dtype, device="cpu" if self.device == "cpu" else "cuda",
-                           enforce_eager=self.enforce_eager, kv_cache_gib=self.kv_cache_gib,
-                           max_model_len=self.max_model_len)
-
-    @classmethod
-    def from_args(cls, args: dict) -> "LLMAppConfig":
-        unknown = sorted(set(args) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown application args {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**args)
-
-
 def build_llm_config(config: LLMAppConfig) -> LLMConfig:
     """The Ray Serve LLM config of one guarded model (the export is prepared here and in replicas)."""
     from backends.vllm_args import RAY_WORKER_ENV, served_folder, vllm_engine_args
 
-    spec = config.backend_spec()
+    spec = config.engine
     folder, model_name = served_folder(spec)
     args = vllm_engine_args(spec, picks_executor=False)  # Ray Serve LLM forces its own executor
-    is_cpu = config.device == "cpu"
-    max_ongoing = config.max_ongoing_requests or 2 * config.max_num_seqs
+    is_cpu = spec.device == "cpu"
+    max_ongoing = config.max_ongoing_requests or 2 * spec.max_num_seqs
     kwargs = {}
     if is_cpu:  # without it Ray Serve LLM asks for a GPU and never schedules
         kwargs["accelerator_config"] = {"kind": "cpu"}
@@ -144,18 +92,18 @@ def build_llm_config(config: LLMAppConfig) -> LLMConfig:
             "max_ongoing_requests": max_ongoing,
             "autoscaling_config": {"min_replicas": config.min_replicas, "initial_replicas": config.min_replicas,
                                    "max_replicas": config.max_replicas,
-                                   "target_ongoing_requests": config.target_ongoing_requests or config.max_num_seqs},
+                                   "target_ongoing_requests": config.target_ongoing_requests or spec.max_num_seqs},
         },
         server_cls=GenGuardLLMServer,
         callback_config={"callback_class": LocalModelCallback},
-        experimental_configs={GENGUARD_CONFIG_KEY: {"model": config.model, "guard": config.guard,
+        experimental_configs={GENGUARD_CONFIG_KEY: {"model": spec.model, "guard": spec.guard,
                                                     "finish_reason": config.guard_finish_reason}},
         **kwargs,
     )
 
 
 def build_app(args: dict | LLMAppConfig | None = None):
-    """`import_path: deployments.llm_app:build_app` (`args:` = LLMAppConfig fields)."""
+    """`import_path: deployments.llm_app:build_app` (`args:` = LLMAppConfig.from_args's keys)."""
     config = args if isinstance(args, LLMAppConfig) else LLMAppConfig.from_args(dict(args or {}))
     return build_ingress_app(build_llm_config(config))
 

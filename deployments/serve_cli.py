@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from backends.spec import BackendSpec, add_spec_arguments, spec_from_namespace
 from deployments.config import ServeConfig
 
 APP_NAME = "codefast"
@@ -49,13 +50,9 @@ def stop_server() -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m deployments.serve_cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--guard", default="default", help="'default', 'none' or a guard folder")
-    parser.add_argument("--max-num-seqs", type=int, default=8)
+    add_spec_arguments(parser, BackendSpec())  # --backend, --model, --guard, --max-num-seqs...
     parser.add_argument("--max-ongoing-requests", type=int, default=None,
                         help="requests Serve lets into one replica (>= max-num-seqs; default 2x)")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--min-replicas", type=int, default=1)
     parser.add_argument("--max-replicas", type=int, default=1)
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica")
@@ -66,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    return ServeConfig(model=args.model, guard=args.guard, max_num_seqs=args.max_num_seqs,
-                       max_ongoing_requests=args.max_ongoing_requests, dtype=args.dtype, device=args.device, min_replicas=args.min_replicas,
+    return ServeConfig(engine=spec_from_namespace(args, BackendSpec()),
+                       max_ongoing_requests=args.max_ongoing_requests, min_replicas=args.min_replicas,
                        max_replicas=args.max_replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
 
 
@@ -77,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     start_local_ray()
     try:
         url = start_server(config, args.host, args.port)
-        print(f"CodeFast serving {config.model} at {url}/v1/completions (Ctrl-C to stop)", flush=True)
+        print(f"CodeFast serving {config.engine.model} at {url}/v1/completions (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

@@ -95,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     quiet_ray_data_console()
     print("[demo] starting a local Ray (127.0.0.1) ...", flush=True)
-    is_ray_owner = connect_ray(JobConfig(output=str(work_dir), **settings), address=None)
+    is_ray_owner = connect_ray(JobConfig.from_args({"output": str(work_dir), **settings}), address=None)
     runs = []
     try:
         for label, guard in (("GenGuard", "default"), ("no guard", None)):
             print(f"\n[demo] job {len(runs) + 1}/2: {label}", flush=True)
-            config = JobConfig(output=str(work_dir / ("out-guard" if guard else "out-noguard")),
-                               guard=guard, **settings)
+            config = JobConfig.from_args({"output": str(work_dir / ("out-guard" if guard else "out-noguard")),
+                                          "guard": guard, **settings})
             runs.append((label, run_job(config, log=show)))
     finally:
         if is_ray_owner:

@@ -24,9 +24,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from backends.protocol import BACKEND_NAMES
-from backends.spec import BackendSpec
-from engine.dtypes import DTYPE_NAMES
+from backends.spec import BackendSpec, add_spec_arguments, config_from_args, spec_from_namespace
 from engine.params import SamplingParams
 from jobs.corpus import describe, open_corpus
 from jobs.http_worker import ServeSpec, check_server
@@ -45,9 +43,9 @@ class JobConfig:
     prompt_column: str = "prompt"
     id_column: str = "id"
     split: str | None = None
-    backend: str = "codefast"  # "codefast" | "vllm": which GenerationBackend the actors build
-    model: str = "default"
-    guard: str | None = "default"  # "default", None (no guard) or a guard folder
+    # What each actor runs (with --serve-url, only model and guard are read). Unset device and
+    # num_threads follow the actor's resources: cuda with a GPU, one torch thread per CPU.
+    engine: BackendSpec = BackendSpec()
     max_new_tokens: int = 300
     temperature: float = 0.0
     top_p: float = 1.0
@@ -58,8 +56,6 @@ class JobConfig:
     max_actors: int = 1
     batches_per_actor: int = DEFAULT_BATCHES_PER_ACTOR  # batch calls in flight per actor
     batch_size: int = 16  # rows per batch call
-    max_num_seqs: int = 8
-    dtype: str = "auto"
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     min_rows_per_file: int = 256  # rows per output file (at least; the last may hold fewer)
@@ -71,8 +67,10 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.engine, BackendSpec):
+            raise ValueError(f"engine must be a BackendSpec, got {type(self.engine).__name__}")
         for name in ("num_samples", "min_actors", "max_actors", "batches_per_actor", "batch_size",
-                     "max_num_seqs", "min_rows_per_file", "http_concurrency", "ray_num_cpus"):
+                     "min_rows_per_file", "http_concurrency", "ray_num_cpus"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -84,35 +82,35 @@ class JobConfig:
             raise ValueError(f"progress_interval_s must be > 0, got {self.progress_interval_s}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}")
         if self.serve_url:
-            if self.guard not in (None, "default"):
+            if self.engine.guard not in (None, "default"):
                 raise ValueError("a guard folder cannot be used with --serve-url: the deployment "
                                  "owns its guard; use --guard default (on) or none (off)")
             self.serve_spec()
         else:
-            self.backend_spec()
+            actor_device = "cuda" if self.num_gpus_per_actor > 0 else "cpu"
+            object.__setattr__(self, "engine", self.engine.with_overrides(
+                device=actor_device if self.engine.device == "auto" else self.engine.device,
+                num_threads=self.engine.num_threads or max(1, int(self.num_cpus_per_actor))))
         self.sampling_params()
+
+    @classmethod
+    def from_args(cls, args: dict) -> "JobConfig":
+        """From one flat mapping of settings: the engine's BackendSpec fields and the job's own."""
+        return config_from_args(cls, args, BackendSpec(), what="job settings")
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                               top_p=self.top_p, seed=self.seed, stop=self.stop,
-                              use_guard=self.guard is not None)
+                              use_guard=self.engine.guard is not None)
 
     def row_settings(self) -> RowSettings:
         # Serve mode: the deployment decides what "guard on" means, so a row may always ask.
-        return RowSettings(self.sampling_params(), self.prompt_column, self.id_column,
-                           self.num_samples, is_guard_available=bool(self.serve_url) or self.guard is not None)
-
-    def backend_spec(self) -> BackendSpec:
-        return BackendSpec(backend=self.backend, model=self.model, guard=self.guard,
-                           max_num_seqs=self.max_num_seqs, dtype=self.dtype,
-                           device="cuda" if self.num_gpus_per_actor > 0 else "cpu",
-                           num_threads=max(1, int(self.num_cpus_per_actor)))
+        return RowSettings(self.sampling_params(), self.prompt_column, self.id_column, self.num_samples,
+                           is_guard_available=bool(self.serve_url) or self.engine.guard is not None)
 
     def serve_spec(self) -> ServeSpec:
-        model = None if self.model == "default" else self.model  # "default": what is served
+        model = None if self.engine.model == "default" else self.engine.model  # "default": what is served
         return ServeSpec(self.serve_url, model, concurrency=self.http_concurrency)
 
 
@@ -197,7 +195,7 @@ def build_dataset(corpus, config: JobConfig, ledger, registries, checkpoint):
     if config.serve_url:
         worker, args, num_gpus = HttpWorker, (config.serve_spec(), config.row_settings(), ledger), 0
     else:
-        worker, args = BackendWorker, (config.backend_spec(), config.row_settings(), ledger)
+        worker, args = BackendWorker, (config.engine, config.row_settings(), ledger)
         num_gpus = config.num_gpus_per_actor
     dataset = dataset.map_batches(worker, fn_constructor_args=args, batch_size=config.batch_size,
                                   batch_format="pyarrow", compute=compute,
@@ -315,7 +313,7 @@ def _run(corpus, config: JobConfig, output, checkpoint, run_id: str, log, num_al
 def _starting_what(config: JobConfig, num_already_done: int) -> str:
     """What the progress line names until the first worker is up (an engine loads for minutes)."""
     what = (f"starting workers (Serve at {config.serve_url})" if config.serve_url
-            else f"starting engine ({config.backend}, {config.model})")
+            else f"starting engine ({config.engine.backend}, {config.engine.model})")
     return what + ("; Ray loads the checkpoint's ids meanwhile" if num_already_done else "")
 
 
@@ -326,7 +324,7 @@ def _summary(totals: dict, wall_s: float, config: JobConfig, run_id: str, num_al
     summary = summarize(totals, wall_s)
     summary.update(run_id=run_id, num_already_done=num_already_done, output=redacted(output.uri),
                    checkpoint=redacted(checkpoint.uri), mode="serve" if config.serve_url else "actors",
-                   backend=None if config.serve_url else config.backend,
+                   backend=None if config.serve_url else config.engine.backend,
                    # ru_maxrss is in KiB on Linux: the driver's own peak, not the workers'.
                    driver_peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     return summary
@@ -342,9 +340,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--id-column", default="id", help="if absent, ids are prompt hashes")
     p.add_argument("--split", default=None, help="split of a saved DatasetDict")
-    p.add_argument("--backend", default="codefast", choices=list(BACKEND_NAMES))
-    p.add_argument("--model", default="default")
-    p.add_argument("--guard", default="default", help="'default', 'none' or a guard folder")
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -357,8 +352,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
     p.add_argument("--batches-per-actor", type=int, default=DEFAULT_BATCHES_PER_ACTOR,
                    help="batch calls in flight per actor")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=8)
-    p.add_argument("--dtype", default="auto", choices=list(DTYPE_NAMES))
     p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     p.add_argument("--min-rows-per-file", type=int, default=256)
@@ -369,17 +362,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--verbose", action="store_true",
                    help="print the workers' and engines' own logs here (default: in Ray's log files)")
+    add_spec_arguments(p, BackendSpec())  # --backend, --model, --guard, --max-num-seqs...
     args = p.parse_args(argv)
     min_actors = args.num_actors or args.min_actors
     max_actors = args.num_actors or args.max_actors or min_actors
     config = JobConfig(
         input=args.input, output=args.output, checkpoint=args.checkpoint,
         prompt_column=args.prompt_column, id_column=args.id_column, split=args.split,
-        backend=args.backend, model=args.model, guard=None if args.guard == "none" else args.guard,
+        engine=spec_from_namespace(args, BackendSpec()),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, stop=tuple(args.stop), num_samples=args.num_samples,
         min_actors=min_actors, max_actors=max_actors, batches_per_actor=args.batches_per_actor,
-        batch_size=args.batch_size, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
+        batch_size=args.batch_size,
         num_cpus_per_actor=args.num_cpus_per_actor, num_gpus_per_actor=args.num_gpus_per_actor,
         min_rows_per_file=args.min_rows_per_file, serve_url=args.serve_url,
         http_concurrency=args.http_concurrency, progress_interval_s=args.progress_interval,

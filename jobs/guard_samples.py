@@ -56,7 +56,8 @@ def sample_with_ray(out: Path, languages: list[str], per_language: int, temperat
         for t_index, temperature in enumerate(temperatures) for lang in todo for p in problems[lang]])
     log(f"[guard_samples] {sum(map(len, problems.values()))} prompts x temperatures "
         f"{', '.join(f'{t:g}' for t in temperatures)}")
-    config = JobConfig(input=str(corpus), output=str(job_dir(out) / "output"), guard=None, **job_settings)
+    config = JobConfig.from_args({"input": str(corpus), "output": str(job_dir(out) / "output"), "guard": None,
+                                  **job_settings})
     run_job(config, address=address, log=log)
     columns = ["task_id", "temperature", "completion", "completion_ids", "finish_reason", "error"]
     outputs = {(row["task_id"], row["temperature"]): row

@@ -53,7 +53,7 @@ def test_the_ray_serve_llm_apps_ingress_refuses_a_body_over_the_limit():
     # The ingress class build_app deploys, set up as Serve's replica does. Outside a replica a
     # request that passes the limit cannot be served (the endpoint looks up its replica), so
     # only that it passes is checked.
-    app = build_app(LLMAppConfig(model=TINY_MODEL_NAME, guard=None, dtype="float32"))
+    app = build_app(LLMAppConfig.from_args(dict(model=TINY_MODEL_NAME, guard=None, dtype="float32")))
     ingress_cls = app._bound_deployment.func_or_class
     replica = ingress_cls.__new__(ingress_cls)
     asyncio.run(replica.__init__(llm_deployments={}, model_cards={}))

@@ -155,9 +155,9 @@ def test_job_config_is_validated_at_the_edge(tmp_path):
                        (dict(top_p=0.0), "top_p"), (dict(batches_per_actor=0), "batches_per_actor"),
                        (dict(serve_url="ftp://x"), "serve url")]:
         with pytest.raises(ValueError, match=match):
-            JobConfig(**{**base, **bad})
+            JobConfig.from_args({**base, **bad})
     config, _ = parse_args(["--input", "x.jsonl", "--output", "o", "--num-actors", "3", "--backend", "vllm"])
-    assert (config.min_actors, config.max_actors, config.backend_spec().backend) == (3, 3, "vllm")
+    assert (config.min_actors, config.max_actors, config.engine.backend) == (3, 3, "vllm")
     config, _ = parse_args(["--input", "x.jsonl", "--output", "o", "--min-actors", "1", "--max-actors", "4",
                             "--batches-per-actor", "3"])
     pool = actor_pool(config)  # what Ray gets: 1..4 actors, 3 calls running each, up to 6 in flight

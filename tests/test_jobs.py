@@ -53,7 +53,7 @@ def tiny_config(tmp_path: Path, input_path, **overrides) -> JobConfig:
                     # Half a CPU per actor: other test files' Serve replicas may hold CPUs of the
                     # shared session Ray, and a pool that cannot start would wait forever.
                     num_cpus_per_actor=0.5)
-    return JobConfig(**{**settings, **overrides})
+    return JobConfig.from_args({**settings, **overrides})
 
 
 def assert_exactly_once(output, expected_keys: set, id_column: str = "id") -> pa.Table:

@@ -35,8 +35,8 @@ def sure_guard(tmp_path_factory):
 def url(serve_url, sure_guard):
     from ray import serve
 
-    config = LLMAppConfig(model=TINY_MODEL_NAME, guard=sure_guard, max_num_seqs=4, kv_cache_gib=1,
-                          max_model_len=512, dtype="float32")
+    config = LLMAppConfig.from_args(dict(model=TINY_MODEL_NAME, guard=sure_guard, max_num_seqs=4, kv_cache_gib=1,
+                                         max_model_len=512, dtype="float32"))
     with ThreadPoolExecutor(1) as pool:  # serve.run has no timeout of its own
         pool.submit(serve.run, build_app(config), name=APP_NAME, route_prefix="/").result(DEPLOY_TIMEOUT_S)
     yield serve_url
@@ -197,9 +197,9 @@ def test_shipped_llm_configs_are_valid():
     with pytest.raises(ValueError, match="unknown application args"):
         LLMAppConfig.from_args({"max_num_seq": 4})
     with pytest.raises(ValueError, match="max_ongoing_requests"):
-        LLMAppConfig(max_num_seqs=8, max_ongoing_requests=4)
+        LLMAppConfig.from_args(dict(max_num_seqs=8, max_ongoing_requests=4))
     with pytest.raises(ValueError, match="guard_finish_reason"):
-        LLMAppConfig(guard_finish_reason="length")
+        LLMAppConfig.from_args(dict(guard_finish_reason="length"))
 
 
 def test_the_ingress_takes_no_cpu_and_lists_a_model_only_once_it_serves():
@@ -210,7 +210,7 @@ def test_the_ingress_takes_no_cpu_and_lists_a_model_only_once_it_serves():
 
     from deployments.llm_app import why_not_serving
 
-    app = build_app(LLMAppConfig(model=TINY_MODEL_NAME, guard=None, dtype="float32"))
+    app = build_app(LLMAppConfig.from_args(dict(model=TINY_MODEL_NAME, guard=None, dtype="float32")))
     assert app._bound_deployment.ray_actor_options["num_cpus"] == 0
 
     def overview(status, **replicas):
@@ -236,7 +236,7 @@ def test_ray_serve_llm_skips_its_model_download_task_only_for_a_model_folder(tmp
         callback = LocalModelCallback(llm_config=llm_config)
         asyncio.run(callback.on_before_node_init())
         assert callback.ctx.run_init_node is not is_skipped, source
-    cpu = LLMAppConfig(model=TINY_MODEL_NAME, guard=None, dtype="float32")
+    cpu = LLMAppConfig.from_args(dict(model=TINY_MODEL_NAME, guard=None, dtype="float32"))
     assert build_llm_config(cpu).callback_config.callback_class is LocalModelCallback
 
 
@@ -345,8 +345,8 @@ def test_the_old_finish_reason_guard_is_one_config_field_away(guarded_server):
         replay([CompletionResponse(model="m", choices=[choice], usage=UsageInfo(prompt_tokens=1))]),
         wants_ids=False, echo=None))
     assert (fixed.choices[0].finish_reason, fixed.choices[0].stop_reason) == ("guard", None)
-    config = build_llm_config(LLMAppConfig(model=TINY_MODEL_NAME, guard=None, dtype="float32",
-                                           guard_finish_reason="guard"))
+    config = build_llm_config(LLMAppConfig.from_args(dict(model=TINY_MODEL_NAME, guard=None, dtype="float32",
+                                                          guard_finish_reason="guard")))
     assert config.experimental_configs["genguard"]["finish_reason"] == "guard"
 
 

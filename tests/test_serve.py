@@ -47,11 +47,11 @@ def test_config_rejects_fewer_ongoing_requests_than_batch_slots():
     with pytest.raises(ValueError, match="unknown application args"):
         build_app({"max_num_seq": 8})
     with pytest.raises(ValueError, match="target_ongoing_requests"):
-        ServeConfig(max_num_seqs=4, max_ongoing_requests=8, target_ongoing_requests=16)
+        ServeConfig.from_args(dict(max_num_seqs=4, max_ongoing_requests=8, target_ongoing_requests=16))
     with pytest.raises(ValueError, match="dtype"):
-        ServeConfig(dtype="int8")
-    assert ServeConfig(guard="none").guard is None
-    assert ServeConfig(max_num_seqs=4).max_ongoing_requests == 8
+        ServeConfig.from_args(dict(dtype="int8"))
+    assert ServeConfig.from_args(dict(guard="none")).engine.guard is None
+    assert ServeConfig.from_args(dict(max_num_seqs=4)).max_ongoing_requests == 8
 
 
 @pytest.mark.parametrize("path", ["deployments/config.yaml", "deployments/config.gpu.yaml"])
@@ -63,7 +63,7 @@ def test_shipped_serve_configs_are_valid(path):
     (application,) = raw["applications"]
     assert application["import_path"] == "deployments.app:build_app"
     config = ServeConfig.from_args(application["args"])
-    assert config.max_ongoing_requests >= config.max_num_seqs
+    assert config.max_ongoing_requests >= config.engine.max_num_seqs
     assert (config.min_replicas, config.max_replicas) == (1, 2)
     assert raw["http_options"]["host"] == "127.0.0.1"
     build_app(application["args"])
@@ -114,9 +114,9 @@ def server(serve_port, serve_url, tmp_path_factory):
     guard_dir = tmp_path_factory.mktemp("guard")
     policy = StopPolicy(kind="token", stop_threshold=0.9, num_consecutive=2, max_blank_lines=0)
     constant_guard(0.5, policy).save(guard_dir)
-    config = ServeConfig(model=TINY_MODEL_NAME, guard=str(guard_dir), max_num_seqs=4, dtype="float32",
-                         max_ongoing_requests=8, min_replicas=1, max_replicas=2,
-                         target_ongoing_requests=8, num_cpus=1)
+    config = ServeConfig.from_args(dict(model=TINY_MODEL_NAME, guard=str(guard_dir), max_num_seqs=4, dtype="float32",
+                                        max_ongoing_requests=8, min_replicas=1, max_replicas=2,
+                                        target_ongoing_requests=8, num_cpus=1))
     with ThreadPoolExecutor(1) as pool:  # serve.run has no timeout of its own
         url = pool.submit(start_server, config, "127.0.0.1", serve_port, APP_NAME).result(DEPLOY_TIMEOUT_S)
     assert url == serve_url
@@ -348,8 +348,8 @@ def fault_server(server, tmp_path_factory):
 
     control = tmp_path_factory.mktemp("faults") / "fault"
     control.write_text("")
-    config = ServeConfig(model=TINY_MODEL_NAME, guard="none", max_num_seqs=2, dtype="float32",
-                         max_ongoing_requests=4, num_cpus=0)
+    config = ServeConfig.from_args(dict(model=TINY_MODEL_NAME, guard="none", max_num_seqs=2, dtype="float32",
+                                        max_ongoing_requests=4, num_cpus=0))
     app = build_fault_app(config, control, FAULT_WEDGE_TIMEOUT_S, FAULT_HEALTH_CHECK_PERIOD_S)
     with ThreadPoolExecutor(1) as pool:  # serve.run has no timeout of its own
         pool.submit(serve.run, app, name=FAULT_APP_NAME, route_prefix="/faults").result(DEPLOY_TIMEOUT_S)

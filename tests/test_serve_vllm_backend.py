@@ -23,8 +23,8 @@ def url(serve_port, tmp_path_factory):
 
     guard_dir = tmp_path_factory.mktemp("sure-guard")
     constant_guard(SURE_STOP_LOGIT, StopPolicy(min_code_lines=0)).save(guard_dir)
-    config = ServeConfig(backend="vllm", model=TINY_MODEL_NAME, guard=str(guard_dir), max_num_seqs=4,
-                         dtype="float32", kv_cache_gib=1, num_cpus=1)
+    config = ServeConfig.from_args(dict(backend="vllm", model=TINY_MODEL_NAME, guard=str(guard_dir), max_num_seqs=4,
+                                        dtype="float32", kv_cache_gib=1, num_cpus=1))
     with ThreadPoolExecutor(1) as pool:
         url = pool.submit(start_server, config, "127.0.0.1", serve_port, APP_NAME).result(600)
     yield url
