@@ -17,6 +17,8 @@ def ray_session():
     """One local Ray instance for the whole run (4 logical CPUs: Serve + Data actors deadlock on 2)."""
     import ray
 
+    if ray.is_initialized():  # a library call earlier in the run started a default Ray (the host's CPUs)
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": RAY_LOCAL_ENV}, log_to_driver=False,
              ignore_reinit_error=True)

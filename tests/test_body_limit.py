@@ -53,14 +53,21 @@ def test_the_ray_serve_llm_apps_ingress_refuses_a_body_over_the_limit():
     # The ingress class build_app deploys, set up as Serve's replica does. Outside a replica a
     # request that passes the limit cannot be served (the endpoint looks up its replica), so
     # only that it passes is checked.
+    import ray
+
+    had_ray = ray.is_initialized()
     app = build_app(LLMAppConfig.from_args(dict(model=TINY_MODEL_NAME, guard=None, dtype="float32")))
     ingress_cls = app._bound_deployment.func_or_class
     replica = ingress_cls.__new__(ingress_cls)
-    asyncio.run(replica.__init__(llm_deployments={}, model_cards={}))
-    http = TestClient(replica.app, headers={"content-type": "application/json"})
-    body = b'{"model": "m", "prompt": "%s"}' % (b"x" * MAX_REQUEST_BODY_BYTES)
-    for content in (body, chunks(body, 64 * 1024)):
-        response = http.post("/v1/completions", content=content)
-        assert response.status_code == 413
-        assert f"the limit is {MAX_REQUEST_BODY_BYTES} bytes" in response.json()["error"]["message"]
-    assert http.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code != 413
+    try:
+        asyncio.run(replica.__init__(llm_deployments={}, model_cards={}))
+        http = TestClient(replica.app, headers={"content-type": "application/json"})
+        body = b'{"model": "m", "prompt": "%s"}' % (b"x" * MAX_REQUEST_BODY_BYTES)
+        for content in (body, chunks(body, 64 * 1024)):
+            response = http.post("/v1/completions", content=content)
+            assert response.status_code == 413
+            assert f"the limit is {MAX_REQUEST_BODY_BYTES} bytes" in response.json()["error"]["message"]
+        assert http.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code != 413
+    finally:  # the ingress's set-up starts a default Ray in this process; the run's own comes later
+        if not had_ray and ray.is_initialized():
+            ray.shutdown()
