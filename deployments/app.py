@@ -35,8 +35,6 @@ from engine import EngineDeadError, PromptError, Result, SamplingParams, Sequenc
 
 logger = logging.getLogger("ray.serve")
 
-# (finish_reason, stop_reason) by engine result: a guard stop is "stop" with stop_reason "guard".
-FINISH_REASONS = HTTP_FINISH
 
 api = FastAPI(title="CodeFast", description="OpenAI-compatible code completions with GenGuard")
 install_error_handlers(api)
@@ -54,7 +52,8 @@ def usage_of(results: list[Result]) -> Usage:
 
 
 def finish_fields(finish_reason: str) -> dict:
-    finish, stop = FINISH_REASONS.get(finish_reason, (None, None))
+    """(finish_reason, stop_reason) of an engine result: a guard stop is "stop" with stop_reason "guard"."""
+    finish, stop = HTTP_FINISH.get(finish_reason, (None, None))
     return {"finish_reason": finish, "stop_reason": stop}
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -59,16 +58,6 @@ def print_table(runs: list[tuple[str, dict]], max_new_tokens: int) -> None:
           " token counts and is_guard_stop (read them with pyarrow.parquet.read_table(FOLDER)).")
 
 
-def quiet_ray_data_console() -> None:
-    """The job's own progress lines tell the story; Ray Data's per-operator INFO lines on the
-    console would bury them (its log file under the Ray session keeps them all)."""
-    import ray.data  # noqa: F401  (configures Ray Data's loggers)
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if handler.get_name() == "console":
-            handler.setLevel(logging.WARNING)
-
-
 def show(line: str) -> None:
     if not line.startswith("SUMMARY "):  # the machine-readable line; the table below says it all
         print(line, flush=True)
@@ -93,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
                     num_cpus_per_actor=args.num_cpus_per_actor, max_num_seqs=16, batch_size=8,
                     min_rows_per_file=num_rows, progress_interval_s=5.0)
     start = time.perf_counter()
-    quiet_ray_data_console()
     print("[demo] starting a local Ray (127.0.0.1) ...", flush=True)
     is_ray_owner = connect_ray(JobConfig.from_args({"output": str(work_dir), **settings}), address=None)
     runs = []
